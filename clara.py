@@ -582,11 +582,13 @@ def alignment_mse(memory_states, doc_states, doc_mask):
 
     memory_states (D, M, H), doc_states (D, L, H), doc_mask (D, L) true at real document tokens.
     """
-    n_mem = memory_states.shape[1]
-    mem_mean = memory_states.sum(axis=1) / max(n_mem, 1)  # (D, H)
+    n_docs, n_mem, _ = memory_states.shape
+    if n_docs == 0 or n_mem == 0 or doc_states.shape[1] == 0:
+        return mx.array(0.0)  # an empty side (also sidesteps an MLX 0.32 hang on some zero-size reductions)
+    mem_mean = memory_states.mean(axis=1)  # (D, H)
     n_doc = doc_mask.sum(axis=1)  # (D,)
     doc_mean = (doc_states * doc_mask[..., None]).sum(axis=1) / mx.maximum(n_doc, 1)[:, None]  # (D, H)
-    valid = (n_doc > 0) & (n_mem > 0)  # (D,)
+    valid = n_doc > 0  # (D,)
     per_doc = ((mem_mean - doc_mean).astype(mx.float32) ** 2).mean(axis=-1)  # (D,)
     return (per_doc * valid).sum() / mx.maximum(valid.sum(), 1)
 
@@ -739,20 +741,20 @@ def run_stage(cfg, model, tokenizer, examples, command, extra):
 def cmd_compress(cfg, args):
     if bool(args.pdf) == bool(args.data):
         raise InputError("compress needs exactly one of --pdf FILE or --data FILE.jsonl")
+    if args.pdf:  # input is checked before the model loads: a bad file fails in a second
+        pages = extract_pdf_pages(args.pdf)
+    else:
+        records = [parse_compress_record(obj, f"{args.data}:{n}") for n, obj in read_jsonl(args.data)]
     model, tokenizer = prepare(cfg)
     if args.pdf:
-        pages = extract_pdf_pages(args.pdf)
         count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
         chunks = chunk_pages(pages, count_tokens, cfg.doc_max_len)
         chunks_path = Path(args.chunks_out or f"data/{Path(args.pdf).stem}.chunks.jsonl")
         write_jsonl_atomically(chunks_path, chunks)
         print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {chunks_path}")
         records = [{"doc": c["text"], "target": c["text"]} for c in chunks]
-        source = str(args.pdf)
-    else:
-        records = [parse_compress_record(obj, f"{args.data}:{n}") for n, obj in read_jsonl(args.data)]
-        source = str(args.data)
-    return run_stage(cfg, model, tokenizer, compress_examples(tokenizer, cfg, records), "compress", {"data": source})
+    examples = compress_examples(tokenizer, cfg, records)
+    return run_stage(cfg, model, tokenizer, examples, "compress", {"data": str(args.pdf or args.data)})
 
 
 def cmd_sft(cfg, args):

@@ -1,0 +1,354 @@
+"""Properties of clara.py: truncation, masking, guarded divisions, LoRA, padding, the memory path, training,
+the default model and the command line. Tiny models are built inline; the default model is the real one."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+
+import clara
+
+ROOT = Path(__file__).parent
+FAST = settings(max_examples=60, deadline=None)
+
+
+# -----------------------------------------------------------------------------
+# fixtures: the real tokenizer, a tiny llama on its vocabulary, the default model
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    return clara.load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model):
+    return default_model[1]
+
+
+def tiny_config(**overrides):
+    settings = dict(doc_max_len=32, compression_rate=8, max_len=160, lora_rank=4, lora_layers=2, lr=1e-2,
+                    batch_size=2, steps=12, seed=0)
+    return clara.Config(**{**settings, **overrides})
+
+
+def tiny_clara(cfg, vocab_size=49152, seed=0):
+    mx.random.seed(seed)
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=vocab_size,
+                           rope_traditional=True, tie_word_embeddings=True)
+    return clara.CLaRa(llama.Model(args), cfg)
+
+
+SFT_RECORDS = [
+    {"question": "What colour is the sky?", "docs": ["The sky is blue on a clear day.", "Grass is green."],
+     "answer": "blue"},
+    {"question": "How many legs has a spider?", "docs": ["Cats purr.", "A spider has eight legs and spins silk."],
+     "answer": "eight"},
+]
+
+
+# -----------------------------------------------------------------------------
+# truncation
+
+
+@FAST
+@given(st.lists(st.integers(0, 9), max_size=40), st.lists(st.integers(0, 9), max_size=40), st.integers(1, 60))
+def test_truncation_keeps_every_target_token_and_a_suffix_of_the_prompt(prompt, target, max_len):
+    kept_prompt, kept_target = clara.truncate_keep_target(prompt, target, max_len)
+    assert len(kept_prompt) + len(kept_target) <= max_len
+    assert kept_prompt == prompt[len(prompt) - len(kept_prompt):]  # a suffix: dropped from the start only
+    if len(target) < max_len:
+        assert kept_target == target
+        assert len(kept_prompt) == min(len(prompt), max_len - len(target))  # nothing dropped needlessly
+    else:  # the defined overflow: no prompt, the target's first max_len tokens
+        assert kept_prompt == [] and kept_target == target[:max_len]
+
+
+def test_build_example_truncates_the_prompt_from_the_start_and_counts_cut_targets(tokenizer):
+    cfg = tiny_config(max_len=24)
+    example = clara.build_example(tokenizer, cfg, ["one two three " * 20], "Question: why?", "because")
+    target = tokenizer.encode("because", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert len(example["ids"]) == 24 and example["ids"][-len(target):] == target
+    assert example["n_prompt"] == 24 - len(target) and not example["target_cut"]
+    overlong = clara.build_example(tokenizer, cfg, ["doc"], "Q", "word " * 100)
+    assert overlong["target_cut"] and overlong["n_prompt"] == 0 and len(overlong["ids"]) == 24
+
+
+# -----------------------------------------------------------------------------
+# masking and guarded divisions
+
+
+@FAST
+@given(st.integers(1, 3), st.integers(1, 7), st.integers(2, 6), st.data())
+def test_masked_cross_entropy_is_the_mean_over_unmasked_tokens(batch, length, vocab, data):
+    logits = np.array(data.draw(st.lists(st.floats(-5, 5), min_size=batch * length * vocab,
+                                         max_size=batch * length * vocab)), dtype=np.float32)
+    logits = logits.reshape(batch, length, vocab)
+    labels = np.array(data.draw(st.lists(st.sampled_from([clara.IGNORE] + list(range(vocab))),
+                                         min_size=batch * length, max_size=batch * length))).reshape(batch, length)
+    loss, n_tokens = clara.masked_cross_entropy(mx.array(logits), mx.array(labels))
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    picked = [-log_probs[b, t, labels[b, t]] for b in range(batch) for t in range(length) if labels[b, t] != clara.IGNORE]
+    expected = float(np.mean(picked)) if picked else 0.0
+    assert n_tokens.item() == len(picked)
+    assert np.isfinite(loss.item()) and abs(loss.item() - expected) < 1e-4
+
+
+@FAST
+@given(st.integers(0, 2**31 - 1))
+def test_masked_positions_contribute_nothing(seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(2, 6, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, size=(2, 6))
+    labels[rng.random((2, 6)) < 0.5] = clara.IGNORE
+    changed = logits.copy()
+    changed[labels == clara.IGNORE] = rng.normal(size=(int((labels == clara.IGNORE).sum()), 5)) * 100
+    a, _ = clara.masked_cross_entropy(mx.array(logits), mx.array(labels))
+    b, _ = clara.masked_cross_entropy(mx.array(changed), mx.array(labels))
+    assert a.item() == b.item()
+
+
+def test_all_masked_cross_entropy_is_zero_not_nan():
+    loss, n_tokens = clara.masked_cross_entropy(mx.ones((2, 3, 4)), mx.full((2, 3), clara.IGNORE))
+    assert loss.item() == 0.0 and n_tokens.item() == 0
+
+
+@FAST
+@given(st.integers(0, 3), st.integers(0, 3), st.integers(0, 5), st.integers(0, 2**31 - 1))
+def test_alignment_mse_is_finite_and_zero_when_a_side_is_empty(n_docs, n_mem, doc_len, seed):
+    rng = np.random.default_rng(seed)
+    memory = rng.normal(size=(n_docs, n_mem, 4)).astype(np.float32)
+    states = rng.normal(size=(n_docs, doc_len, 4)).astype(np.float32)
+    mask = rng.random((n_docs, doc_len)) < 0.6
+    mse = clara.alignment_mse(mx.array(memory), mx.array(states), mx.array(mask)).item()
+    rows = [((memory[d].mean(0) - states[d][mask[d]].mean(0)) ** 2).mean()
+            for d in range(n_docs) if n_mem > 0 and mask[d].any()]
+    assert np.isfinite(mse)
+    assert abs(mse - (float(np.mean(rows)) if rows else 0.0)) < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_lora_with_zero_b_is_exactly_the_base_layer_and_roles_are_separate(quantized):
+    mx.random.seed(1)
+    base = nn.Linear(64, 32)
+    if quantized:
+        base = nn.QuantizedLinear.from_linear(base, group_size=32, bits=4)
+    lora = clara.LoRALinear(base, rank=4, scale=2.0)
+    x = mx.random.normal((3, 64))
+    assert lora.adapters["generator"]["lora_a"].shape == (64, 4)  # packed weights unpacked to the true input width
+    assert mx.array_equal(lora(x), base(x))
+    lora.adapters["compressor"]["lora_b"] = mx.ones((4, 32))
+    lora.role = "generator"
+    assert mx.array_equal(lora(x), base(x))  # the compressor's update does not leak into the generator
+    lora.role = "compressor"
+    expected = base(x) + 2.0 * (x @ lora.adapters["compressor"]["lora_a"]) @ mx.ones((4, 32))
+    assert mx.allclose(lora(x), expected, atol=1e-4)
+
+
+def test_only_adapters_and_memory_are_trainable_with_the_exact_count():
+    cfg = tiny_config()
+    model = tiny_clara(cfg)
+    names = [name for name, _ in tree_flatten(model.trainable_parameters())]
+    per_layer = (64 * 4 + 4 * 64) + (64 * 4 + 4 * 32)  # q_proj (64 -> 64) + v_proj (64 -> 32: 2 kv heads of 16)
+    assert sum(v.size for _, v in tree_flatten(model.trainable_parameters())) == \
+        2 * 2 * per_layer + cfg.n_mem * 64  # 2 roles x 2 layers, + memory
+    assert all(".adapters." in n or n == "memory" for n in names)
+
+
+# -----------------------------------------------------------------------------
+# the memory path and padding
+
+
+def test_memory_states_have_shape_n_mem_by_hidden_and_fill_exactly_the_slots(tokenizer):
+    cfg = tiny_config()
+    model = tiny_clara(cfg)
+    examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
+    batch = clara.make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
+    memory_states, mse = clara.compress_documents(model, batch["doc_ids"], batch["doc_lens"])
+    assert memory_states.shape == (4, cfg.n_mem, 64)  # 2 records x 2 docs
+    assert mse.item() > 0
+    slots = np.array(batch["slot_index"])
+    assert sorted(slots[slots >= 0].tolist()) == list(range(4 * cfg.n_mem))  # every vector used once
+    spliced = clara.splice_slots(model.llm.model.embed_tokens(batch["ids"]), batch["slot_index"],
+                                 memory_states.reshape(-1, 64))
+    b, t = np.argwhere(slots == 2 * cfg.n_mem + 3)[0]  # record 1's first doc (3rd doc overall), vector 3
+    assert b == 1 and mx.array_equal(spliced[b, t], memory_states[2, 3])
+
+
+def test_labels_are_exactly_the_target_tokens(tokenizer):
+    cfg = tiny_config()
+    examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
+    batch = clara.make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
+    for row, record in enumerate(SFT_RECORDS):
+        labels = [x for x in np.array(batch["labels"][row]).tolist() if x != clara.IGNORE]
+        assert labels == tokenizer.encode(record["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def test_padding_does_not_change_any_real_tokens_result(tokenizer):
+    cfg = tiny_config()
+    model = tiny_clara(cfg)
+    records = [SFT_RECORDS[0], {**SFT_RECORDS[1], "docs": ["A spider has eight legs. " * 3] + SFT_RECORDS[1]["docs"]}]
+    examples = clara.sft_examples(tokenizer, cfg, records)
+    together = clara.make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
+    mem_together, _ = clara.compress_documents(model, together["doc_ids"], together["doc_lens"])
+    logits_together = clara.generator_logits(model, together["ids"], together["slot_index"], mem_together)
+    docs_done = 0
+    for row, example in enumerate(examples):
+        alone = clara.make_batch([example], cfg.n_mem, tokenizer.pad_token_id)
+        mem_alone, _ = clara.compress_documents(model, alone["doc_ids"], alone["doc_lens"])
+        n_docs, length = len(example["doc_ids"]), len(example["ids"])
+        assert mx.allclose(mem_alone, mem_together[docs_done: docs_done + n_docs], atol=1e-5)
+        logits_alone = clara.generator_logits(model, alone["ids"], alone["slot_index"], mem_alone)
+        assert mx.allclose(logits_alone[0], logits_together[row, :length], atol=1e-4)
+        docs_done += n_docs
+    assert together["ids"].shape[1] > min(len(e["ids"]) for e in examples)  # some row really was padded
+
+
+# -----------------------------------------------------------------------------
+# training on a tiny model
+
+
+def mean_loss(model, examples, cfg, pad_id):
+    batch = clara.make_batch(examples, cfg.n_mem, pad_id)
+    return clara.clara_loss(model, batch, cfg.mse_weight)[0].item()
+
+
+@pytest.mark.parametrize("stage", ["compress", "sft"])
+def test_a_few_steps_on_a_tiny_model_lower_the_loss(tokenizer, stage, capsys):
+    cfg = tiny_config()
+    model = tiny_clara(cfg)
+    if stage == "compress":
+        docs = ["Memory tokens follow every document.", "The generator reads compressed vectors."]
+        examples = clara.compress_examples(tokenizer, cfg, [{"doc": d, "target": d} for d in docs])
+    else:
+        examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
+    before = mean_loss(model, examples, cfg, tokenizer.pad_token_id)
+    history = clara.train(model, examples, cfg, tokenizer.pad_token_id)
+    after = mean_loss(model, examples, cfg, tokenizer.pad_token_id)
+    assert after < before - 1.0  # a random tiny base starts near ln(49152) = 10.8 nats
+    assert len(history) == cfg.steps and all(np.isfinite(h["loss"]) for h in history)
+    assert f"step {cfg.steps}/{cfg.steps} | loss" in capsys.readouterr().out
+
+
+def test_text_context_compresses_nothing_and_its_mse_is_zero(tokenizer):
+    cfg = tiny_config(context="text", max_len=400)
+    model = tiny_clara(cfg)
+    examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
+    batch = clara.make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
+    loss, ce, mse, _ = clara.clara_loss(model, batch, cfg.mse_weight)
+    assert batch["doc_ids"].shape[0] == 0 and mse.item() == 0.0 and loss.item() == ce.item()
+    assert "blue on a clear day" in tokenizer.decode(examples[0]["ids"])
+
+
+# -----------------------------------------------------------------------------
+# data: PDF text and JSONL records
+
+
+def test_pdf_extraction_joins_hyphenated_words_and_chunks_fit_the_document_length(tokenizer):
+    pages = clara.extract_pdf_pages(ROOT / "data" / "sample.pdf")
+    text = " ".join(t for _, t in pages)
+    assert len(pages) == 4 and "particular" in text and "part-" not in text and "  " not in text
+    count = lambda s: len(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
+    chunks = clara.chunk_pages(pages, count, 64)
+    assert all(count(c["text"]) <= 64 + 2 for c in chunks)  # sentence-packed; BPE merges may shift a token
+    assert " ".join(c["text"] for c in chunks).split() == text.split()  # nothing lost, nothing reordered
+    assert chunks[0]["pages"] == [1] and chunks[-1]["pages"] == [4]
+
+
+def test_sft_records_accept_claras_field_variants():
+    where = "f.jsonl:1"
+    variants = [{"question": "q", "context": ["d"], "answer": "a"},
+                {"question": "q", "content": "d", "answers": ["a", "b"]},
+                {"question": "q", "docs": ["d"], "golden_answers": ["a"]}]
+    for obj in variants:
+        assert clara.parse_sft_record(obj, where) == {"question": "q", "docs": ["d"], "answer": "a"}
+    for bad in [{"docs": ["d"], "answer": "a"}, {"question": "q", "docs": [1], "answer": "a"},
+                {"question": "q", "docs": ["d"], "answer": ""}]:
+        with pytest.raises(clara.InputError, match="f.jsonl:1: "):
+            clara.parse_sft_record(bad, where)
+
+
+def test_stage1_qa_records_target_the_question_answer_pairs():
+    record = clara.parse_compress_record({"question": ["Q1", "Q2"], "answers": ["A1", "A2"], "docs": ["D"]}, "x")
+    assert record == {"doc": "D", "target": "Question: Q1\nAnswer: A1\nQuestion: Q2\nAnswer: A2"}
+
+
+# -----------------------------------------------------------------------------
+# the default model and the command line
+
+
+def test_default_model_answers_the_paris_prompt(default_model):
+    llm, tokenizer = default_model
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    answer = tokenizer.decode(clara.greedy_generate(llm, mx.array([ids]), tokenizer.eos_token_id, 16))
+    assert answer.strip() == "The capital of France is Paris."
+    assert llm.model.embed_tokens.weight.dtype == mx.float32  # dequantized for the CPU
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "clara.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+def test_cli_compress_sft_ask_end_to_end_write_outputs_mlx_lm_can_load(tmp_path, default_model):
+    run = run_cli("compress", "--pdf", "data/sample.pdf", "--steps", 2, "--out", tmp_path / "c",
+                  "--chunks-out", tmp_path / "chunks.jsonl")
+    assert run.returncode == 0, run.stderr
+    assert "step 2/2 | loss" in run.stdout and "BLAS:" in run.stdout
+    chunks = [json.loads(line) for line in (tmp_path / "chunks.jsonl").read_text().splitlines()]
+    assert chunks and all(c["text"] and c["pages"] for c in chunks)
+    run = run_cli("sft", "--data", "data/sft.jsonl", "--init", tmp_path / "c", "--steps", 2, "--out", tmp_path / "s")
+    assert run.returncode == 0, run.stderr
+    assert "40 training record(s), 10 held out" in run.stdout
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["n_mem"] == 16 and config["init"] == str(tmp_path / "c") and config["steps"] == 2
+
+    # the generator adapter loads into mlx-lm and gives the same logits as clara's generator role
+    from mlx_lm.tuner.utils import load_adapters
+
+    llm, tokenizer = default_model
+    model = clara.CLaRa(clara.load_model("smollm2")[0], clara.Config())
+    clara.load_trainable(model, tmp_path / "s")
+    assert any(mx.abs(v).max().item() > 0 for k, v in tree_flatten(model.trainable_parameters()) if "lora_b" in k)
+    plain = load_adapters(clara.load_model("smollm2")[0], str(tmp_path / "s"))
+    ids = mx.array([tokenizer.encode("Memory tokens follow each document.", add_special_tokens=False)])
+    clara.set_role(model, "generator")
+    assert mx.allclose(plain(ids), model.llm(ids), atol=1e-4)
+
+    (tmp_path / "doc.txt").write_text("The alignment loss has a weight of 0.1 in the total loss.")
+    run = run_cli("ask", "--adapters", tmp_path / "s", "--docs", tmp_path / "doc.txt", "--question", "What weight?")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1].strip()  # an answer line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compress", "--pdf", "missing.pdf"], "missing.pdf: no such PDF file"),
+    (["sft", "--data", "{bad}"], "bad.jsonl:2: not valid JSON"),
+    (["compress", "--data", "data/sft.jsonl", "--compression-rate", "512"], "larger than --doc-max-len"),
+    (["sft", "--data", "data/sft.jsonl", "--steps", "0"], "--steps must be positive"),
+])
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "docs": ["d"], "answer": "a"}\n{"question": \n')
+    args = [str(bad) if a == "{bad}" else a for a in args]
+    run = run_cli(*args, "--out", tmp_path / "out")
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and message in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
