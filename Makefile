@@ -16,8 +16,8 @@ test: $(STAMP)
 
 # stage 1 on the sample PDF, stage 2 on the sample QA set, then one question answered from compressed documents
 demo: $(STAMP)
-	$(PY) clara.py compress --pdf data/sample.pdf --steps 40 --out runs/demo-compress
-	$(PY) clara.py sft --data data/sft.jsonl --init runs/demo-compress --steps 80 --out runs/demo-sft
+	$(PY) clara.py compress --pdf data/sample.pdf --steps 40 --lr 5e-4 --log-every 5 --out runs/demo-compress
+	$(PY) clara.py sft --data data/sft.jsonl --init runs/demo-compress --steps 80 --lr 5e-4 --log-every 5 --out runs/demo-sft
 	$(PY) clara.py ask --adapters runs/demo-sft --docs data/ask/doc1.txt data/ask/doc2.txt \
 		--question "What weight does the alignment loss have in the total loss?"
 

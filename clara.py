@@ -223,12 +223,18 @@ def parse_compress_record(obj, where):
     return {"doc": docs[0], "target": "\n".join(pairs)}
 
 
+def save_atomically(path, write):
+    """Write through a temp file in the same folder and rename it: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def write_jsonl_atomically(path, records):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    save_atomically(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 # -----------------------------------------------------------------------------
@@ -279,7 +285,8 @@ def build_example(tokenizer, cfg, docs, instruction, target, system=SYSTEM_ANSWE
     docs: document strings. Compressed context gives each n_mem memory slots in the prompt; text context
     writes the (equally truncated) document text into the prompt instead and compresses nothing.
     """
-    doc_ids = [tokenizer.encode(d, add_special_tokens=False)[: cfg.doc_max_len] for d in docs]
+    full_doc_ids = [tokenizer.encode(d, add_special_tokens=False) for d in docs]
+    doc_ids = [ids[: cfg.doc_max_len] for ids in full_doc_ids]
     if context == "text":
         background = "\n\n".join(tokenizer.decode(ids) for ids in doc_ids)
         ids, slots = encode_prompt(tokenizer, system, f"Background:\n{background}\n\n{instruction}", 0, cfg.n_mem)
@@ -291,7 +298,8 @@ def build_example(tokenizer, cfg, docs, instruction, target, system=SYSTEM_ANSWE
     prompt, target_ids = truncate_keep_target(list(zip(ids, slots)), target_ids, cfg.max_len)
     return {"doc_ids": doc_ids, "ids": [i for i, _ in prompt] + target_ids,
             "slots": [s for _, s in prompt] + [-1] * len(target_ids), "n_prompt": len(prompt),
-            "target_cut": len(target_ids) == cfg.max_len, "docs_cut": sum(len(d) == cfg.doc_max_len for d in doc_ids)}
+            "target_cut": len(target_ids) == cfg.max_len,
+            "docs_cut": sum(len(d) > cfg.doc_max_len for d in full_doc_ids)}
 
 
 def compress_examples(tokenizer, cfg, records):
@@ -633,13 +641,6 @@ def train(model, examples, cfg, pad_id):
                   f"lr {row['lr']:.1e} | {seconds:.2f} s/step | {row['tokens_per_s']:.0f} tok/s | "
                   f"peak {row['peak_gb']:.2f} GB", flush=True)
     return history
-
-
-def save_atomically(path, write):
-    """Write through a temp file in the same folder and rename it: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_run(model, cfg, out, extra):
