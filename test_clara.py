@@ -99,7 +99,8 @@ def test_masked_cross_entropy_is_the_mean_over_unmasked_tokens(batch, length, vo
     loss, n_tokens = clara.masked_cross_entropy(mx.array(logits), mx.array(labels))
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    picked = [-log_probs[b, t, labels[b, t]] for b in range(batch) for t in range(length) if labels[b, t] != clara.IGNORE]
+    picked = [-log_probs[b, t, labels[b, t]]
+              for b in range(batch) for t in range(length) if labels[b, t] != clara.IGNORE]
     expected = float(np.mean(picked)) if picked else 0.0
     assert n_tokens.item() == len(picked)
     assert np.isfinite(loss.item()) and abs(loss.item() - expected) < 1e-4
@@ -300,6 +301,23 @@ def test_default_model_answers_the_paris_prompt(default_model):
     answer = tokenizer.decode(clara.greedy_generate(llm, mx.array([ids]), tokenizer.eos_token_id, 16))
     assert answer.strip() == "The capital of France is Paris."
     assert llm.model.embed_tokens.weight.dtype == mx.float32  # dequantized for the CPU
+
+
+def test_any_mlx_lm_model_folder_loads_offline_with_its_tokenizer(tmp_path, tokenizer):
+    model_args = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 49152,
+                  "rope_traditional": True, "tie_word_embeddings": True}
+    mx.random.seed(3)
+    base = llama.Model(llama.ModelArgs(**model_args))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(base.parameters())))
+    (tmp_path / "config.json").write_text(json.dumps(model_args))
+    tokenizer.save_pretrained(str(tmp_path))
+    llm, loaded_tokenizer = clara.load_model(str(tmp_path))
+    ids = mx.array([tokenizer.encode("Memory follows the document.", add_special_tokens=False)])
+    assert mx.allclose(llm(ids), base(ids), atol=1e-5)
+    assert loaded_tokenizer.encode("Memory 42") == tokenizer.encode("Memory 42", add_special_tokens=False)
+    with pytest.raises(clara.InputError, match="no such model folder"):
+        clara.load_model(str(tmp_path / "missing"))
 
 
 def run_cli(*args):

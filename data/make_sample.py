@@ -57,7 +57,8 @@ PASSAGES = [
      "the total loss with a weight of 0.1. If a document is empty or there are no memory tokens, the loss "
      "is defined as zero, so training never divides by zero.",
      [("What kind of error is the alignment loss?", "mean squared error"),
-      ("Which two averages does the alignment loss compare?", "the average memory state and the average document state"),
+      ("Which two averages does the alignment loss compare?",
+       "the average memory state and the average document state"),
       ("What weight does the alignment loss have in the total loss?", "0.1"),
       ("What is the alignment loss when a document is empty?", "zero"),
       ("What does the alignment loss keep memory states close to?", "ordinary hidden states")]),
