@@ -18,14 +18,18 @@ Usage:
 """
 
 import argparse
+import collections
 import ctypes
 import ctypes.util
+import functools
 import json
 import math
 import os
 import platform
 import random
 import re
+import signal
+import string
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -53,8 +57,18 @@ class Config:
     context: str = "compressed"  # sft only: "compressed" memory slots, or "text" (the uncompressed baseline)
     keep_quantized: bool = False  # keep a quantized base quantized on the CPU (default: dequantize, faster)
     out: str = ""  # output folder (default: runs/<command>)
-    init: str = ""  # start from the adapters and memory of an earlier run's output folder
+    init: str = ""  # start from the adapters and memory of an earlier run (its --out folder or a checkpoint)
     log_every: int = 1  # print a report line every this many steps
+    warmup: float = 0.03  # fraction of the updates that warm the learning rate up linearly (CLaRa: 3%)
+    min_lr: float = 2e-5  # the cosine decay of the learning rate ends here
+    clip_norm: float = 1.0  # clip gradients to this global norm (CLaRa: 1.0); 0 turns clipping off
+    grad_accum: int = 1  # batches per optimizer update; --steps counts updates
+    val_data: str = ""  # validation JSONL (sft default: the records of --data marked "split": "eval")
+    val_fraction: float = 0.0  # or hold out this fraction of the training records for validation
+    eval_every: int = 50  # validation loss every this many steps (and at step 1 and at the end)
+    save_every: int = 50  # checkpoint every this many steps (and at the end)
+    resume: str = ""  # continue the run whose checkpoint is in this folder (same command and data)
+    plot: bool = False  # write loss.png next to metrics.jsonl at the end (needs matplotlib)
 
     @property
     def n_mem(self):
@@ -283,11 +297,14 @@ def build_example(tokenizer, cfg, docs, instruction, target, system=SYSTEM_ANSWE
     """One training (or inference) example for either stage.
 
     docs: document strings. Compressed context gives each n_mem memory slots in the prompt; text context
-    writes the (equally truncated) document text into the prompt instead and compresses nothing.
+    writes the (equally truncated) document text into the prompt instead and compresses nothing; no
+    documents at all leave the instruction alone.
     """
     full_doc_ids = [tokenizer.encode(d, add_special_tokens=False) for d in docs]
     doc_ids = [ids[: cfg.doc_max_len] for ids in full_doc_ids]
-    if context == "text":
+    if not docs:
+        ids, slots = encode_prompt(tokenizer, system, instruction, 0, cfg.n_mem)
+    elif context == "text":
         background = "\n\n".join(tokenizer.decode(ids) for ids in doc_ids)
         ids, slots = encode_prompt(tokenizer, system, f"Background:\n{background}\n\n{instruction}", 0, cfg.n_mem)
         doc_ids = []
@@ -613,39 +630,216 @@ def clara_loss(model, batch, mse_weight):
 
 
 # -----------------------------------------------------------------------------
-# training loop, saving, loading, generation
+# training loop: schedule, data order, validation, checkpoints
 
 
-def train(model, examples, cfg, pad_id):
-    """Plain loop: pick a batch, one AdamW step on adapters + memory, one report line. Returns the history."""
-    optimizer = optim.AdamW(learning_rate=cfg.lr, weight_decay=0.0)
+class TrainingStopped(Exception):
+    """Training ended early: by a signal (after a checkpoint) or on a non-finite loss. exit_code says how."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def lr_schedule(cfg):
+    """Counted in optimizer updates: (1) linear warmup over the first cfg.warmup of them, (2) cosine decay to
+    cfg.min_lr over the rest, (3) min_lr after that, should a resumed run be extended."""
+    warmup = round(cfg.warmup * cfg.steps)
+    decay = optim.cosine_decay(cfg.lr, max(cfg.steps - warmup, 1), end=cfg.min_lr)
+    if warmup == 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(cfg.lr / (warmup + 1), cfg.lr, warmup), decay], [warmup])
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n_examples, seed, epoch):
+    return random.Random(seed * 1_000_003 + epoch).sample(range(n_examples), n_examples)
+
+
+def batch_indices(n_examples, batch_size, seed, position):
+    """Examples position .. position + batch_size - 1 of an endless stream of epochs, each in its own seeded
+    order. The data order is a pure function of (seed, position): a resume needs no saved generator state."""
+    return [epoch_order(n_examples, seed, i // n_examples)[i % n_examples]
+            for i in range(position, position + batch_size)]
+
+
+def split_validation(items, fraction, seed):
+    """Hold out round(fraction * n) items (at least one when fraction > 0), chosen by the seed."""
+    if fraction <= 0:
+        return items, []
+    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
+    held = set(random.Random(seed).sample(range(len(items)), n_val))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def validation_loss(model, examples, cfg, pad_id):
+    """Mean total loss over the validation examples, --batch-size at a time, without gradients."""
+    losses = [clara_loss(model, make_batch(examples[i: i + cfg.batch_size], cfg.n_mem, pad_id), cfg.mse_weight)[0]
+              for i in range(0, len(examples), cfg.batch_size)]
+    return sum(loss.item() for loss in losses) / len(losses)
+
+
+CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
+
+
+def save_checkpoint(path, model, optimizer, cfg, step, best_val):
+    """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
+    the step, the data position and the config. Written atomically, so the previous one survives any kill."""
+    arrays = {f"model.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
+                "data_position": str(step * cfg.grad_accum * cfg.batch_size), "config": json.dumps(asdict(cfg))}
+    save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
+
+
+def read_checkpoint(path):
+    """(arrays, metadata) of a checkpoint file, or an InputError naming what is wrong with it."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint (is {path.parent} the --out folder of a clara.py run?)")
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # truncated or foreign files fail inside the safetensors reader
+        raise InputError(f"{path}: not a readable checkpoint ({e})") from None
+    if metadata.get("format") != "clara-checkpoint/1":
+        raise InputError(f"{path}: not a clara.py checkpoint")
+    return arrays, metadata
+
+
+def restore_checkpoint(arrays, model, optimizer):
+    load_trainable(model, {k.removeprefix("model."): v for k, v in arrays.items() if k.startswith("model.")})
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten([(k.removeprefix("optimizer."), v) for k, v in arrays.items()
+                                      if k.startswith("optimizer.")])
+
+
+def stop_on_signals():
+    """SIGINT / SIGTERM only set a flag: the step in flight finishes and a checkpoint is written first."""
+    received = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, frame: received.append(number))
+    return lambda step: received[0] if received else None
+
+
+def report_line(row, cfg):
+    return (f"step {row['step']}/{cfg.steps} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | mse {row['mse']:.4f} | "
+            f"lr {row['lr']:.2e} | {row['it_per_s']:.2f} it/s | {row['tokens_per_s']:.0f} tok/s | "
+            f"trained {row['trained_tokens']} tok | peak {row['peak_gb']:.2f} GB")
+
+
+def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, stop=None):
+    """The loop: for each optimizer update, accumulate gradients over cfg.grad_accum batches, clip, step;
+    report, validate and checkpoint on schedule. Returns the history of report rows.
+
+    out: folder for checkpoints and metrics.jsonl (None: keep nothing). resume: (arrays, metadata) of a
+    checkpoint. stop(step) -> signal number or None; by default SIGINT/SIGTERM.
+    """
+    from tqdm import tqdm
+
+    optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=0.0)
     loss_and_grad = nn.value_and_grad(model, clara_loss)
-    order, rng, history = [], random.Random(cfg.seed), []
+    first, best_val, history, trained_tokens = 1, math.inf, [], 0
+    if resume:
+        restore_checkpoint(resume[0], model, optimizer)
+        first, best_val = int(resume[1]["step"]) + 1, float(resume[1]["best_val_loss"])
+    metrics = MetricsLog(out, keep_until=first - 1)
+    stop = stop or stop_on_signals()
     mx.reset_peak_memory()
-    for step in range(1, cfg.steps + 1):
-        if len(order) < cfg.batch_size:  # a new epoch, in a new random order
-            order += rng.sample(range(len(examples)), len(examples))
-        picked, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        batch = make_batch([examples[i] for i in picked], cfg.n_mem, pad_id)
-        tic = time.perf_counter()
-        (loss, ce, mse, n_tokens), grads = loss_and_grad(model, batch, cfg.mse_weight)
+    bar = tqdm(total=cfg.steps, initial=first - 1, disable=not sys.stderr.isatty(), unit="step", leave=False)
+    for step in range(first, cfg.steps + 1):
+        tic, grads, sums, n_real = time.perf_counter(), None, [0.0, 0.0, 0.0], 0
+        for micro in range(cfg.grad_accum):
+            position = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size
+            picked = batch_indices(len(examples), cfg.batch_size, cfg.seed, position)
+            batch = make_batch([examples[i] for i in picked], cfg.n_mem, pad_id)
+            (loss, ce, mse, n_tokens), micro_grads = loss_and_grad(model, batch, cfg.mse_weight)
+            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            mx.eval(grads, loss, ce, mse)
+            sums = [s + v.item() / cfg.grad_accum for s, v in zip(sums, (loss, ce, mse))]
+            n_real, trained_tokens = n_real + batch["n_tokens"], trained_tokens + n_tokens.item()
+        grads, grad_norm = optim.clip_grad_norm(tree_map(lambda g: g / cfg.grad_accum, grads),
+                                                cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
+        if not (math.isfinite(sums[0]) and math.isfinite(grad_norm.item())):
+            kept = f"the last good checkpoint is {Path(out) / CHECKPOINT}" if out and step > 1 else "nothing saved"
+            raise TrainingStopped(f"step {step}: loss {sums[0]} / gradient norm {grad_norm.item()} is not finite; "
+                                  f"{kept}; try a lower --lr", 1)
+        lr = optimizer.learning_rate.item()
         optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state, loss, ce, mse)
+        mx.eval(model.trainable_parameters(), optimizer.state)
         seconds = time.perf_counter() - tic
-        row = {"step": step, "loss": loss.item(), "ce": ce.item(), "mse": mse.item(), "lr": cfg.lr,
-               "seconds": seconds, "tokens_per_s": batch["n_tokens"] / seconds, "peak_gb": mx.get_peak_memory() / 1e9}
+        row = {"step": step, "loss": sums[0], "ce": sums[1], "mse": sums[2], "lr": lr, "grad_norm": grad_norm.item(),
+               "it_per_s": 1 / seconds, "tokens_per_s": n_real / seconds, "trained_tokens": trained_tokens,
+               "peak_gb": mx.get_peak_memory() / 1e9}
         history.append(row)
-        if not math.isfinite(row["loss"]):
-            raise InputError(f"step {step}: the loss is not finite ({row['loss']}); try a lower --lr")
+        bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            print(f"step {step}/{cfg.steps} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | mse {row['mse']:.4f} | "
-                  f"lr {row['lr']:.1e} | {seconds:.2f} s/step | {row['tokens_per_s']:.0f} tok/s | "
-                  f"peak {row['peak_gb']:.2f} GB", flush=True)
+            bar.write(report_line(row, cfg), file=sys.stdout)
+            metrics.write({"kind": "train", **row})
+        if val_examples and (step == 1 or step % cfg.eval_every == 0 or step == cfg.steps):
+            val = validation_loss(model, val_examples, cfg, pad_id)
+            bar.write(f"step {step}/{cfg.steps} | val_loss {val:.4f}", file=sys.stdout)
+            metrics.write({"kind": "val", "step": step, "val_loss": val})
+            if out and val < best_val:
+                best_val = val
+                save_checkpoint(Path(out) / BEST, model, optimizer, cfg, step, best_val)
+        signum = stop(step)
+        if out and (step % cfg.save_every == 0 or step == cfg.steps or signum):
+            save_checkpoint(Path(out) / CHECKPOINT, model, optimizer, cfg, step, best_val)
+            save_outputs(model, cfg, Path(out), {"step": step, "loss": row["loss"]})
+        if signum:
+            bar.close()
+            saved = f"checkpoint saved to {Path(out) / CHECKPOINT}; continue with --resume {out}" if out else ""
+            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}",
+                                  128 + signum)
+    bar.close()
     return history
 
 
-def save_run(model, cfg, out, extra):
-    """out/clara.safetensors: both adapters + memory (for --init and ask). out/adapters.safetensors +
+class MetricsLog:
+    """out/metrics.jsonl: one JSON object per report and per validation. A resumed run first drops the rows
+    after its checkpoint, so the file tells one uninterrupted story."""
+
+    def __init__(self, out, keep_until):
+        self.path = Path(out) / "metrics.jsonl" if out else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            old = self.path.read_text().splitlines() if self.path.is_file() and keep_until > 0 else []
+            kept = [line for line in old if json.loads(line)["step"] <= keep_until]
+            save_atomically(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+
+    def write(self, row):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def plot_losses(out):
+    """out/loss.png from metrics.jsonl, when matplotlib is installed; never fails the run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: --plot needs matplotlib (pip install matplotlib); no loss.png written")
+        return
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    for kind, key in (("train", "loss"), ("val", "val_loss")):
+        points = [(r["step"], r[key]) for r in rows if r["kind"] == kind]
+        if points:
+            plt.plot(*zip(*points), label=key, marker="o" if kind == "val" else None)
+    plt.xlabel("step")
+    plt.ylabel("loss")
+    plt.legend()
+    plt.savefig(Path(out) / "loss.png", dpi=120)
+    print(f"wrote {Path(out) / 'loss.png'}")
+
+
+# -----------------------------------------------------------------------------
+# saving, loading, generation
+
+
+def save_outputs(model, cfg, out, extra):
+    """out/clara.safetensors: both adapters + memory (for --init, ask and eval). out/adapters.safetensors +
     adapter_config.json: the generator alone in mlx-lm's layout. out/config.json: the resolved config."""
     out.mkdir(parents=True, exist_ok=True)
     trainable = dict(tree_flatten(model.trainable_parameters()))
@@ -661,18 +855,25 @@ def save_run(model, cfg, out, extra):
         save_atomically(out / name, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def load_trainable(model, folder):
-    """Load adapters + memory saved by save_run into a model built with a matching config."""
-    path = Path(folder) / "clara.safetensors"
-    if not path.is_file():
-        raise InputError(f"{folder}: no clara.safetensors (not the output folder of a clara.py run)")
-    saved = mx.load(str(path))
-    expected = dict(tree_flatten(model.trainable_parameters()))
-    for name, value in expected.items():
+def read_trained(path):
+    """(config dict, trainable arrays) of an output folder (its clara.safetensors) or of a checkpoint file."""
+    path = Path(path)
+    if path.is_dir() and (path / "clara.safetensors").is_file() and (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
+    if path.is_file():
+        arrays, metadata = read_checkpoint(path)
+        return json.loads(metadata["config"]), {k.removeprefix("model."): v for k, v in arrays.items()
+                                                if k.startswith("model.")}
+    raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
+
+
+def load_trainable(model, saved):
+    """Put saved adapters + memory ({name: array}) into a model built with a matching config."""
+    for name, value in tree_flatten(model.trainable_parameters()):
         if name not in saved or saved[name].shape != value.shape:
             found = saved[name].shape if name in saved else "nothing"
-            raise InputError(f"{path}: {name} should have shape {value.shape}, found {found} "
-                             "(was it trained with other --doc-max-len/--compression-rate/--lora-* options?)")
+            raise InputError(f"{name} should have shape {value.shape}, found {found} "
+                             "(trained with other --doc-max-len/--compression-rate/--lora-* options?)")
     model.load_weights(list(saved.items()), strict=False)
 
 
@@ -692,30 +893,90 @@ def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None):
     return new
 
 
-def answer(model, tokenizer, cfg, docs, question, context="compressed", max_new_tokens=64):
-    """Compress the documents (or write them out, for context="text") and answer the question greedily."""
-    example = build_example(tokenizer, cfg, docs, f"Question: {question}", None, context=context)
+def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64):
+    """Compress the example's documents once, then (1) the CE of its target under teacher forcing (0 without
+    a target) and (2) a greedy answer to its prompt. Returns (answer text, CE)."""
     batch = make_batch([example], cfg.n_mem, tokenizer.pad_token_id)
-    embeddings = model.llm.model.embed_tokens(batch["ids"])
-    if example["doc_ids"]:
-        memory_states, _ = compress_documents(model, batch["doc_ids"], batch["doc_lens"])
-        embeddings = splice_slots(embeddings, batch["slot_index"], memory_states.reshape(-1, embeddings.shape[-1]))
+    memory_states = compress_documents(model, batch["doc_ids"], batch["doc_lens"])[0] if example["doc_ids"] else None
+    ce, _ = masked_cross_entropy(generator_logits(model, batch["ids"], batch["slot_index"], memory_states),
+                                 batch["labels"])
+    prompt, slots = batch["ids"][:, : example["n_prompt"]], batch["slot_index"][:, : example["n_prompt"]]
+    embeddings = model.llm.model.embed_tokens(prompt)
+    if memory_states is not None:
+        embeddings = splice_slots(embeddings, slots, memory_states.reshape(-1, embeddings.shape[-1]))
     set_role(model.llm, "generator")
-    new = greedy_generate(model.llm, batch["ids"], tokenizer.eos_token_id, max_new_tokens, embeddings)
-    return tokenizer.decode(new).strip()
+    new = greedy_generate(model.llm, prompt, tokenizer.eos_token_id, max_new_tokens, embeddings)
+    return tokenizer.decode(new).strip(), ce.item()
+
+
+# -----------------------------------------------------------------------------
+# evaluation: CLaRa's metrics, compressed vs text vs no documents
+
+
+def normalize_answer(text):
+    """SQuAD normalisation: lowercase, drop punctuation and articles, fold whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def exact_match(prediction, gold):
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def cover_exact_match(prediction, gold):
+    """CLaRa's cover-EM: the normalised gold answer appears in the normalised output."""
+    return float(normalize_answer(gold) in normalize_answer(prediction))
+
+
+def token_f1(prediction, gold):
+    predicted, wanted = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = sum((collections.Counter(predicted) & collections.Counter(wanted)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(wanted)
+    return 2 * precision * recall / (precision + recall)
+
+
+EVAL_CONTEXTS = ("compressed", "text", "none")  # memory slots / document text in the prompt / no documents
+
+
+def evaluate(model, tokenizer, cfg, records, max_new_tokens):
+    """Greedy answers and scores for every record under each context. Returns {context: summary}."""
+    results = {}
+    for context in EVAL_CONTEXTS:
+        rows = []
+        for r in records:
+            docs = [] if context == "none" else r["docs"]
+            example = build_example(tokenizer, cfg, docs, f"Question: {r['question']}", r["answer"], context=context)
+            prediction, ce = generate_answer(model, tokenizer, cfg, example, max_new_tokens)
+            rows.append({"question": r["question"], "gold": r["answer"], "prediction": prediction, "ce": ce,
+                         "em": exact_match(prediction, r["answer"]), "f1": token_f1(prediction, r["answer"]),
+                         "cover_em": cover_exact_match(prediction, r["answer"])})
+        results[context] = {key: sum(row[key] for row in rows) / len(rows) for key in ("em", "f1", "cover_em", "ce")}
+        results[context].update(records=len(rows), answers=rows)
+    return results
+
+
+def eval_table(results, cfg):
+    lines = ["| context | EM | F1 | cover-EM | answer CE | records |", "|---|---|---|---|---|---|"]
+    names = {"compressed": f"compressed ({cfg.n_mem} vectors / doc)", "text": "document text", "none": "no documents"}
+    for context, r in results.items():
+        lines.append(f"| {names[context]} | {100 * r['em']:.1f} | {100 * r['f1']:.1f} | {100 * r['cover_em']:.1f} | "
+                     f"{r['ce']:.3f} | {r['records']} |")
+    return "\n".join(lines) + "\n"
 
 
 # -----------------------------------------------------------------------------
 # commands
 
 
-def prepare(cfg):
-    """Load the base model and build the CLaRa wrapper (seeded), starting from --init when given."""
+def prepare(cfg, trained=None):
+    """Load the base model and build the CLaRa wrapper (seeded); trained adapters + memory go in when given."""
     mx.random.seed(cfg.seed)
     llm, tokenizer = load_model(cfg.model, cfg.keep_quantized)
     model = CLaRa(llm, cfg)
-    if cfg.init:
-        load_trainable(model, cfg.init)
+    if trained is not None:
+        load_trainable(model, trained)
     n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"model {cfg.model} on {mx.default_device()} | BLAS: {BLAS} | n_mem {cfg.n_mem} | "
@@ -723,31 +984,36 @@ def prepare(cfg):
     return model, tokenizer
 
 
-def run_stage(cfg, model, tokenizer, examples, command, extra):
-    """Shared by compress and sft: report what truncation cut, train, save."""
-    cut_targets = sum(ex["target_cut"] for ex in examples)
-    cut_docs = sum(ex["docs_cut"] for ex in examples)
+def run_stage(cfg, model, tokenizer, examples, val_examples, resume):
+    """Shared by compress and sft: report what truncation cut, train (checkpointing into --out), plot."""
+    everything = examples + val_examples
+    cut_docs, cut_targets = sum(ex["docs_cut"] for ex in everything), sum(ex["target_cut"] for ex in everything)
     if cut_docs:
-        print(f"warning: {cut_docs} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens", flush=True)
+        print(f"warning: {cut_docs} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
     if cut_targets:
-        print(f"warning: {cut_targets} target(s) alone exceed --max-len {cfg.max_len}: their prompt is dropped",
-              flush=True)
-    history = train(model, examples, cfg, tokenizer.pad_token_id)
-    out = Path(cfg.out or f"runs/{command}")
-    save_run(model, cfg, out, {"command": command, "records": len(examples), **extra,
-                               "final_loss": history[-1]["loss"]})
-    print(f"saved adapters, memory embeddings and config to {out}/")
-    return model, history
+        print(f"warning: {cut_targets} target(s) alone exceed --max-len {cfg.max_len}: their prompt is dropped")
+    print(f"{len(examples)} training example(s), {len(val_examples)} for validation", flush=True)
+    history = train(model, examples, cfg, tokenizer.pad_token_id, cfg.out, val_examples, resume)
+    print(f"saved adapters, memory embeddings, checkpoint and config to {cfg.out}/")
+    if cfg.plot:
+        plot_losses(cfg.out)
+    return history
 
 
-def cmd_compress(cfg, args):
+def read_records(path, parse):
+    """[(split, record)] of a JSONL file, every line validated."""
+    return [(obj.get("split"), parse(obj, f"{path}:{n}")) for n, obj in read_jsonl(path)]
+
+
+def cmd_compress(cfg, args, trained, resume):
     if bool(args.pdf) == bool(args.data):
         raise InputError("compress needs exactly one of --pdf FILE or --data FILE.jsonl")
     if args.pdf:  # input is checked before the model loads: a bad file fails in a second
         pages = extract_pdf_pages(args.pdf)
     else:
-        records = [parse_compress_record(obj, f"{args.data}:{n}") for n, obj in read_jsonl(args.data)]
-    model, tokenizer = prepare(cfg)
+        records = [record for _, record in read_records(args.data, parse_compress_record)]
+    val_records = [r for _, r in read_records(cfg.val_data, parse_compress_record)] if cfg.val_data else []
+    model, tokenizer = prepare(cfg, trained)
     if args.pdf:
         count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
         chunks = chunk_pages(pages, count_tokens, cfg.doc_max_len)
@@ -755,47 +1021,67 @@ def cmd_compress(cfg, args):
         write_jsonl_atomically(chunks_path, chunks)
         print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {chunks_path}")
         records = [{"doc": c["text"], "target": c["text"]} for c in chunks]
-    examples = compress_examples(tokenizer, cfg, records)
-    return run_stage(cfg, model, tokenizer, examples, "compress", {"data": str(args.pdf or args.data)})
+    if not val_records:
+        records, val_records = split_validation(records, cfg.val_fraction, cfg.seed)
+    return run_stage(cfg, model, tokenizer, compress_examples(tokenizer, cfg, records),
+                     compress_examples(tokenizer, cfg, val_records), resume)
 
 
-def cmd_sft(cfg, args):
-    rows = [(obj.get("split"), parse_sft_record(obj, f"{args.data}:{n}")) for n, obj in read_jsonl(args.data)]
-    train_records = [record for split, record in rows if split != "eval"]
-    if not train_records:
+def cmd_sft(cfg, args, trained, resume):
+    rows = read_records(args.data, parse_sft_record)
+    records = [record for split, record in rows if split != "eval"]
+    held_out = [record for split, record in rows if split == "eval"]
+    if not records:
         raise InputError(f"{args.data}: every record is marked \"split\": \"eval\"; nothing to train on")
-    model, tokenizer = prepare(cfg)
-    print(f"{args.data}: {len(train_records)} training record(s), {len(rows) - len(train_records)} held out "
-          "(\"split\": \"eval\")")
-    return run_stage(cfg, model, tokenizer, sft_examples(tokenizer, cfg, train_records), "sft",
-                     {"data": str(args.data)})
+    if cfg.val_data:
+        val_records = [record for _, record in read_records(cfg.val_data, parse_sft_record)]
+    elif cfg.val_fraction > 0:
+        records, val_records = split_validation(records, cfg.val_fraction, cfg.seed)
+    else:
+        val_records = held_out  # the records marked "split": "eval" validate by default
+    model, tokenizer = prepare(cfg, trained)
+    print(f"{args.data}: {len(records)} training record(s), {len(held_out)} held out (\"split\": \"eval\")")
+    return run_stage(cfg, model, tokenizer, sft_examples(tokenizer, cfg, records),
+                     sft_examples(tokenizer, cfg, val_records), resume)
 
 
-def cmd_ask(cfg, args):
+def read_documents(paths):
     texts = []
-    for path in args.docs:
+    for path in paths:
         if not Path(path).is_file():
             raise InputError(f"{path}: no such document file")
         texts.append(Path(path).read_text(encoding="utf-8", errors="replace"))
-    model, tokenizer = prepare(cfg)
-    print(answer(model, tokenizer, cfg, texts, args.question, cfg.context, args.max_new_tokens))
+    return texts
 
 
-def cmd_ask_config(args):
-    """ask runs with the config its adapters were trained with."""
-    path = Path(args.adapters) / "config.json"
-    if not path.is_file():
-        raise InputError(f"{args.adapters}: no config.json (not the output folder of a clara.py run)")
-    saved = json.loads(path.read_text())
-    cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
-    cfg.lora_keys, cfg.init = tuple(cfg.lora_keys), str(args.adapters)
-    if args.context:
-        cfg.context = args.context
-    return cfg
+def cmd_ask(cfg, args, trained, resume):
+    docs = read_documents(args.docs)
+    model, tokenizer = prepare(cfg, trained)
+    example = build_example(tokenizer, cfg, docs, f"Question: {args.question}", None, context=cfg.context)
+    print(generate_answer(model, tokenizer, cfg, example, args.max_new_tokens)[0])
+
+
+def cmd_eval(cfg, args, trained, resume):
+    rows = read_records(args.data, parse_sft_record)
+    records = [record for split, record in rows if split == "eval"] or [record for _, record in rows]
+    model, tokenizer = prepare(cfg, trained)
+    which = "those marked \"split\": \"eval\"" if len(records) < len(rows) else "all of them"
+    print(f"{args.data}: scoring {len(records)} record(s) ({which}) in {len(EVAL_CONTEXTS)} contexts", flush=True)
+    results = evaluate(model, tokenizer, cfg, records, args.max_new_tokens)
+    table = eval_table(results, cfg)
+    print(table, end="")
+    where = Path(args.adapters) if Path(args.adapters).is_dir() else Path(args.adapters).parent
+    save_atomically(where / "eval.json", lambda p: p.write_text(json.dumps(
+        {"data": str(args.data), "adapters": str(args.adapters), "results": results}, indent=2) + "\n"))
+    save_atomically(where / "eval.md", lambda p: p.write_text(table))
+    print(f"wrote {where / 'eval.json'} and {where / 'eval.md'}")
+
+
+COMMANDS = {"compress": cmd_compress, "sft": cmd_sft, "ask": cmd_ask, "eval": cmd_eval}
 
 
 # -----------------------------------------------------------------------------
-# main
+# main: options, config resolution, errors
 
 
 def config_help():
@@ -803,7 +1089,7 @@ def config_help():
     import inspect
 
     source = inspect.getsource(Config)
-    return dict(re.findall(r"^    (\w+): .*?  # (.*)$", source, flags=re.M))
+    return {name: text.replace("%", "%%") for name, text in re.findall(r"^    (\w+): .*?  # (.*)$", source, flags=re.M)}
 
 
 def parse_args(argv):
@@ -811,38 +1097,74 @@ def parse_args(argv):
     commands = parser.add_subparsers(dest="command", required=True)
     helps, defaults = config_help(), Config()
     shared = argparse.ArgumentParser(add_help=False)
-    for f in fields(Config):
+    for f in fields(Config):  # every default is None here, so that we can tell what was given
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
         if isinstance(default, bool):
-            shared.add_argument(flag, action="store_true", help=helps[f.name])
+            shared.add_argument(flag, action="store_true", default=None, help=helps[f.name])
         elif isinstance(default, tuple):
-            shared.add_argument(flag, nargs="+", default=list(default), help=helps[f.name])
+            shared.add_argument(flag, nargs="+", help=f"{helps[f.name]} (default: {' '.join(default)})")
         elif f.name == "context":
-            shared.add_argument(flag, choices=("compressed", "text"), default=default, help=helps[f.name])
+            shared.add_argument(flag, choices=("compressed", "text"), help=f"{helps[f.name]} (default: {default})")
         else:
-            shared.add_argument(flag, type=type(default), default=default, help=f"{helps[f.name]} (default: {default})")
+            shared.add_argument(flag, type=type(default), help=f"{helps[f.name]} (default: {default!r})")
     compress = commands.add_parser("compress", parents=[shared], help="stage 1: regenerate documents from memory")
     compress.add_argument("--pdf", help="a PDF whose text becomes the training documents")
     compress.add_argument("--data", help="JSONL: {\"text\"} chunks, or CLaRa's {\"question\", \"answers\", \"docs\"}")
     compress.add_argument("--chunks-out", help="where the PDF's chunks go (default: data/<pdf name>.chunks.jsonl)")
     sft = commands.add_parser("sft", parents=[shared], help="stage 2: question + compressed documents -> answer")
     sft.add_argument("--data", required=True, help="JSONL: {\"question\", \"docs\": [...], \"gold_answer\"}")
-    ask = commands.add_parser("ask", help="answer a question from documents compressed by trained adapters")
-    ask.add_argument("--adapters", required=True, help="output folder of a compress or sft run")
-    ask.add_argument("--docs", nargs="+", required=True, help="text files, one document each")
-    ask.add_argument("--question", required=True, help="the question to answer")
-    ask.add_argument("--context", choices=("compressed", "text"), help="compressed memory (default) or document text")
-    ask.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default: 64)")
+    for name, text in (("ask", "answer a question from documents compressed by trained adapters"),
+                       ("eval", "score answers from compressed documents, document text and no documents")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--adapters", required=True, help="output folder of a run, or a checkpoint file")
+        command.add_argument("--max-new-tokens", type=int, default=64 if name == "ask" else 32,
+                             help="longest answer in tokens")
+    commands.choices["ask"].add_argument("--docs", nargs="+", required=True, help="text files, one document each")
+    commands.choices["ask"].add_argument("--question", required=True, help="the question to answer")
+    commands.choices["ask"].add_argument("--context", choices=("compressed", "text"),
+                                         help="compressed memory (default) or the document text in the prompt")
+    commands.choices["eval"].add_argument("--data", required=True,
+                                          help="sft-style JSONL; its \"split\": \"eval\" records if it has any")
     return parser.parse_args(argv)
+
+
+RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "plot", "resume")  # --resume may change these
+
+
+def resolve_config(args):
+    """Config = defaults, then the saved config (ask/eval: their adapters'; --resume: the checkpoint's), then
+    the options given on the command line. Returns (cfg, trained arrays or None, checkpoint or None)."""
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
+    saved, trained, checkpoint = {}, None, None
+    if args.command in ("ask", "eval"):
+        saved, trained = read_trained(args.adapters)
+    elif "resume" in given:
+        checkpoint = read_checkpoint(Path(given["resume"]) / CHECKPOINT)
+        saved = json.loads(checkpoint[1]["config"])
+        ignored = sorted(set(given) - set(RUN_CONTROL))
+        if ignored:
+            print(f"note: a resumed run keeps its checkpoint's config; ignoring --{', --'.join(ignored)}")
+        given = {k: v for k, v in given.items() if k in RUN_CONTROL}
+        given.setdefault("out", saved["out"])
+    elif "init" in given:
+        trained = read_trained(given["init"])[1]
+    values = {**asdict(Config()), **{k: v for k, v in saved.items() if k in asdict(Config())}, **given}
+    cfg = Config(**{**values, "lora_keys": tuple(values["lora_keys"])})
+    cfg.out = cfg.out or f"runs/{args.command}"
+    return cfg, trained, checkpoint
 
 
 def validate_config(cfg):
     for name in ("steps", "batch_size", "doc_max_len", "compression_rate", "max_len", "lora_rank", "lora_layers",
-                 "log_every"):
+                 "log_every", "grad_accum", "eval_every", "save_every"):
         if getattr(cfg, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.mse_weight < 0:
-        raise InputError("--lr must be positive and --mse-weight not negative")
+    for name in ("lr", "min_lr", "mse_weight", "clip_norm"):
+        if not getattr(cfg, name) >= 0 or (name == "lr" and cfg.lr == 0):
+            raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name == 'lr' else 'at least 0'}")
+    for name in ("warmup", "val_fraction"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} is a fraction: at least 0 and below 1")
     if cfg.compression_rate > cfg.doc_max_len:
         raise InputError(f"--compression-rate {cfg.compression_rate} is larger than --doc-max-len "
                          f"{cfg.doc_max_len}: no memory vector would be left")
@@ -852,16 +1174,14 @@ def validate_config(cfg):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.command == "ask":
-            cfg = cmd_ask_config(args)
-        else:
-            cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
-            cfg.lora_keys = tuple(cfg.lora_keys)
-        validate_config(cfg)
-        {"compress": cmd_compress, "sft": cmd_sft, "ask": cmd_ask}[args.command](cfg, args)
+        cfg, trained, checkpoint = resolve_config(args)
+        COMMANDS[args.command](validate_config(cfg), args, trained, checkpoint)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

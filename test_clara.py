@@ -343,7 +343,7 @@ def test_cli_compress_sft_ask_end_to_end_write_outputs_mlx_lm_can_load(tmp_path,
 
     llm, tokenizer = default_model
     model = clara.CLaRa(clara.load_model("smollm2")[0], clara.Config())
-    clara.load_trainable(model, tmp_path / "s")
+    clara.load_trainable(model, clara.read_trained(tmp_path / "s")[1])
     assert any(mx.abs(v).max().item() > 0 for k, v in tree_flatten(model.trainable_parameters()) if "lora_b" in k)
     plain = load_adapters(clara.load_model("smollm2")[0], str(tmp_path / "s"))
     ids = mx.array([tokenizer.encode("Memory tokens follow each document.", add_special_tokens=False)])
