@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: test demo data clean
+.PHONY: test demo eval data clean
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
@@ -20,6 +20,11 @@ demo: $(STAMP)
 	$(PY) clara.py sft --data data/sft.jsonl --init runs/demo-compress --steps 80 --lr 5e-4 --log-every 5 --out runs/demo-sft
 	$(PY) clara.py ask --adapters runs/demo-sft --docs data/ask/doc1.txt data/ask/doc2.txt \
 		--question "What weight does the alignment loss have in the total loss?"
+	$(MAKE) eval
+
+# scores the demo's adapters on the held-out records of data/sft.jsonl: compressed vs text vs no documents
+eval: $(STAMP)
+	$(PY) clara.py eval --adapters runs/demo-sft --data data/sft.jsonl
 
 data: $(STAMP)
 	$(PY) data/make_sample.py

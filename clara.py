@@ -682,12 +682,13 @@ def validation_loss(model, examples, cfg, pad_id):
 CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
 
 
-def save_checkpoint(path, model, optimizer, cfg, step, best_val):
+def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens):
     """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
     the step, the data position and the config. Written atomically, so the previous one survives any kill."""
     arrays = {f"model.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
     metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
+                "trained_tokens": str(trained_tokens),
                 "data_position": str(step * cfg.grad_accum * cfg.batch_size), "config": json.dumps(asdict(cfg))}
     save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
 
@@ -741,6 +742,7 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
     if resume:
         restore_checkpoint(resume[0], model, optimizer)
         first, best_val = int(resume[1]["step"]) + 1, float(resume[1]["best_val_loss"])
+        trained_tokens = int(resume[1]["trained_tokens"])
     metrics = MetricsLog(out, keep_until=first - 1)
     stop = stop or stop_on_signals()
     mx.reset_peak_memory()
@@ -780,10 +782,10 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
             metrics.write({"kind": "val", "step": step, "val_loss": val})
             if out and val < best_val:
                 best_val = val
-                save_checkpoint(Path(out) / BEST, model, optimizer, cfg, step, best_val)
+                save_checkpoint(Path(out) / BEST, model, optimizer, cfg, step, best_val, trained_tokens)
         signum = stop(step)
         if out and (step % cfg.save_every == 0 or step == cfg.steps or signum):
-            save_checkpoint(Path(out) / CHECKPOINT, model, optimizer, cfg, step, best_val)
+            save_checkpoint(Path(out) / CHECKPOINT, model, optimizer, cfg, step, best_val, trained_tokens)
             save_outputs(model, cfg, Path(out), {"step": step, "loss": row["loss"]})
         if signum:
             bar.close()

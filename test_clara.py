@@ -2,6 +2,7 @@
 the default model and the command line. Tiny models are built inline; the default model is the real one."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import llama
 
 import clara
@@ -257,6 +258,90 @@ def test_text_context_compresses_nothing_and_its_mse_is_zero(tokenizer):
 
 
 # -----------------------------------------------------------------------------
+# schedule, data order, checkpoints and exact resume
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    cfg = clara.Config(steps=100, lr=1e-3, min_lr=1e-5, warmup=0.1)
+    schedule = clara.lr_schedule(cfg)
+    values = [schedule(mx.array(step)).item() for step in range(0, 101)]
+    assert values[0] < values[5] < values[10] == pytest.approx(1e-3)  # warmup: 10 updates
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))  # then never rising
+    assert values[55] == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-3)  # cosine: halfway at half the decay
+    assert values[100] == pytest.approx(1e-5)
+
+
+@FAST
+@given(st.integers(1, 9), st.integers(1, 4), st.integers(0, 50), st.integers(0, 3))
+def test_data_order_is_a_pure_function_of_seed_and_position_and_each_epoch_a_permutation(n, batch, position, seed):
+    picked = clara.batch_indices(n, batch, seed, position)
+    assert picked == clara.batch_indices(n, batch, seed, position)
+    stream = [clara.batch_indices(n, 1, seed, i)[0] for i in range(3 * n)]
+    assert picked == stream[position: position + batch] or position + batch > 3 * n
+    for epoch in range(3):
+        assert sorted(stream[epoch * n: (epoch + 1) * n]) == list(range(n))
+
+
+def train_rows(out):
+    """The reproducible part of metrics.jsonl (timings dropped)."""
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("it_per_s", "tokens_per_s", "peak_gb")} for r in rows]
+
+
+def test_resume_after_an_interrupt_gives_bitwise_the_same_adapters_and_loss_curve(tmp_path, tokenizer):
+    cfg = tiny_config(steps=6, grad_accum=2, batch_size=1, warmup=0.2, save_every=4, eval_every=2)
+    examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
+    straight = tiny_clara(cfg)
+    clara.train(straight, examples, cfg, tokenizer.pad_token_id, tmp_path / "a", examples[:1])
+
+    first = tiny_clara(cfg)
+    with pytest.raises(clara.TrainingStopped) as stopped:
+        clara.train(first, examples, cfg, tokenizer.pad_token_id, tmp_path / "b", examples[:1],
+                    stop=lambda step: signal.SIGINT if step == 3 else None)
+    assert stopped.value.exit_code == 130 and "after step 3" in str(stopped.value)
+    checkpoint = clara.read_checkpoint(tmp_path / "b" / clara.CHECKPOINT)
+    assert checkpoint[1]["step"] == "3" and checkpoint[1]["data_position"] == "6"
+    resumed = tiny_clara(cfg)  # the same frozen base; adapters and memory moved so they must come from the checkpoint
+    resumed.update(tree_map(lambda p: p + 1.0, resumed.trainable_parameters()))
+    clara.train(resumed, examples, cfg, tokenizer.pad_token_id, tmp_path / "b", examples[:1], resume=checkpoint)
+
+    for (name, a), (_, b) in zip(tree_flatten(straight.trainable_parameters()),
+                                 tree_flatten(resumed.trainable_parameters())):
+        assert mx.array_equal(a, b), name
+    assert train_rows(tmp_path / "a") == train_rows(tmp_path / "b")
+    kinds = [(r["kind"], r["step"]) for r in train_rows(tmp_path / "a")]
+    assert [s for k, s in kinds if k == "val"] == [1, 2, 4, 6] and [s for k, s in kinds if k == "train"] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "a" / clara.BEST).is_file()
+    best = clara.read_checkpoint(tmp_path / "a" / clara.BEST)[1]
+    val_rows = [r for r in train_rows(tmp_path / "a") if r["kind"] == "val"]
+    assert float(best["best_val_loss"]) == min(r["val_loss"] for r in val_rows)
+
+
+def test_a_non_finite_loss_stops_before_the_update_and_names_the_step(tokenizer):
+    cfg = tiny_config(steps=3)
+    model = tiny_clara(cfg)
+    model.memory = model.memory * float("nan")
+    before = dict(tree_flatten(model.trainable_parameters()))
+    with pytest.raises(clara.TrainingStopped, match="step 1: loss nan"):
+        clara.train(model, clara.sft_examples(tokenizer, cfg, SFT_RECORDS), cfg, tokenizer.pad_token_id)
+    after = dict(tree_flatten(model.trainable_parameters()))
+    assert all(mx.array_equal(before[k], after[k], equal_nan=True) for k in before)
+
+
+@pytest.mark.parametrize("prediction, gold, em, f1, cover", [
+    ("The Paris.", "paris", 1.0, 1.0, 1.0),
+    ("It is Paris, France", "Paris", 0.0, 0.4, 1.0),  # precision 1/4, recall 1
+    ("London", "Paris", 0.0, 0.0, 0.0),
+    ("an apple a day", "Apple day", 1.0, 1.0, 1.0),
+    ("sixteen vectors", "16", 0.0, 0.0, 0.0),
+])
+def test_answer_metrics_follow_squad_normalisation(prediction, gold, em, f1, cover):
+    assert clara.exact_match(prediction, gold) == em
+    assert clara.token_f1(prediction, gold) == pytest.approx(f1)
+    assert clara.cover_exact_match(prediction, gold) == cover
+
+
+# -----------------------------------------------------------------------------
 # data: PDF text and JSONL records
 
 
@@ -303,21 +388,49 @@ def test_default_model_answers_the_paris_prompt(default_model):
     assert llm.model.embed_tokens.weight.dtype == mx.float32  # dequantized for the CPU
 
 
+TINY_ARGS = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 49152,
+             "rope_traditional": True, "tie_word_embeddings": True}
+
+
+def save_tiny_mlx_lm_folder(folder, tokenizer, seed=3):
+    """A tiny llama saved the way mlx-lm expects a model folder: config.json, weights, tokenizer files."""
+    mx.random.seed(seed)
+    base = llama.Model(llama.ModelArgs(**TINY_ARGS))
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(base.parameters())))
+    (folder / "config.json").write_text(json.dumps(TINY_ARGS))
+    tokenizer.save_pretrained(str(folder))
+    return base
+
+
 def test_any_mlx_lm_model_folder_loads_offline_with_its_tokenizer(tmp_path, tokenizer):
-    model_args = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 49152,
-                  "rope_traditional": True, "tie_word_embeddings": True}
-    mx.random.seed(3)
-    base = llama.Model(llama.ModelArgs(**model_args))
-    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(base.parameters())))
-    (tmp_path / "config.json").write_text(json.dumps(model_args))
-    tokenizer.save_pretrained(str(tmp_path))
+    base = save_tiny_mlx_lm_folder(tmp_path, tokenizer)
     llm, loaded_tokenizer = clara.load_model(str(tmp_path))
     ids = mx.array([tokenizer.encode("Memory follows the document.", add_special_tokens=False)])
     assert mx.allclose(llm(ids), base(ids), atol=1e-5)
     assert loaded_tokenizer.encode("Memory 42") == tokenizer.encode("Memory 42", add_special_tokens=False)
     with pytest.raises(clara.InputError, match="no such model folder"):
         clara.load_model(str(tmp_path / "missing"))
+
+
+def test_saved_generator_adapter_loads_with_mlx_lm_load(tmp_path, tokenizer):
+    from mlx_lm import load
+
+    save_tiny_mlx_lm_folder(tmp_path / "model", tokenizer)
+    cfg = tiny_config(model=str(tmp_path / "model"), steps=3, out=str(tmp_path / "run"))
+    llm, _ = clara.load_model(cfg.model)
+    model = clara.CLaRa(llm, cfg)
+    examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
+    clara.train(model, examples, cfg, tokenizer.pad_token_id, out=cfg.out)
+    adapter_config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert adapter_config["fine_tune_type"] == "lora" and adapter_config["num_layers"] == cfg.lora_layers
+    assert adapter_config["lora_parameters"]["keys"] == list(cfg.lora_keys)
+    plain, _ = load(str(tmp_path / "model"), adapter_path=str(tmp_path / "run"))
+    ids = mx.array([tokenizer.encode("The sky is blue.", add_special_tokens=False)])
+    clara.set_role(model, "generator")
+    assert not mx.allclose(plain(ids), clara.load_model(cfg.model)[0](ids), atol=1e-4)  # the adapter matters
+    assert mx.allclose(plain(ids), model.llm(ids), atol=1e-5)
 
 
 def run_cli(*args):
@@ -349,6 +462,18 @@ def test_cli_compress_sft_ask_end_to_end_write_outputs_mlx_lm_can_load(tmp_path,
     ids = mx.array([tokenizer.encode("Memory tokens follow each document.", add_special_tokens=False)])
     clara.set_role(model, "generator")
     assert mx.allclose(plain(ids), model.llm(ids), atol=1e-4)
+
+    records = [json.loads(line) for line in (ROOT / "data" / "sft.jsonl").read_text().splitlines()][:2]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = run_cli("eval", "--adapters", tmp_path / "s", "--data", tmp_path / "qa.jsonl", "--max-new-tokens", 6)
+    assert run.returncode == 0, run.stderr
+    assert "| compressed (16 vectors / doc) |" in run.stdout and "| no documents |" in run.stdout
+    results = json.loads((tmp_path / "s" / "eval.json").read_text())["results"]
+    assert set(results) == {"compressed", "text", "none"}
+    for summary in results.values():
+        assert summary["records"] == 2 and 0 <= summary["f1"] <= 1 and 0 < summary["ce"] < 20
+        assert summary["em"] == sum(clara.exact_match(a["prediction"], a["gold"]) for a in summary["answers"]) / 2
+    assert (tmp_path / "s" / "eval.md").read_text().count("\n") == 5
 
     (tmp_path / "doc.txt").write_text("The alignment loss has a weight of 0.1 in the total loss.")
     run = run_cli("ask", "--adapters", tmp_path / "s", "--docs", tmp_path / "doc.txt", "--question", "What weight?")
