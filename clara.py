@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import functools
 import json
+import logging
 import math
 import os
 import platform
@@ -121,67 +122,89 @@ def clean_pdf_text(text):
     return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
 
 
-def extract_pdf_pages(path):
-    """Return the cleaned text of every page of a PDF: [(page_number, text)]."""
+def one_line(error):
+    return " ".join(str(error).split())
+
+
+def extract_pdf_pages(path, password="", max_pages=0):
+    """Return the cleaned text of every page of a PDF (the first max_pages, when > 0): [(page_number, text)]."""
     from pypdf import PdfReader
 
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # damaged files make pypdf log warnings by the dozen
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a PDF file")
     if not path.is_file():
         raise InputError(f"{path}: no such PDF file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file, not a PDF")
     try:
         reader = PdfReader(path)
-        pages = [(i + 1, clean_pdf_text(page.extract_text() or "")) for i, page in enumerate(reader.pages)]
+        if reader.is_encrypted and not password:
+            raise InputError(f"{path}: the PDF is encrypted; give its password with --pdf-password")
+        if reader.is_encrypted and not reader.decrypt(password):
+            raise InputError(f"{path}: wrong --pdf-password")
+        n_pages = len(reader.pages)
+        read = n_pages if max_pages <= 0 else min(max_pages, n_pages)
+        pages = [(i + 1, clean_pdf_text(reader.pages[i].extract_text() or "")) for i in range(read)]
+    except InputError:
+        raise
     except Exception as e:  # pypdf raises many kinds of errors on damaged files
-        raise InputError(f"{path}: not a readable PDF ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a readable PDF ({type(e).__name__}: {one_line(e)})") from None
+    if read < n_pages:
+        print(f"warning: {path}: read the first {read} of {n_pages} pages (--max-pages)")
     pages = [(n, text) for n, text in pages if text]
     if not pages:
-        raise InputError(f"{path}: no text could be extracted (scanned or blank pages?)")
+        raise InputError(f"{path}: no text could be extracted from its {read} page(s) (scanned or blank?)")
     return pages
 
 
 def chunk_pages(pages, count_tokens, max_tokens):
-    """Pack sentences into chunks of at most max_tokens tokens: [{"text", "pages"}]."""
-    chunks, sentences, pages_of, used = [], [], set(), 0
+    """Pack sentences into chunks of at most max_tokens tokens: [{"text", "pages"}]. A sentence longer than
+    that (a table, a page without full stops) is packed word by word instead."""
+    chunks, pieces, pages_of, used = [], [], set(), 0
 
     def flush():
-        if sentences:
-            chunks.append({"text": " ".join(sentences), "pages": sorted(pages_of)})
+        if pieces:
+            chunks.append({"text": " ".join(pieces), "pages": sorted(pages_of)})
 
     for page, text in pages:
         for sentence in re.split(r"(?<=[.!?])\s+", text):
             n = count_tokens(" " + sentence)
-            if sentences and used + n > max_tokens:
-                flush()
-                sentences, pages_of, used = [], set(), 0
-            sentences.append(sentence)
-            pages_of.add(page)
-            used += n
+            words = [(sentence, n)] if n <= max_tokens else [(w, count_tokens(" " + w)) for w in sentence.split()]
+            for piece, n in words:
+                if pieces and used + n > max_tokens:
+                    flush()
+                    pieces, pages_of, used = [], set(), 0
+                pieces.append(piece)
+                pages_of.add(page)
+                used += n
     flush()
     return chunks
 
 
 def read_jsonl(path):
-    """Yield (line_number, object) for each non-blank line; one clear error for anything unreadable."""
+    """[(line_number, object)] for each non-blank line; one clear error for anything unreadable."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such JSONL file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     records = []
-    for number, line in enumerate(lines, 1):
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            raise InputError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise InputError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
         records.append((number, obj))
     if not records:
-        raise InputError(f"{path}: no records")
+        raise InputError(f"{path}: no records (the file is empty or blank)")
     return records
 
 
@@ -1011,7 +1034,7 @@ def cmd_compress(cfg, args, trained, resume):
     if bool(args.pdf) == bool(args.data):
         raise InputError("compress needs exactly one of --pdf FILE or --data FILE.jsonl")
     if args.pdf:  # input is checked before the model loads: a bad file fails in a second
-        pages = extract_pdf_pages(args.pdf)
+        pages = extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages)
     else:
         records = [record for _, record in read_records(args.data, parse_compress_record)]
     val_records = [r for _, r in read_records(cfg.val_data, parse_compress_record)] if cfg.val_data else []
@@ -1019,7 +1042,7 @@ def cmd_compress(cfg, args, trained, resume):
     if args.pdf:
         count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
         chunks = chunk_pages(pages, count_tokens, cfg.doc_max_len)
-        chunks_path = Path(args.chunks_out or f"data/{Path(args.pdf).stem}.chunks.jsonl")
+        chunks_path = Path(args.chunks_out)
         write_jsonl_atomically(chunks_path, chunks)
         print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {chunks_path}")
         records = [{"doc": c["text"], "target": c["text"]} for c in chunks]
@@ -1113,6 +1136,8 @@ def parse_args(argv):
     compress.add_argument("--pdf", help="a PDF whose text becomes the training documents")
     compress.add_argument("--data", help="JSONL: {\"text\"} chunks, or CLaRa's {\"question\", \"answers\", \"docs\"}")
     compress.add_argument("--chunks-out", help="where the PDF's chunks go (default: data/<pdf name>.chunks.jsonl)")
+    compress.add_argument("--pdf-password", default="", help="password of an encrypted PDF")
+    compress.add_argument("--max-pages", type=int, default=1000, help="read at most this many pages (default: 1000)")
     sft = commands.add_parser("sft", parents=[shared], help="stage 2: question + compressed documents -> answer")
     sft.add_argument("--data", required=True, help="JSONL: {\"question\", \"docs\": [...], \"gold_answer\"}")
     for name, text in (("ask", "answer a question from documents compressed by trained adapters"),
@@ -1173,17 +1198,49 @@ def validate_config(cfg):
     return cfg
 
 
+def check_writable(path, flag, is_folder):
+    """Fail before any work when `path` cannot be written; creates nothing itself."""
+    path = Path(path).absolute()
+    if path.exists() and path.is_dir() != is_folder:
+        raise InputError(f"{flag} {path}: is {'a file' if is_folder else 'a folder'}")
+    if path.exists():
+        nearest = path if is_folder else path.parent
+    else:
+        nearest = next(p for p in path.parents if p.exists())
+    if not nearest.is_dir():
+        raise InputError(f"{flag} {path}: cannot be created ({nearest} is a file)")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: cannot write there ({nearest} is not writable)")
+
+
+def check_options(cfg, args):
+    """Options that need the file system: checked before any model loads or anything is written."""
+    if args.command in ("compress", "sft"):
+        check_writable(cfg.out, "--out", is_folder=True)
+    if args.command == "compress" and args.pdf:
+        args.chunks_out = args.chunks_out or f"data/{Path(args.pdf).stem}.chunks.jsonl"
+        check_writable(args.chunks_out, "--chunks-out", is_folder=False)
+    if args.command == "compress" and args.max_pages <= 0:
+        raise InputError(f"--max-pages must be positive, got {args.max_pages}")
+    if getattr(args, "max_new_tokens", 1) <= 0:
+        raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         cfg, trained, checkpoint = resolve_config(args)
-        COMMANDS[args.command](validate_config(cfg), args, trained, checkpoint)
+        check_options(validate_config(cfg), args)
+        COMMANDS[args.command](cfg, args, trained, checkpoint)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # before training started: nothing to save
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -2,9 +2,11 @@
 the default model and the command line. Tiny models are built inline; the default model is the real one."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -495,3 +497,197 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path, args, mess
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and message in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# reliability: bad input, signals, kills, fuzzed records
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    save_tiny_mlx_lm_folder(folder, tokenizer)
+    return folder
+
+
+def write_pdf_variants(folder):
+    """Damaged, encrypted and blank PDFs made from data/sample.pdf."""
+    from pypdf import PdfReader, PdfWriter
+
+    sample = (ROOT / "data" / "sample.pdf").read_bytes()
+    (folder / "empty.pdf").write_bytes(b"")
+    (folder / "text.pdf").write_text("this is not a PDF\n")
+    (folder / "cut.pdf").write_bytes(sample[:400])
+    writer = PdfWriter(clone_from=PdfReader(ROOT / "data" / "sample.pdf"))
+    writer.encrypt("secret", algorithm="RC4-128")
+    writer.write(folder / "locked.pdf")
+    blank = PdfWriter()
+    blank.add_blank_page(612, 792)
+    blank.write(folder / "blank.pdf")
+    (folder / "a-folder.pdf").mkdir()
+
+
+BAD_PDFS = [
+    ("missing.pdf", [], "missing.pdf: no such PDF file"),
+    ("a-folder.pdf", [], "a-folder.pdf: is a folder, not a PDF file"),
+    ("empty.pdf", [], "empty.pdf: empty file, not a PDF"),
+    ("text.pdf", [], "text.pdf: not a readable PDF"),
+    ("cut.pdf", [], "cut.pdf: "),
+    ("locked.pdf", [], "locked.pdf: the PDF is encrypted; give its password with --pdf-password"),
+    ("locked.pdf", ["--pdf-password", "wrong"], "locked.pdf: wrong --pdf-password"),
+    ("blank.pdf", [], "blank.pdf: no text could be extracted from its 1 page(s)"),
+    ("text.pdf", ["--max-pages", "0"], "--max-pages must be positive"),
+]
+
+
+def assert_clean_failure(run, message, tmp_path, code=2):
+    assert run.returncode == code, run.stdout + run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert message in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("**/*.chunks.jsonl"))
+
+
+@pytest.mark.parametrize("name, extra, message", BAD_PDFS)
+def test_bad_pdfs_give_one_line_exit_2_and_write_nothing(tmp_path, name, extra, message):
+    write_pdf_variants(tmp_path)
+    run = run_cli("compress", "--pdf", tmp_path / name, "--out", tmp_path / "out", *extra)
+    assert_clean_failure(run, message, tmp_path)
+
+
+def test_encrypted_pdf_opens_with_its_password_and_max_pages_bounds_the_work(tmp_path):
+    write_pdf_variants(tmp_path)
+    pages = clara.extract_pdf_pages(tmp_path / "locked.pdf", password="secret")
+    assert [n for n, _ in pages] == [1, 2, 3, 4] and "Continuous Latent Reasoning" in pages[0][1]
+    assert [n for n, _ in clara.extract_pdf_pages(ROOT / "data" / "sample.pdf", max_pages=2)] == [1, 2]
+
+
+GOOD = {"question": "q", "docs": ["d"], "gold_answer": "a"}
+BAD_JSONL = [
+    (b"", "bad.jsonl: no records"),
+    (b"\n  \n\n", "bad.jsonl: no records"),
+    (json.dumps(GOOD).encode() + b"\n{oops\n", "bad.jsonl:2: not valid JSON"),
+    (b"[1, 2]\n", "bad.jsonl:1: expected a JSON object, got list"),
+    (json.dumps({**GOOD, "question": None}).encode(), "bad.jsonl:1: field 'question' must be a non-empty string"),
+    (json.dumps({"docs": ["d"], "gold_answer": "a"}).encode(), "bad.jsonl:1: missing field 'question'"),
+    (json.dumps({"question": "q", "gold_answer": "a"}).encode(), "bad.jsonl:1: missing field 'docs' / 'context'"),
+    (json.dumps({"question": "q", "docs": ["d"]}).encode(), "bad.jsonl:1: missing field 'gold_answer' / 'answer'"),
+    (json.dumps({**GOOD, "docs": [1, 2]}).encode(), "bad.jsonl:1: field 'docs' must be a non-empty list"),
+    (json.dumps({**GOOD, "docs": []}).encode(), "bad.jsonl:1: field 'docs' must be a non-empty list"),
+    (json.dumps({**GOOD, "gold_answer": "  "}).encode(), "bad.jsonl:1: field 'gold_answer' must be a non-empty"),
+    (json.dumps(GOOD).encode() + b"\n\xff\xfe bad bytes\n", "bad.jsonl:2: not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_JSONL)
+def test_bad_jsonl_gives_one_line_naming_file_line_and_field(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    run = run_cli("sft", "--data", tmp_path / "bad.jsonl", "--out", tmp_path / "out")
+    assert_clean_failure(run, message, tmp_path)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--steps", "0"], "--steps must be positive, got 0"),
+    (["--doc-max-len", "-5"], "--doc-max-len must be positive"),
+    (["--compression-rate", "0"], "--compression-rate must be positive"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--warmup", "1.5"], "--warmup is a fraction"),
+    (["--compression-rate", "512"], "--compression-rate 512 is larger than --doc-max-len 256"),
+    (["--model", "./no/such/model"], "--model ./no/such/model: no such model folder"),
+    (["--model", "missing.gguf"], "--model missing.gguf: no such file"),
+    (["--resume", "data"], "checkpoint.safetensors: no such checkpoint"),
+    (["--out", "data/sft.jsonl/sub"], "cannot be created"),
+])
+def test_bad_options_give_one_line_exit_2_and_write_nothing(tmp_path, options, message):
+    if "--out" not in options:
+        options = options + ["--out", str(tmp_path / "out")]
+    run = run_cli("sft", "--data", "data/sft.jsonl", *options)
+    assert_clean_failure(run, message, tmp_path)
+
+
+def test_overlong_documents_are_cut_with_a_warning_that_counts_them(tmp_path, tiny_model_folder):
+    records = [{"question": "q?", "docs": ["word " * 3000, "short"], "gold_answer": "a"}, GOOD]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = run_cli("sft", "--data", tmp_path / "long.jsonl", "--model", tiny_model_folder, "--steps", 1,
+                  "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    assert "warning: 1 document(s) were cut to --doc-max-len 256 tokens" in run.stdout
+
+
+def start_cli(*args):
+    return subprocess.Popen([sys.executable, str(ROOT / "clara.py"), *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_checkpoints_and_resume_continues(tmp_path, tiny_model_folder, signum, code):
+    common = ["--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8,
+              "--out", tmp_path / "run", "--save-every", 1000, "--eval-every", 1000]
+    process = start_cli("sft", *common, "--steps", 12)
+    for line in process.stdout:
+        if line.startswith("step 2/12 | loss"):
+            process.send_signal(signum)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert f"stopped by {signal.Signals(signum).name} after step" in stderr and "--resume" in stderr
+    step = int(clara.read_checkpoint(tmp_path / "run" / clara.CHECKPOINT)[1]["step"])
+    assert 2 <= step < 12
+    run = run_cli("sft", *common, "--steps", 12, "--resume", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    assert f"step {step + 1}/12 | loss" in run.stdout and "step 1/12 | loss" not in run.stdout
+    assert clara.read_checkpoint(tmp_path / "run" / clara.CHECKPOINT)[1]["step"] == "12"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert steps == list(range(1, 13))
+
+
+def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_path, tiny_model_folder, tokenizer):
+    rng = np.random.default_rng(0)
+    common = ["--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8,
+              "--out", tmp_path / "run", "--save-every", 1, "--eval-every", 1000, "--steps", 1000]
+    model = tiny_clara(tiny_config(doc_max_len=32, compression_rate=8, lora_rank=16, lora_layers=8))
+    for round_ in range(5):
+        resume = ["--resume", tmp_path / "run"] if (tmp_path / "run" / clara.CHECKPOINT).exists() else []
+        process = start_cli("sft", *common, *resume)
+        reports = (line for line in process.stdout if line.startswith("step "))
+        next(reports), next(reports)  # a second report: the first step's checkpoint is on disk
+        time.sleep(rng.uniform(0.0, 1.5))  # then kill at a random moment: mid-step, mid-save, anywhere
+        process.kill()
+        process.wait()
+        arrays, metadata = clara.read_checkpoint(tmp_path / "run" / clara.CHECKPOINT)
+        clara.load_trainable(model, {k.removeprefix("model."): v for k, v in arrays.items() if k.startswith("model.")})
+        assert int(metadata["step"]) >= 1
+
+
+def test_a_write_that_dies_halfway_leaves_the_previous_file_whole(tmp_path):
+    path = tmp_path / "checkpoint.safetensors"
+    mx.save_safetensors(str(path), {"w": mx.ones(3)})
+
+    def dies_halfway(tmp):
+        tmp.write_bytes(path.read_bytes()[:10])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        clara.save_atomically(path, dies_halfway)
+    assert mx.array_equal(mx.load(str(path))["w"], mx.ones(3))
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+                           max_leaves=8)
+FIELDS = ["question", "docs", "context", "content", "gold_answer", "answer", "answers", "golden_answers", "text"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=5), JSON_VALUES | st.lists(st.text(), max_size=3),
+                       max_size=5))
+def test_record_parsers_return_a_valid_record_or_raise_input_error_for_any_json_object(obj):
+    for parse in (clara.parse_sft_record, clara.parse_compress_record):
+        try:
+            record = parse(obj, "fuzz.jsonl:1")
+        except clara.InputError as e:
+            assert str(e).startswith("fuzz.jsonl:1: ")
+            continue
+        texts = [record["question"], record["answer"], *record["docs"]] if "docs" in record else \
+            [record["doc"], record["target"]]
+        assert all(isinstance(t, str) and t.strip() for t in texts)
