@@ -19,9 +19,11 @@ Usage:
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import io
 import json
 import logging
 import math
@@ -30,10 +32,11 @@ import platform
 import random
 import re
 import signal
+import statistics
 import string
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 # -----------------------------------------------------------------------------
@@ -375,6 +378,8 @@ def make_batch(examples, n_mem, pad_id):
             "ids": mx.array(ids, dtype=mx.int32),  # (B, T)
             "slot_index": mx.array(slot_index, dtype=mx.int32),  # (B, T)
             "labels": mx.array(labels, dtype=mx.int32),  # (B, T)
+            "label_positions": mx.array([i for i, label in enumerate(sum(labels, [])) if label != IGNORE],
+                                        dtype=mx.int32),  # (N,) into the flattened (B * T)
             "n_tokens": sum(len(d) + n_mem for d in docs) + sum(len(ex["ids"]) for ex in examples)}
 
 
@@ -601,13 +606,23 @@ def compress_documents(model, doc_ids, doc_lens):
     return memory_states, alignment_mse(memory_states, hidden, offset < 0)
 
 
-def generator_logits(model, ids, slot_index, memory_states=None):
-    """Generator pass: memory states (D, n_mem, H) fill the prompt's slots. ids (B, T) -> logits (B, T, V)."""
+def generator_hidden(model, ids, slot_index, memory_states=None):
+    """Generator pass: memory states (D, n_mem, H) fill the prompt's slots. ids (B, T) -> hidden (B, T, H)."""
     set_role(model.llm, "generator")
     embeddings = model.llm.model.embed_tokens(ids)  # (B, T, H)
     if memory_states is not None:
         embeddings = splice_slots(embeddings, slot_index, memory_states.reshape(-1, memory_states.shape[-1]))
-    return model.llm(ids, input_embeddings=embeddings)
+    return model.llm.model(ids, input_embeddings=embeddings)
+
+
+def output_logits(llm, hidden):
+    """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
+    return llm.lm_head(hidden) if "lm_head" in llm else llm.model.embed_tokens.as_linear(hidden)
+
+
+def generator_logits(model, ids, slot_index, memory_states=None):
+    """Logits at every position (B, T, V): for evaluation and generation."""
+    return output_logits(model.llm, generator_hidden(model, ids, slot_index, memory_states))
 
 
 # -----------------------------------------------------------------------------
@@ -643,12 +658,19 @@ def alignment_mse(memory_states, doc_states, doc_mask):
 
 
 def clara_loss(model, batch, mse_weight):
-    """total = CE(target tokens | generator prompt with memory) + mse_weight * alignment MSE."""
+    """total = CE(target tokens | generator prompt with memory) + mse_weight * alignment MSE.
+
+    The vocabulary projection (a fifth of SmolLM2's weights) runs only at the positions that have a label.
+    """
     memory_states, mse = None, mx.array(0.0)
     if batch["doc_ids"].shape[0] > 0:
         memory_states, mse = compress_documents(model, batch["doc_ids"], batch["doc_lens"])
-    logits = generator_logits(model, batch["ids"], batch["slot_index"], memory_states)
-    ce, n_tokens = masked_cross_entropy(logits, batch["labels"])
+    hidden = generator_hidden(model, batch["ids"], batch["slot_index"], memory_states)  # (B, T, H)
+    positions = batch["label_positions"]  # (N,) flat indices of the positions whose label is not IGNORE
+    if positions.size == 0:
+        return mse_weight * mse, mx.array(0.0), mse, mx.array(0)
+    logits = output_logits(model.llm, hidden.reshape(-1, hidden.shape[-1])[positions])  # (N, V)
+    ce, n_tokens = masked_cross_entropy(logits, batch["labels"].reshape(-1)[positions])
     return ce + mse_weight * mse, ce, mse, n_tokens
 
 
@@ -792,7 +814,8 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
         mx.eval(model.trainable_parameters(), optimizer.state)
         seconds = time.perf_counter() - tic
         row = {"step": step, "loss": sums[0], "ce": sums[1], "mse": sums[2], "lr": lr, "grad_norm": grad_norm.item(),
-               "it_per_s": 1 / seconds, "tokens_per_s": n_real / seconds, "trained_tokens": trained_tokens,
+               "seconds": seconds, "it_per_s": 1 / seconds, "tokens_per_s": n_real / seconds,
+               "trained_tokens": trained_tokens,
                "peak_gb": mx.get_peak_memory() / 1e9}
         history.append(row)
         bar.update(1)
@@ -992,6 +1015,123 @@ def eval_table(results, cfg):
 
 
 # -----------------------------------------------------------------------------
+# benchmark: step time of compress and sft, beside mlx-lm's own LoRA trainer and the machine's matmul rate
+
+
+def matmul_rate(dtype, size=2048, repeats=5):
+    """FLOP/s of a large square matmul through MLX: the ceiling a training step is compared against."""
+    a, b = mx.random.normal((size, size)).astype(dtype), mx.random.normal((size, size)).astype(dtype)
+    mx.eval(a @ b)
+    tic = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(a @ b)
+    return 2 * size**3 * repeats / (time.perf_counter() - tic)
+
+
+def step_flops(llm, batch, projected):
+    """Model FLOPs of one training step, counted from the shape: forward 2 x weights x tokens (the vocabulary
+    projection at `projected` positions), backward about the same again, plus attention (QK^T and AV)."""
+    hidden, layers = llm.args.hidden_size, len(llm.layers)
+    per_layer = sum(v.size for k, v in tree_flatten(llm.layers[0].parameters()) if v.ndim == 2 and "lora" not in k)
+    rows = [(batch["doc_ids"].shape[0], batch["doc_ids"].shape[1]), tuple(batch["ids"].shape)]
+    tokens = sum(n * t for n, t in rows)
+    attention = sum(n * 4 * t * t * hidden * layers for n, t in rows)
+    forward = 2 * per_layer * layers * tokens + attention + 2 * hidden * llm.args.vocab_size * projected
+    return 2 * forward
+
+
+def bench_examples(tokenizer, cfg, context):
+    """Fixed shapes: documents of exactly doc_max_len tokens (cut from data/sample.pdf's text), 3 per sft record."""
+    text = " ".join(t for _, t in extract_pdf_pages(Path(__file__).parent / "data" / "sample.pdf"))
+    ids = tokenizer.encode(text * 4, add_special_tokens=False)
+    docs = [tokenizer.decode(ids[i * cfg.doc_max_len: (i + 1) * cfg.doc_max_len]) for i in range(3)]
+    if context == "compress":
+        return compress_examples(tokenizer, cfg, [{"doc": docs[0], "target": docs[0]}] * cfg.batch_size)
+    record = {"question": "What does the name CLaRa stand for?", "docs": docs, "answer": "Continuous Latent Reasoning"}
+    return sft_examples(tokenizer, replace(cfg, context=context), [record] * cfg.batch_size)
+
+
+def mlx_lm_step_seconds(cfg, example, steps):
+    """mlx-lm's own trainer (mlx_lm.tuner.trainer.train) on the same base, LoRA targets, rank and tokens:
+    plain next-token training with the loss on the answer tokens. Returns the seconds of each step."""
+    import contextlib
+    import io
+    import tempfile
+
+    from mlx_lm.tuner.trainer import TrainingArgs
+    from mlx_lm.tuner.trainer import train as mlx_lm_train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    llm, _ = load_model(cfg.model, cfg.keep_quantized)
+    llm.freeze()
+    linear_to_lora_layers(llm, cfg.lora_layers, {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": 0.0,
+                                                 "keys": list(cfg.lora_keys)})
+    seconds = []
+
+    class Timer:
+        def on_train_loss_report(self, info):
+            seconds.append(1 / info["iterations_per_second"])
+
+        def on_val_loss_report(self, info):
+            pass
+
+    dataset = [(example["ids"], example["n_prompt"])] * cfg.batch_size
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
+        args = TrainingArgs(batch_size=cfg.batch_size, iters=steps, steps_per_report=1, steps_per_save=10**9,
+                            max_seq_length=cfg.max_len + 1, adapter_file=f"{folder}/adapters.safetensors")
+        mlx_lm_train(llm, optim.AdamW(learning_rate=cfg.lr), dataset, args=args, training_callback=Timer())
+    return seconds
+
+
+BENCH_STEPS = {"compress": "compress", "compressed": "sft (compressed)", "text": "sft (text context)",
+               "mlx-lm": "mlx-lm trainer (sft text)"}
+
+
+def bench_row(name, seconds, batch, flops, peak_rate):
+    step = statistics.median(seconds)
+    return {"step": BENCH_STEPS[name], "seconds": step, "tokens": batch["n_tokens"],
+            "tokens_per_s": batch["n_tokens"] / step, "gflop": flops / 1e9, "achieved_gflops": flops / step / 1e9,
+            "fraction_of_matmul": flops / step / peak_rate, "peak_gb": mx.get_peak_memory() / 1e9}
+
+
+def cmd_bench(cfg, args, trained, resume):
+    model, tokenizer = prepare(cfg)
+    dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    peak_rate, warmup, rows = matmul_rate(dtype), 2, []
+    for name in ("compress", "compressed", "text"):
+        examples = bench_examples(tokenizer, cfg, name)
+        batch = make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
+        mx.reset_peak_memory()
+        with contextlib.redirect_stdout(io.StringIO()):
+            history = train(model, examples, replace(cfg, steps=warmup + args.bench_steps, warmup=0.0),
+                            tokenizer.pad_token_id)
+        rows.append(bench_row(name, [r["seconds"] for r in history[warmup:]], batch, step_flops(model.llm, batch, batch["label_positions"].size),
+                              peak_rate))
+    text_batch, flops = batch, step_flops(model.llm, batch, batch["ids"].size)  # mlx-lm projects every position
+    del model, history  # one copy of the base weights at a time
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    seconds = mlx_lm_step_seconds(cfg, examples[0], warmup + args.bench_steps)[warmup:]
+    rows.append(bench_row("mlx-lm", seconds, text_batch, flops, peak_rate))
+    ratio = rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"]
+    lines = [f"{mx.default_device()} | BLAS: {BLAS} | {dtype} matmul {peak_rate / 1e9:.0f} GFLOP/s | batch "
+             f"{cfg.batch_size}, documents of {cfg.doc_max_len} tokens, compression {cfg.compression_rate} | "
+             f"median of {args.bench_steps} steps after {warmup}",
+             "| step | s/step | tokens | tok/s | GFLOP | GFLOP/s | of matmul | peak GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['seconds']:.3f} | {r['tokens']} | {r['tokens_per_s']:.0f} | {r['gflop']:.1f} | "
+              f"{r['achieved_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | {r['peak_gb']:.2f} |" for r in rows]
+    lines.append(f"sft (text context) / mlx-lm trainer on the same tokens: {ratio:.2f}x")
+    print("\n".join(lines))
+    report = {"device": str(mx.default_device()), "blas": BLAS, "matmul_gflops": peak_rate / 1e9, "rows": rows,
+              "text_vs_mlx_lm": ratio, "config": asdict(cfg)}
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    save_atomically(Path(cfg.out) / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    save_atomically(Path(cfg.out) / "bench.md", lambda p: p.write_text("\n".join(lines) + "\n"))
+    print(f"wrote {Path(cfg.out) / 'bench.json'} and bench.md")
+
+
+# -----------------------------------------------------------------------------
 # commands
 
 
@@ -1102,7 +1242,7 @@ def cmd_eval(cfg, args, trained, resume):
     print(f"wrote {where / 'eval.json'} and {where / 'eval.md'}")
 
 
-COMMANDS = {"compress": cmd_compress, "sft": cmd_sft, "ask": cmd_ask, "eval": cmd_eval}
+COMMANDS = {"compress": cmd_compress, "sft": cmd_sft, "ask": cmd_ask, "eval": cmd_eval, "bench": cmd_bench}
 
 
 # -----------------------------------------------------------------------------
@@ -1140,6 +1280,8 @@ def parse_args(argv):
     compress.add_argument("--max-pages", type=int, default=1000, help="read at most this many pages (default: 1000)")
     sft = commands.add_parser("sft", parents=[shared], help="stage 2: question + compressed documents -> answer")
     sft.add_argument("--data", required=True, help="JSONL: {\"question\", \"docs\": [...], \"gold_answer\"}")
+    bench = commands.add_parser("bench", parents=[shared], help="time compress and sft steps beside mlx-lm's trainer")
+    bench.add_argument("--bench-steps", type=int, default=5, help="measured steps per row, after 2 warm-up steps")
     for name, text in (("ask", "answer a question from documents compressed by trained adapters"),
                        ("eval", "score answers from compressed documents, document text and no documents")):
         command = commands.add_parser(name, help=text)

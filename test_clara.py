@@ -194,6 +194,21 @@ def test_memory_states_have_shape_n_mem_by_hidden_and_fill_exactly_the_slots(tok
     assert b == 1 and mx.array_equal(spliced[b, t], memory_states[2, 3])
 
 
+def test_projecting_only_labelled_positions_gives_the_full_masked_loss(tokenizer):
+    cfg = tiny_config()
+    model = tiny_clara(cfg)
+    batch = clara.make_batch(clara.sft_examples(tokenizer, cfg, SFT_RECORDS), cfg.n_mem, tokenizer.pad_token_id)
+    memory_states, mse = clara.compress_documents(model, batch["doc_ids"], batch["doc_lens"])
+    full_ce, full_n = clara.masked_cross_entropy(
+        clara.generator_logits(model, batch["ids"], batch["slot_index"], memory_states), batch["labels"])
+    loss, ce, mse_again, n = clara.clara_loss(model, batch, cfg.mse_weight)
+    assert n.item() == full_n.item() == batch["label_positions"].size
+    assert abs(ce.item() - full_ce.item()) < 1e-5 and abs(loss.item() - (full_ce + 0.1 * mse).item()) < 1e-5
+    unlabelled = clara.make_batch([{**clara.sft_examples(tokenizer, cfg, SFT_RECORDS)[0], "n_prompt": 10**6}],
+                                  cfg.n_mem, tokenizer.pad_token_id)
+    assert clara.clara_loss(model, unlabelled, cfg.mse_weight)[1].item() == 0.0  # no label at all: CE 0
+
+
 def test_labels_are_exactly_the_target_tokens(tokenizer):
     cfg = tiny_config()
     examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
@@ -287,7 +302,7 @@ def test_data_order_is_a_pure_function_of_seed_and_position_and_each_epoch_a_per
 def train_rows(out):
     """The reproducible part of metrics.jsonl (timings dropped)."""
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("it_per_s", "tokens_per_s", "peak_gb")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "it_per_s", "tokens_per_s", "peak_gb")} for r in rows]
 
 
 def test_resume_after_an_interrupt_gives_bitwise_the_same_adapters_and_loss_curve(tmp_path, tokenizer):
