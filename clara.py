@@ -1105,8 +1105,8 @@ def cmd_bench(cfg, args, trained, resume):
         with contextlib.redirect_stdout(io.StringIO()):
             history = train(model, examples, replace(cfg, steps=warmup + args.bench_steps, warmup=0.0),
                             tokenizer.pad_token_id)
-        rows.append(bench_row(name, [r["seconds"] for r in history[warmup:]], batch, step_flops(model.llm, batch, batch["label_positions"].size),
-                              peak_rate))
+        flops = step_flops(model.llm, batch, batch["label_positions"].size)
+        rows.append(bench_row(name, [r["seconds"] for r in history[warmup:]], batch, flops, peak_rate))
     text_batch, flops = batch, step_flops(model.llm, batch, batch["ids"].size)  # mlx-lm projects every position
     del model, history  # one copy of the base weights at a time
     mx.clear_cache()
