@@ -59,7 +59,8 @@ class Config:
     lora_keys: tuple = ("self_attn.q_proj", "self_attn.v_proj")  # projections that get adapters
     mse_weight: float = 0.1  # weight of the alignment MSE in the total loss (CLaRa: 0.1)
     context: str = "compressed"  # sft only: "compressed" memory slots, or "text" (the uncompressed baseline)
-    keep_quantized: bool = False  # keep a quantized base quantized on the CPU (default: dequantize, faster)
+    base: str = "auto"  # frozen base weights: auto (CPU: float32, GPU: as stored), float32, bfloat16, or stored
+    compile: bool = False  # mx.compile the step; it is traced again for every new batch shape (pays off on a GPU)
     out: str = ""  # output folder (default: runs/<command>)
     init: str = ""  # start from the adapters and memory of an earlier run (its --out folder or a checkpoint)
     log_every: int = 1  # print a report line every this many steps
@@ -472,29 +473,29 @@ def load_gguf(path):
     return model, gguf_tokenizer(meta)
 
 
-def dequantize_model(model):
-    """Replace quantized layers by float32 ones: on the CPU, BLAS float32 beats MLX's quantized kernel."""
+def convert_base(model, dtype):
+    """Dequantize quantized layers and cast every weight to dtype. On the CPU, BLAS float32 beats MLX's
+    quantized kernel by far; on a GPU, bfloat16 runs on the tensor cores."""
 
     def dense(module):
         w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
-        w = w.astype(mx.float32)
         if isinstance(module, nn.QuantizedEmbedding):
             layer = nn.Embedding(*w.shape)
         else:
             layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
             if "bias" in module:
-                layer.bias = module.bias.astype(mx.float32)
+                layer.bias = module.bias
         layer.weight = w
         return layer
 
     replaced = [(path, dense(m)) for path, m in model.named_modules()
                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     model.update_modules(tree_unflatten(replaced))
-    model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))  # norms too
+    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))  # norms too
 
 
-def load_model(name, keep_quantized=False):
-    """Return (llm, tokenizer). The llm is an mlx-lm model; on the CPU it is dequantized unless asked not to."""
+def load_model(name, base="auto"):
+    """Return (llm, tokenizer). The llm is an mlx-lm model with its weights in the form `base` asks for."""
     if name == "smollm2" or name.endswith(".gguf"):
         path = packaged_gguf_path() if name == "smollm2" else Path(name)
         if not path.is_file():
@@ -510,8 +511,10 @@ def load_model(name, keep_quantized=False):
         tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if mx.default_device() == mx.cpu and not keep_quantized:
-        dequantize_model(llm)
+    if base == "auto":
+        base = "float32" if mx.default_device() == mx.cpu else "stored"
+    if base != "stored":
+        convert_base(llm, {"float32": mx.float32, "bfloat16": mx.bfloat16}[base])
     return llm, tokenizer
 
 
@@ -783,6 +786,12 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
 
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=0.0)
     loss_and_grad = nn.value_and_grad(model, clara_loss)
+
+    def micro_step(batch):  # batch: arrays only
+        return loss_and_grad(model, batch, cfg.mse_weight)
+
+    if cfg.compile:  # traced once per batch shape, model weights as explicit state
+        micro_step = mx.compile(micro_step, inputs=model.state, outputs=model.state)
     first, best_val, history, trained_tokens = 1, math.inf, [], 0
     if resume:
         restore_checkpoint(resume[0], model, optimizer)
@@ -798,7 +807,7 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
             position = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size
             picked = batch_indices(len(examples), cfg.batch_size, cfg.seed, position)
             batch = make_batch([examples[i] for i in picked], cfg.n_mem, pad_id)
-            (loss, ce, mse, n_tokens), micro_grads = loss_and_grad(model, batch, cfg.mse_weight)
+            (loss, ce, mse, n_tokens), micro_grads = micro_step({k: v for k, v in batch.items() if k != "n_tokens"})
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             mx.eval(grads, loss, ce, mse)
             sums = [s + v.item() / cfg.grad_accum for s, v in zip(sums, (loss, ce, mse))]
@@ -1018,7 +1027,7 @@ def eval_table(results, cfg):
 # benchmark: step time of compress and sft, beside mlx-lm's own LoRA trainer and the machine's matmul rate
 
 
-def matmul_rate(dtype, size=2048, repeats=5):
+def matmul_rate(dtype, size, repeats=5):
     """FLOP/s of a large square matmul through MLX: the ceiling a training step is compared against."""
     a, b = mx.random.normal((size, size)).astype(dtype), mx.random.normal((size, size)).astype(dtype)
     mx.eval(a @ b)
@@ -1062,7 +1071,7 @@ def mlx_lm_step_seconds(cfg, example, steps):
     from mlx_lm.tuner.trainer import train as mlx_lm_train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    llm, _ = load_model(cfg.model, cfg.keep_quantized)
+    llm, _ = load_model(cfg.model, cfg.base)
     llm.freeze()
     linear_to_lora_layers(llm, cfg.lora_layers, {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": 0.0,
                                                  "keys": list(cfg.lora_keys)})
@@ -1096,8 +1105,9 @@ def bench_row(name, seconds, batch, flops, peak_rate):
 
 def cmd_bench(cfg, args, trained, resume):
     model, tokenizer = prepare(cfg)
-    dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
-    peak_rate, warmup, rows = matmul_rate(dtype), 2, []
+    on_cpu = mx.default_device() == mx.cpu
+    dtype = mx.float32 if on_cpu else mx.bfloat16
+    peak_rate, warmup, rows = matmul_rate(dtype, 2048 if on_cpu else 8192), 2, []
     for name in ("compress", "compressed", "text"):
         examples = bench_examples(tokenizer, cfg, name)
         batch = make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
@@ -1138,7 +1148,7 @@ def cmd_bench(cfg, args, trained, resume):
 def prepare(cfg, trained=None):
     """Load the base model and build the CLaRa wrapper (seeded); trained adapters + memory go in when given."""
     mx.random.seed(cfg.seed)
-    llm, tokenizer = load_model(cfg.model, cfg.keep_quantized)
+    llm, tokenizer = load_model(cfg.model, cfg.base)
     model = CLaRa(llm, cfg)
     if trained is not None:
         load_trainable(model, trained)
@@ -1268,8 +1278,9 @@ def parse_args(argv):
             shared.add_argument(flag, action="store_true", default=None, help=helps[f.name])
         elif isinstance(default, tuple):
             shared.add_argument(flag, nargs="+", help=f"{helps[f.name]} (default: {' '.join(default)})")
-        elif f.name == "context":
-            shared.add_argument(flag, choices=("compressed", "text"), help=f"{helps[f.name]} (default: {default})")
+        elif f.name in ("context", "base"):
+            choices = ("compressed", "text") if f.name == "context" else ("auto", "float32", "bfloat16", "stored")
+            shared.add_argument(flag, choices=choices, help=f"{helps[f.name]} (default: {default})")
         else:
             shared.add_argument(flag, type=type(default), help=f"{helps[f.name]} (default: {default!r})")
     compress = commands.add_parser("compress", parents=[shared], help="stage 1: regenerate documents from memory")

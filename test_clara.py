@@ -264,6 +264,17 @@ def test_a_few_steps_on_a_tiny_model_lower_the_loss(tokenizer, stage, capsys):
     assert f"step {cfg.steps}/{cfg.steps} | loss" in capsys.readouterr().out
 
 
+def test_the_compiled_step_trains_exactly_like_the_eager_one(tokenizer):
+    runs = []
+    for compiled in (False, True):
+        cfg = tiny_config(steps=4, compile=compiled)
+        model = tiny_clara(cfg)
+        history = clara.train(model, clara.sft_examples(tokenizer, cfg, SFT_RECORDS), cfg, tokenizer.pad_token_id)
+        runs.append(([h["loss"] for h in history], tree_flatten(model.trainable_parameters())))
+    assert runs[0][0] == runs[1][0]
+    assert all(mx.array_equal(a, b) for (_, a), (_, b) in zip(runs[0][1], runs[1][1]))
+
+
 def test_text_context_compresses_nothing_and_its_mse_is_zero(tokenizer):
     cfg = tiny_config(context="text", max_len=400)
     model = tiny_clara(cfg)
