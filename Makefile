@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: test demo eval data clean
+.PHONY: test demo eval bench data clean
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
@@ -25,6 +25,10 @@ demo: $(STAMP)
 # scores the demo's adapters on the held-out records of data/sft.jsonl: compressed vs text vs no documents
 eval: $(STAMP)
 	$(PY) clara.py eval --adapters runs/demo-sft --data data/sft.jsonl
+
+# step time, tok/s, FLOP rate and peak memory of compress and sft beside mlx-lm's trainer (a few minutes)
+bench: $(STAMP)
+	$(PY) clara.py bench --out runs/bench
 
 data: $(STAMP)
 	$(PY) data/make_sample.py
