@@ -12,9 +12,12 @@ CLaRa (arXiv 2511.18659) in five lines:
      question + compressed documents -> answer. (Stage 3, retrieval trained end to end, is not here yet.)
 
 Usage:
-  python clara.py compress --pdf paper.pdf                  # stage 1 on a PDF of your own
-  python clara.py sft --data data/sft.jsonl --init runs/compress   # stage 2
+  python clara.py compress --pdf paper.pdf                          # stage 1 on a PDF of your own
+  python clara.py sft --data data/sft.jsonl --init runs/compress    # stage 2
+  python clara.py sft --data data/sft.jsonl --resume runs/sft       # continue an interrupted run
   python clara.py ask --adapters runs/sft --docs a.txt b.txt --question "..."
+  python clara.py eval --adapters runs/sft --data data/sft.jsonl    # compressed vs text vs no documents
+  python clara.py bench                                             # step speed beside mlx-lm's trainer
 """
 
 import argparse
@@ -761,12 +764,18 @@ def restore_checkpoint(arrays, model, optimizer):
                                       if k.startswith("optimizer.")])
 
 
+@contextlib.contextmanager
 def stop_on_signals():
-    """SIGINT / SIGTERM only set a flag: the step in flight finishes and a checkpoint is written first."""
+    """While training, SIGINT / SIGTERM only set a flag: the step in flight finishes and a checkpoint is
+    written first. Yields stop(step) -> the signal received or None; the old handlers come back after."""
     received = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda number, frame: received.append(number))
-    return lambda step: received[0] if received else None
+    previous = {s: signal.signal(s, lambda number, frame: received.append(number))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda step: received[0] if received else None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def report_line(row, cfg):
@@ -775,9 +784,25 @@ def report_line(row, cfg):
             f"trained {row['trained_tokens']} tok | peak {row['peak_gb']:.2f} GB")
 
 
+def accumulate_gradients(micro_step, examples, cfg, step, pad_id):
+    """Mean gradients and losses of update `step` over its cfg.grad_accum batches.
+    Returns (grads, [loss, ce, mse], real tokens processed, target tokens trained)."""
+    grads, means, n_real, n_trained = None, [0.0, 0.0, 0.0], 0, 0
+    for micro in range(cfg.grad_accum):
+        position = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size
+        batch = make_batch([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, position)],
+                           cfg.n_mem, pad_id)
+        (loss, ce, mse, n_tokens), micro_grads = micro_step({k: v for k, v in batch.items() if k != "n_tokens"})
+        grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+        mx.eval(grads, loss, ce, mse)
+        means = [m + v.item() / cfg.grad_accum for m, v in zip(means, (loss, ce, mse))]
+        n_real, n_trained = n_real + batch["n_tokens"], n_trained + n_tokens.item()
+    return tree_map(lambda g: g / cfg.grad_accum, grads), means, n_real, n_trained
+
+
 def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, stop=None):
-    """The loop: for each optimizer update, accumulate gradients over cfg.grad_accum batches, clip, step;
-    report, validate and checkpoint on schedule. Returns the history of report rows.
+    """The loop: for each optimizer update, accumulate gradients, clip, step; report, validate and
+    checkpoint on schedule. Returns the history of report rows.
 
     out: folder for checkpoints and metrics.jsonl (None: keep nothing). resume: (arrays, metadata) of a
     checkpoint. stop(step) -> signal number or None; by default SIGINT/SIGTERM.
@@ -797,57 +822,45 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
         restore_checkpoint(resume[0], model, optimizer)
         first, best_val = int(resume[1]["step"]) + 1, float(resume[1]["best_val_loss"])
         trained_tokens = int(resume[1]["trained_tokens"])
-    metrics = MetricsLog(out, keep_until=first - 1)
-    stop = stop or stop_on_signals()
-    mx.reset_peak_memory()
+    metrics, out = MetricsLog(out, keep_until=first - 1), out and Path(out)
     bar = tqdm(total=cfg.steps, initial=first - 1, disable=not sys.stderr.isatty(), unit="step", leave=False)
-    for step in range(first, cfg.steps + 1):
-        tic, grads, sums, n_real = time.perf_counter(), None, [0.0, 0.0, 0.0], 0
-        for micro in range(cfg.grad_accum):
-            position = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size
-            picked = batch_indices(len(examples), cfg.batch_size, cfg.seed, position)
-            batch = make_batch([examples[i] for i in picked], cfg.n_mem, pad_id)
-            (loss, ce, mse, n_tokens), micro_grads = micro_step({k: v for k, v in batch.items() if k != "n_tokens"})
-            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-            mx.eval(grads, loss, ce, mse)
-            sums = [s + v.item() / cfg.grad_accum for s, v in zip(sums, (loss, ce, mse))]
-            n_real, trained_tokens = n_real + batch["n_tokens"], trained_tokens + n_tokens.item()
-        grads, grad_norm = optim.clip_grad_norm(tree_map(lambda g: g / cfg.grad_accum, grads),
-                                                cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
-        if not (math.isfinite(sums[0]) and math.isfinite(grad_norm.item())):
-            kept = f"the last good checkpoint is {Path(out) / CHECKPOINT}" if out and step > 1 else "nothing saved"
-            raise TrainingStopped(f"step {step}: loss {sums[0]} / gradient norm {grad_norm.item()} is not finite; "
-                                  f"{kept}; try a lower --lr", 1)
-        lr = optimizer.learning_rate.item()
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state)
-        seconds = time.perf_counter() - tic
-        row = {"step": step, "loss": sums[0], "ce": sums[1], "mse": sums[2], "lr": lr, "grad_norm": grad_norm.item(),
-               "seconds": seconds, "it_per_s": 1 / seconds, "tokens_per_s": n_real / seconds,
-               "trained_tokens": trained_tokens,
-               "peak_gb": mx.get_peak_memory() / 1e9}
-        history.append(row)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            bar.write(report_line(row, cfg), file=sys.stdout)
-            metrics.write({"kind": "train", **row})
-        if val_examples and (step == 1 or step % cfg.eval_every == 0 or step == cfg.steps):
-            val = validation_loss(model, val_examples, cfg, pad_id)
-            bar.write(f"step {step}/{cfg.steps} | val_loss {val:.4f}", file=sys.stdout)
-            metrics.write({"kind": "val", "step": step, "val_loss": val})
-            if out and val < best_val:
-                best_val = val
-                save_checkpoint(Path(out) / BEST, model, optimizer, cfg, step, best_val, trained_tokens)
-        signum = stop(step)
-        if out and (step % cfg.save_every == 0 or step == cfg.steps or signum):
-            save_checkpoint(Path(out) / CHECKPOINT, model, optimizer, cfg, step, best_val, trained_tokens)
-            save_outputs(model, cfg, Path(out), {"step": step, "loss": row["loss"]})
-        if signum:
-            bar.close()
-            saved = f"checkpoint saved to {Path(out) / CHECKPOINT}; continue with --resume {out}" if out else ""
-            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}",
-                                  128 + signum)
-    bar.close()
+    mx.reset_peak_memory()
+    with contextlib.nullcontext(stop) if stop else stop_on_signals() as stop, bar:
+        for step in range(first, cfg.steps + 1):
+            tic = time.perf_counter()
+            grads, (loss, ce, mse), n_real, n_trained = accumulate_gradients(micro_step, examples, cfg, step, pad_id)
+            grads, grad_norm = optim.clip_grad_norm(grads, cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):  # checked before the update
+                kept = f"the last good checkpoint is {out / CHECKPOINT}" if out and step > 1 else "nothing saved"
+                raise TrainingStopped(f"step {step}: loss {loss} / gradient norm {grad_norm.item()} is not "
+                                      f"finite; {kept}; try a lower --lr", 1)
+            lr = optimizer.learning_rate.item()
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state)
+            seconds, trained_tokens = time.perf_counter() - tic, trained_tokens + n_trained
+            row = {"step": step, "loss": loss, "ce": ce, "mse": mse, "lr": lr, "grad_norm": grad_norm.item(),
+                   "seconds": seconds, "it_per_s": 1 / seconds, "tokens_per_s": n_real / seconds,
+                   "trained_tokens": trained_tokens, "peak_gb": mx.get_peak_memory() / 1e9}
+            history.append(row)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                bar.write(report_line(row, cfg), file=sys.stdout)
+                metrics.write({"kind": "train", **row})
+            if val_examples and (step == 1 or step % cfg.eval_every == 0 or step == cfg.steps):
+                val = validation_loss(model, val_examples, cfg, pad_id)
+                bar.write(f"step {step}/{cfg.steps} | val_loss {val:.4f}", file=sys.stdout)
+                metrics.write({"kind": "val", "step": step, "val_loss": val})
+                if out and val < best_val:
+                    best_val = val
+                    save_checkpoint(out / BEST, model, optimizer, cfg, step, best_val, trained_tokens)
+            signum = stop(step)
+            if out and (step % cfg.save_every == 0 or step == cfg.steps or signum):
+                save_checkpoint(out / CHECKPOINT, model, optimizer, cfg, step, best_val, trained_tokens)
+                save_outputs(model, cfg, out, {"step": step, "loss": loss})
+            if signum:
+                saved = f"checkpoint saved to {out / CHECKPOINT}; continue with --resume {out}" if out else ""
+                raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}",
+                                      128 + signum)
     return history
 
 
