@@ -64,6 +64,7 @@ class Config:
     context: str = "compressed"  # sft only: "compressed" memory slots, or "text" (the uncompressed baseline)
     base: str = "auto"  # frozen base weights: auto (CPU: float32, GPU: as stored), float32, bfloat16, or stored
     compile: bool = False  # mx.compile the step; it is traced again for every new batch shape (pays off on a GPU)
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more time
     out: str = ""  # output folder (default: runs/<command>)
     init: str = ""  # start from the adapters and memory of an earlier run (its --out folder or a checkpoint)
     log_every: int = 1  # print a report line every this many steps
@@ -583,6 +584,29 @@ class CLaRa(nn.Module):
         for _, module in self.named_modules():
             if isinstance(module, LoRALinear):
                 module.unfreeze(recurse=False)  # its adapters; the wrapped linear stays frozen
+
+
+def checkpoint_blocks(llm):
+    """Gradient checkpointing: each transformer block keeps only its input for the backward pass and
+    recomputes the rest, trading about a third more compute for activation memory. Each block's class is
+    swapped for a subclass, so parameter names (and saved adapters) stay the same."""
+    block_type = type(llm.layers[0])
+    block_call = block_type.__call__
+
+    def checkpointed_call(block, *args, **kwargs):
+        roles = [(m, m.role) for _, m in block.named_modules() if isinstance(m, LoRALinear)]
+
+        def recompute(params, *args, **kwargs):
+            for module, role in roles:  # the backward pass recomputes with the adapter the forward pass used
+                module.role = role
+            block.update(params)
+            return block_call(block, *args, **kwargs)
+
+        return mx.checkpoint(recompute)(block.trainable_parameters(), *args, **kwargs)
+
+    checkpointed = type(f"Checkpointed{block_type.__name__}", (block_type,), {"__call__": checkpointed_call})
+    for block in llm.layers:
+        block.__class__ = checkpointed
 
 
 def splice_slots(token_embeddings, slot_index, slot_vectors):
@@ -1165,6 +1189,8 @@ def prepare(cfg, trained=None):
     model = CLaRa(llm, cfg)
     if trained is not None:
         load_trainable(model, trained)
+    if cfg.grad_checkpoint:
+        checkpoint_blocks(llm)
     n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"model {cfg.model} on {mx.default_device()} | BLAS: {BLAS} | n_mem {cfg.n_mem} | "

@@ -275,6 +275,22 @@ def test_the_compiled_step_trains_exactly_like_the_eager_one(tokenizer):
     assert all(mx.array_equal(a, b) for (_, a), (_, b) in zip(runs[0][1], runs[1][1]))
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
+    cfg = tiny_config()
+    batch = clara.make_batch(clara.sft_examples(tokenizer, cfg, SFT_RECORDS), cfg.n_mem, tokenizer.pad_token_id)
+    results = []
+    for checkpointed in (False, True):
+        model = tiny_clara(cfg)
+        if checkpointed:
+            clara.checkpoint_blocks(model.llm)
+        (loss, *_), grads = nn.value_and_grad(model, clara.clara_loss)(model, batch, cfg.mse_weight)
+        results.append((loss, dict(tree_flatten(grads))))
+    assert type(model.llm.layers[0]).__name__ == "CheckpointedTransformerBlock"
+    assert abs(results[0][0].item() - results[1][0].item()) < 1e-6
+    assert all(mx.allclose(results[0][1][k], results[1][1][k], atol=1e-6) for k in results[0][1])
+    assert any(mx.abs(g).max().item() > 0 for g in results[0][1].values())
+
+
 def test_text_context_compresses_nothing_and_its_mse_is_zero(tokenizer):
     cfg = tiny_config(context="text", max_len=400)
     model = tiny_clara(cfg)
@@ -638,6 +654,18 @@ def test_overlong_documents_are_cut_with_a_warning_that_counts_them(tmp_path, ti
                   "--out", tmp_path / "run")
     assert run.returncode == 0, run.stderr
     assert "warning: 1 document(s) were cut to --doc-max-len 256 tokens" in run.stdout
+
+
+def test_plot_writes_a_png_with_matplotlib_and_never_fails_without_it(tmp_path, tiny_model_folder):
+    run = run_cli("sft", "--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32,
+                  "--compression-rate", 8, "--steps", 2, "--plot", "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "--plot needs matplotlib" in run.stdout and not (tmp_path / "run" / "loss.png").exists()
+    else:
+        assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def start_cli(*args):
