@@ -243,9 +243,7 @@ def docs_field(obj, where):
 
 def parse_sft_record(obj, where):
     """Stage 2 record -> {"question", "docs", "answer"}; accepts CLaRa's field variants."""
-    question = text_field(obj.get("question"), "question", where) if "question" in obj else None
-    if question is None:
-        raise InputError(f"{where}: missing field 'question'")
+    question = text_field(first_field(obj, ("question",), where)[1], "question", where)
     name, answer = first_field(obj, ("gold_answer", "answer", "answers", "golden_answers"), where)
     return {"question": question, "docs": docs_field(obj, where), "answer": text_field(answer, name, where)}
 
@@ -319,7 +317,7 @@ def encode_prompt(tokenizer, system, user, slot_docs, n_mem):
         ids += piece_ids
         slots += [-1] * len(piece_ids)
         if d < slot_docs:
-            ids += [tokenizer.pad_token_id or 0] * n_mem
+            ids += [tokenizer.pad_token_id] * n_mem  # placeholders: their embeddings are replaced
             slots += [d * n_mem + j for j in range(n_mem)]
     return ids, slots
 
@@ -383,7 +381,8 @@ def make_batch(examples, n_mem, pad_id):
             "ids": mx.array(ids, dtype=mx.int32),  # (B, T)
             "slot_index": mx.array(slot_index, dtype=mx.int32),  # (B, T)
             "labels": mx.array(labels, dtype=mx.int32),  # (B, T)
-            "label_positions": mx.array([i for i, label in enumerate(sum(labels, [])) if label != IGNORE],
+            "label_positions": mx.array([b * length + t for b, row in enumerate(labels)
+                                         for t, label in enumerate(row) if label != IGNORE],
                                         dtype=mx.int32),  # (N,) into the flattened (B * T)
             "n_tokens": sum(len(d) + n_mem for d in docs) + sum(len(ex["ids"]) for ex in examples)}
 
