@@ -756,13 +756,13 @@ def validation_loss(model, examples, cfg, pad_id):
 CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
 
 
-def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens):
+def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens, n_examples):
     """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
     the step, the data position and the config. Written atomically, so the previous one survives any kill."""
     arrays = {f"model.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
     metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
-                "trained_tokens": str(trained_tokens),
+                "trained_tokens": str(trained_tokens), "n_examples": str(n_examples),
                 "data_position": str(step * cfg.grad_accum * cfg.batch_size), "config": json.dumps(asdict(cfg))}
     save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
 
@@ -842,6 +842,9 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
         micro_step = mx.compile(micro_step, inputs=model.state, outputs=model.state)
     first, best_val, history, trained_tokens = 1, math.inf, [], 0
     if resume:
+        if int(resume[1]["n_examples"]) != len(examples):
+            raise InputError(f"--resume: the checkpoint was trained on {resume[1]['n_examples']} examples, this "
+                             f"data has {len(examples)}; resume with the same data")
         restore_checkpoint(resume[0], model, optimizer)
         first, best_val = int(resume[1]["step"]) + 1, float(resume[1]["best_val_loss"])
         trained_tokens = int(resume[1]["trained_tokens"])
@@ -875,10 +878,12 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
                 metrics.write({"kind": "val", "step": step, "val_loss": val})
                 if out and val < best_val:
                     best_val = val
-                    save_checkpoint(out / BEST, model, optimizer, cfg, step, best_val, trained_tokens)
+                    save_checkpoint(out / BEST, model, optimizer, cfg, step, best_val, trained_tokens,
+                                    len(examples))
             signum = stop(step)
             if out and (step % cfg.save_every == 0 or step == cfg.steps or signum):
-                save_checkpoint(out / CHECKPOINT, model, optimizer, cfg, step, best_val, trained_tokens)
+                save_checkpoint(out / CHECKPOINT, model, optimizer, cfg, step, best_val, trained_tokens,
+                                len(examples))
                 save_outputs(model, cfg, out, {"step": step, "loss": loss})
             if signum:
                 saved = f"checkpoint saved to {out / CHECKPOINT}; continue with --resume {out}" if out else ""

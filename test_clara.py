@@ -345,6 +345,8 @@ def test_resume_after_an_interrupt_gives_bitwise_the_same_adapters_and_loss_curv
     assert stopped.value.exit_code == 130 and "after step 3" in str(stopped.value)
     checkpoint = clara.read_checkpoint(tmp_path / "b" / clara.CHECKPOINT)
     assert checkpoint[1]["step"] == "3" and checkpoint[1]["data_position"] == "6"
+    with pytest.raises(clara.InputError, match="trained on 2 examples, this data has 1"):
+        clara.train(tiny_clara(cfg), examples[:1], cfg, tokenizer.pad_token_id, tmp_path / "c", resume=checkpoint)
     resumed = tiny_clara(cfg)  # the same frozen base; adapters and memory moved so they must come from the checkpoint
     resumed.update(tree_map(lambda p: p + 1.0, resumed.trainable_parameters()))
     clara.train(resumed, examples, cfg, tokenizer.pad_token_id, tmp_path / "b", examples[:1], resume=checkpoint)
