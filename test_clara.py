@@ -528,22 +528,6 @@ def test_cli_compress_sft_ask_end_to_end_write_outputs_mlx_lm_can_load(tmp_path,
     assert run.stdout.strip().splitlines()[-1].strip()  # an answer line
 
 
-@pytest.mark.parametrize("args, message", [
-    (["compress", "--pdf", "missing.pdf"], "missing.pdf: no such PDF file"),
-    (["sft", "--data", "{bad}"], "bad.jsonl:2: not valid JSON"),
-    (["compress", "--data", "data/sft.jsonl", "--compression-rate", "512"], "larger than --doc-max-len"),
-    (["sft", "--data", "data/sft.jsonl", "--steps", "0"], "--steps must be positive"),
-])
-def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q", "docs": ["d"], "answer": "a"}\n{"question": \n')
-    args = [str(bad) if a == "{bad}" else a for a in args]
-    run = run_cli(*args, "--out", tmp_path / "out")
-    assert run.returncode == 2
-    assert run.stderr.count("\n") == 1 and message in run.stderr and "Traceback" not in run.stderr
-    assert not (tmp_path / "out").exists()
-
-
 # -----------------------------------------------------------------------------
 # reliability: bad input, signals, kills, fuzzed records
 
@@ -698,7 +682,7 @@ def test_a_signal_finishes_the_step_checkpoints_and_resume_continues(tmp_path, t
     assert steps == list(range(1, 13))
 
 
-def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_path, tiny_model_folder, tokenizer):
+def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_path, tiny_model_folder):
     rng = np.random.default_rng(0)
     common = ["--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8,
               "--out", tmp_path / "run", "--save-every", 1, "--eval-every", 1000, "--steps", 1000]
