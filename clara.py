@@ -996,15 +996,17 @@ def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64):
     a target) and (2) a greedy answer to its prompt. Returns (answer text, CE)."""
     batch = make_batch([example], cfg.n_mem, tokenizer.pad_token_id)
     memory_states = compress_documents(model, batch["doc_ids"], batch["doc_lens"])[0] if example["doc_ids"] else None
-    ce, _ = masked_cross_entropy(generator_logits(model, batch["ids"], batch["slot_index"], memory_states),
-                                 batch["labels"])
+    ce = 0.0
+    if example["n_prompt"] < len(example["ids"]):  # a target to score (eval); ask has none
+        ce = masked_cross_entropy(generator_logits(model, batch["ids"], batch["slot_index"], memory_states),
+                                  batch["labels"])[0].item()
     prompt, slots = batch["ids"][:, : example["n_prompt"]], batch["slot_index"][:, : example["n_prompt"]]
     embeddings = model.llm.model.embed_tokens(prompt)
     if memory_states is not None:
         embeddings = splice_slots(embeddings, slots, memory_states.reshape(-1, embeddings.shape[-1]))
     set_role(model.llm, "generator")
     new = greedy_generate(model.llm, prompt, tokenizer.eos_token_id, max_new_tokens, embeddings)
-    return tokenizer.decode(new).strip(), ce.item()
+    return tokenizer.decode(new).strip(), ce
 
 
 # -----------------------------------------------------------------------------
