@@ -661,25 +661,26 @@ def start_cli(*args):
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_finishes_the_step_checkpoints_and_resume_continues(tmp_path, tiny_model_folder, signum, code):
+    steps = 200  # far more than run in the moment between reading step 2's line and the signal landing
     common = ["--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8,
-              "--out", tmp_path / "run", "--save-every", 1000, "--eval-every", 1000]
-    process = start_cli("sft", *common, "--steps", 12)
+              "--out", tmp_path / "run", "--save-every", 1000, "--eval-every", 1000, "--steps", steps]
+    process = start_cli("sft", *common)
     for line in process.stdout:
-        if line.startswith("step 2/12 | loss"):
+        if line.startswith(f"step 2/{steps} | loss"):
             process.send_signal(signum)
             break
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
     assert f"stopped by {signal.Signals(signum).name} after step" in stderr and "--resume" in stderr
     step = int(clara.read_checkpoint(tmp_path / "run" / clara.CHECKPOINT)[1]["step"])
-    assert 2 <= step < 12
-    run = run_cli("sft", *common, "--steps", 12, "--resume", tmp_path / "run")
+    assert 2 <= step < steps
+    run = run_cli("sft", *common, "--resume", tmp_path / "run")
     assert run.returncode == 0, run.stderr
-    assert f"step {step + 1}/12 | loss" in run.stdout and "step 1/12 | loss" not in run.stdout
-    assert clara.read_checkpoint(tmp_path / "run" / clara.CHECKPOINT)[1]["step"] == "12"
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if '"train"' in line]
-    assert steps == list(range(1, 13))
+    assert f"step {step + 1}/{steps} | loss" in run.stdout and f"step 1/{steps} | loss" not in run.stdout
+    assert clara.read_checkpoint(tmp_path / "run" / clara.CHECKPOINT)[1]["step"] == str(steps)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"train"' in line]
+    assert logged == list(range(1, steps + 1))
 
 
 def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_path, tiny_model_folder):
