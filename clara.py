@@ -635,13 +635,18 @@ def compress_documents(model, doc_ids, doc_lens):
     return memory_states, alignment_mse(memory_states, hidden, offset < 0)
 
 
-def generator_hidden(model, ids, slot_index, memory_states=None):
-    """Generator pass: memory states (D, n_mem, H) fill the prompt's slots. ids (B, T) -> hidden (B, T, H)."""
+def generator_embeddings(model, ids, slot_index, memory_states=None):
+    """The generator's input: token embeddings, with memory states (D, n_mem, H) in the slots. -> (B, T, H)"""
     set_role(model.llm, "generator")
     embeddings = model.llm.model.embed_tokens(ids)  # (B, T, H)
-    if memory_states is not None:
-        embeddings = splice_slots(embeddings, slot_index, memory_states.reshape(-1, memory_states.shape[-1]))
-    return model.llm.model(ids, input_embeddings=embeddings)
+    if memory_states is None:
+        return embeddings
+    return splice_slots(embeddings, slot_index, memory_states.reshape(-1, memory_states.shape[-1]))
+
+
+def generator_hidden(model, ids, slot_index, memory_states=None):
+    """Generator pass: ids (B, T) with memory in the slots -> final hidden states (B, T, H)."""
+    return model.llm.model(ids, input_embeddings=generator_embeddings(model, ids, slot_index, memory_states))
 
 
 def output_logits(llm, hidden):
@@ -1001,10 +1006,7 @@ def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64):
         ce = masked_cross_entropy(generator_logits(model, batch["ids"], batch["slot_index"], memory_states),
                                   batch["labels"])[0].item()
     prompt, slots = batch["ids"][:, : example["n_prompt"]], batch["slot_index"][:, : example["n_prompt"]]
-    embeddings = model.llm.model.embed_tokens(prompt)
-    if memory_states is not None:
-        embeddings = splice_slots(embeddings, slots, memory_states.reshape(-1, embeddings.shape[-1]))
-    set_role(model.llm, "generator")
+    embeddings = generator_embeddings(model, prompt, slots, memory_states)  # also selects the generator adapter
     new = greedy_generate(model.llm, prompt, tokenizer.eos_token_id, max_new_tokens, embeddings)
     return tokenizer.decode(new).strip(), ce
 
