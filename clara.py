@@ -34,6 +34,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import statistics
 import string
@@ -56,17 +57,21 @@ class Config:
     doc_max_len: int = 256  # tokens per document given to the compressor; longer documents are cut
     compression_rate: int = 16  # document tokens per memory vector: n_mem = doc_max_len // compression_rate
     max_len: int = 1024  # generator sequence limit (prompt + target); the prompt is cut from the start
-    lora_rank: int = 16  # rank of each LoRA adapter (CLaRa: 16)
-    lora_scale: float = 2.0  # LoRA output scale, alpha / rank (CLaRa: 32 / 16)
-    lora_layers: int = 8  # adapt the last this many transformer blocks
-    lora_keys: tuple = ("self_attn.q_proj", "self_attn.v_proj")  # projections that get adapters
+    lora_rank: int = 16  # rank of each LoRA adapter (Apple's CLaRa: 16)
+    lora_scale: float = 2.0  # LoRA output scale, alpha / rank (Apple's CLaRa: 32 / 16)
+    lora_layers: int = 8  # adapt the last this many blocks; "all" (stored as -1) adapts every block, as Apple does
+    lora_keys: tuple = ("self_attn.q_proj", "self_attn.v_proj")  # layers with adapters; "all": every linear (Apple)
+    lora_dropout: float = 0.0  # dropout on the adapters' input in training (Apple: 0.1; 0 keeps runs bitwise equal)
     mse_weight: float = 0.1  # weight of the alignment MSE in the total loss (CLaRa: 0.1)
+    top_k: int = 5  # stage 3 and ask --index: documents retrieved per question (Apple: 5)
+    temperature: float = 0.02  # stage 3: cosine scores are divided by this before the top-k softmax (Apple: 0.02)
     context: str = "compressed"  # sft only: "compressed" memory slots, or "text" (the uncompressed baseline)
     base: str = "auto"  # frozen base weights: auto (CPU: float32, GPU: as stored), float32, bfloat16, or stored
     compile: bool = False  # mx.compile the step; it is traced again for every new batch shape (pays off on a GPU)
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more time
     out: str = ""  # output folder (default: runs/<command>)
     init: str = ""  # start from the adapters and memory of an earlier run (its --out folder or a checkpoint)
+    init_generator: bool = False  # sft --init: also carry the earlier run's generator over (Apple's stage 2 starts it fresh)
     log_every: int = 1  # print a report line every this many steps
     warmup: float = 0.03  # fraction of the updates that warm the learning rate up linearly (CLaRa: 3%)
     min_lr: float = 2e-5  # the cosine decay of the learning rate ends here
@@ -241,19 +246,53 @@ def docs_field(obj, where):
     return [d.strip() for d in docs]
 
 
+# Apple's stage-2 data carries a training target ("answer") beside the gold used for scoring ("gold_answer"):
+TARGET_FIELDS = ("answer", "answers", "gold_answer", "golden_answers")  # trained on the first one present
+GOLD_FIELDS = ("gold_answer", "golden_answers", "answer", "answers")  # scored against the first one present
+
+
 def parse_sft_record(obj, where):
-    """Stage 2 record -> {"question", "docs", "answer"}; accepts CLaRa's field variants."""
+    """Stage 2 record -> {"question", "docs", "answer" (the target), "gold" (what answers are scored against)}."""
     question = text_field(first_field(obj, ("question",), where)[1], "question", where)
-    name, answer = first_field(obj, ("gold_answer", "answer", "answers", "golden_answers"), where)
-    return {"question": question, "docs": docs_field(obj, where), "answer": text_field(answer, name, where)}
+    (target_name, target), (gold_name, gold) = first_field(obj, TARGET_FIELDS, where), first_field(obj, GOLD_FIELDS, where)
+    return {"question": question, "docs": docs_field(obj, where), "answer": text_field(target, target_name, where),
+            "gold": text_field(gold, gold_name, where)}
+
+
+def parse_e2e_record(obj, where, min_candidates=1):
+    """Stage 3 record -> a stage 2 record whose docs are the candidates, plus "positives": the indices of the
+    relevant candidates (Apple's "pos_index", optional, used for recall only). Stage 3 retrieves --top-k of
+    the candidates, so a record with fewer is refused (clamping would change the prompt's shape)."""
+    record = parse_sft_record(obj, where)
+    if len(record["docs"]) < min_candidates:
+        raise InputError(f"{where}: {len(record['docs'])} candidate document(s) in 'docs', but --top-k "
+                         f"{min_candidates} retrieves {min_candidates}; give more candidates or a lower --top-k")
+    positives = obj.get("pos_index", [])
+    if isinstance(positives, int) and not isinstance(positives, bool):
+        positives = [positives]
+    if not isinstance(positives, list) or not all(type(i) is int and 0 <= i < len(record["docs"]) for i in positives):
+        raise InputError(f"{where}: field 'pos_index' must be a list of candidate indices, each from 0 to "
+                         f"{len(record['docs']) - 1}")
+    return {**record, "positives": sorted(set(positives))}
 
 
 def parse_compress_record(obj, where):
-    """Stage 1 record -> {"doc", "target"}: a text chunk (target = itself) or CLaRa's QA format."""
-    if "text" in obj:
-        doc = text_field(obj["text"], "text", where)
-        return {"doc": doc, "target": doc}
+    """Stage 1 record -> {"kind", "doc", "target"}. Apple's two kinds: {"data_type": "qa", "question": [...],
+    "answers": [...], "docs": [doc]} (target: the pairs as "Question: q\nAnswer: a" lines) and {"data_type":
+    "paraphrase", "docs": [doc], "answers": [paraphrase]}. Without data_type: {"text"} is reconstructed (the
+    fallback for text without targets, such as a PDF), and question/answers lists are QA."""
+    kind = obj.get("data_type", "reconstruct" if "text" in obj else "qa")
+    if kind == "reconstruct":
+        doc = text_field(first_field(obj, ("text",), where)[1], "text", where)
+        return {"kind": kind, "doc": doc, "target": doc}
+    if kind not in ("qa", "paraphrase"):
+        raise InputError(f"{where}: field 'data_type' must be 'qa' or 'paraphrase', got {one_line(kind)[:40]!r}")
     docs = docs_field(obj, where)
+    if len(docs) != 1:
+        raise InputError(f"{where}: a stage 1 record has one document in 'docs', found {len(docs)}")
+    if kind == "paraphrase":
+        return {"kind": kind, "doc": docs[0], "target": text_field(first_field(obj, ("answers",), where)[1],
+                                                                    "answers", where)}
     questions, answers = obj.get("question"), obj.get("answers")
     if isinstance(questions, str):
         questions, answers = [questions], [answers]
@@ -263,7 +302,7 @@ def parse_compress_record(obj, where):
              for q, a in zip(questions, answers)]
     if not pairs:
         raise InputError(f"{where}: 'question' is empty")
-    return {"doc": docs[0], "target": "\n".join(pairs)}
+    return {"kind": kind, "doc": docs[0], "target": "\n".join(pairs)}
 
 
 def save_atomically(path, write):
@@ -284,9 +323,42 @@ def write_jsonl_atomically(path, records):
 # data: prompts, truncation, labels
 
 
-SYSTEM_ANSWER = "Answer the question briefly, using only the background."
-ASK_REGENERATE = "Write out the background text exactly."
+# Apple's prompts (openrlhf/models/modeling_clara.py). In a user text "{docs}" stands for the documents:
+# their memory slots (compressed context) or their text (the uncompressed baseline).
+SYSTEM_QA = ("You are a helpful assistant. Given a document, your task is to generate some single questions to "
+             "cover all key information of the document and answer them sequentially.")
+SYSTEM_PARAPHRASE = ("You are a helpful assistant. Your task is follow the instructions to paraphrase the background "
+                     "information.")
+SYSTEM_ANSWER = ("You are a helpful assistant. Your task is to extract relevant information from provided documents "
+                 "and to answer to questions as briefly as possible.")
+USER_QA = "Background:\n{docs}"
+USER_ANSWER = "Background:\n{docs}\n\nQuestion:{question}"  # sic: Apple's has no space after "Question:"
+USER_NO_DOCS = "Question:{question}"  # the no-documents baseline
+# Apple draws the paraphrase request from 13 templates; these 13 are our own words for the same requests.
+PARAPHRASE_INSTRUCTIONS = (
+    "Background:\n{docs}\n\nSay the same thing in other words.",
+    "Background:\n{docs}\n\nRewrite the background above in your own words, keeping every fact.",
+    "Rephrase this text without changing its meaning:\n{docs}",
+    "{docs}\n\nExpress the passage above differently, with the same content.",
+    "Background:\n{docs}\n\nGive a paraphrase of the background.",
+    "Here is a passage:\n{docs}\nWrite a version of it that uses different wording.",
+    "Background:\n{docs}\n\nHow else could this be put? Keep all the information.",
+    "Restate the following in different words:\n{docs}",
+    "Text:\n{docs}\n\nParaphrase the text, sentence by sentence.",
+    "{docs}\n\nIn other words:",
+    "Background:\n{docs}\n\nReword the background so that it reads differently but means the same.",
+    "Passage:\n{docs}\n\nProduce an equivalent passage in new words.",
+    "Background:\n{docs}\n\nWrite the same information again, phrased another way.",
+)
+# Not CLaRa's stage 1: the fallback for text that comes without QA or paraphrase targets (compress --pdf).
+SYSTEM_RECONSTRUCT = "You are a helpful assistant. Your task is to repeat the background text word for word."
+USER_RECONSTRUCT = "Background:\n{docs}\n\nWrite out the background text exactly."
 SLOT_MARK = "\x00slot\x00"  # stands for one document's memory slots while the chat template is rendered
+
+
+def answer_prompt(question, has_docs=True):
+    """The stage 2 and 3 user text for a question, "{docs}" left in place for the documents."""
+    return (USER_ANSWER if has_docs else USER_NO_DOCS).replace("{question}", question)
 
 
 def truncate_keep_target(prompt, target, max_len):
@@ -322,69 +394,106 @@ def encode_prompt(tokenizer, system, user, slot_docs, n_mem):
     return ids, slots
 
 
-def build_example(tokenizer, cfg, docs, instruction, target, system=SYSTEM_ANSWER, context="compressed"):
-    """One training (or inference) example for either stage.
+def prompt_example(tokenizer, cfg, system, user, n_slot_docs, target):
+    """The generator's side of an example: the chat prompt (n_slot_docs SLOT_MARKs in `user` become memory
+    slots) followed by the target, cut to cfg.max_len from the prompt's start."""
+    ids, slots = encode_prompt(tokenizer, system, user, n_slot_docs, cfg.n_mem)
+    target_ids = [] if target is None else tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
+    prompt, target_ids = truncate_keep_target(list(zip(ids, slots)), target_ids, cfg.max_len)
+    return {"ids": [i for i, _ in prompt] + target_ids, "slots": [s for _, s in prompt] + [-1] * len(target_ids),
+            "n_prompt": len(prompt), "n_slot_docs": n_slot_docs, "target_cut": len(target_ids) == cfg.max_len}
 
-    docs: document strings. Compressed context gives each n_mem memory slots in the prompt; text context
-    writes the (equally truncated) document text into the prompt instead and compresses nothing; no
-    documents at all leave the instruction alone.
+
+def build_example(tokenizer, cfg, docs, user, target, system=SYSTEM_ANSWER, context="compressed"):
+    """One training (or inference) example of stage 1 or 2.
+
+    docs: document strings; user: the user text, with "{docs}" where the documents go. Compressed context
+    gives each document n_mem memory slots there; text context writes the (equally truncated) document text
+    there instead and compresses nothing.
     """
     full_doc_ids = [tokenizer.encode(d, add_special_tokens=False) for d in docs]
     doc_ids = [ids[: cfg.doc_max_len] for ids in full_doc_ids]
-    if not docs:
-        ids, slots = encode_prompt(tokenizer, system, instruction, 0, cfg.n_mem)
-    elif context == "text":
-        background = "\n\n".join(tokenizer.decode(ids) for ids in doc_ids)
-        ids, slots = encode_prompt(tokenizer, system, f"Background:\n{background}\n\n{instruction}", 0, cfg.n_mem)
-        doc_ids = []
+    if context == "text":
+        user, doc_ids = user.replace("{docs}", "\n\n".join(tokenizer.decode(ids) for ids in doc_ids)), []
     else:
-        marks = "\n".join(SLOT_MARK for _ in docs)
-        ids, slots = encode_prompt(tokenizer, system, f"Background:\n{marks}\n\n{instruction}", len(docs), cfg.n_mem)
-    target_ids = [] if target is None else tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
-    prompt, target_ids = truncate_keep_target(list(zip(ids, slots)), target_ids, cfg.max_len)
-    return {"doc_ids": doc_ids, "ids": [i for i, _ in prompt] + target_ids,
-            "slots": [s for _, s in prompt] + [-1] * len(target_ids), "n_prompt": len(prompt),
-            "target_cut": len(target_ids) == cfg.max_len,
+        user = user.replace("{docs}", "\n".join(SLOT_MARK for _ in docs))
+    return {"doc_ids": doc_ids, **prompt_example(tokenizer, cfg, system, user, len(doc_ids), target),
             "docs_cut": sum(len(d) > cfg.doc_max_len for d in full_doc_ids)}
 
 
 def compress_examples(tokenizer, cfg, records):
-    return [build_example(tokenizer, cfg, [r["doc"]], ASK_REGENERATE if r["doc"] == r["target"] else
-                          "Write out the questions and answers this background supports.", r["target"])
-            for r in records]
+    """Stage 1: QA, paraphrase or (the fallback) reconstruction targets from one document's memory. The
+    paraphrase request is drawn from PARAPHRASE_INSTRUCTIONS by a generator seeded with cfg.seed."""
+    draw = random.Random(cfg.seed)
+    prompts = {"qa": lambda: (SYSTEM_QA, USER_QA), "reconstruct": lambda: (SYSTEM_RECONSTRUCT, USER_RECONSTRUCT),
+               "paraphrase": lambda: (SYSTEM_PARAPHRASE, draw.choice(PARAPHRASE_INSTRUCTIONS))}
+    examples = []
+    for r in records:
+        system, user = prompts[r["kind"]]()
+        examples.append(build_example(tokenizer, cfg, [r["doc"]], user, r["target"], system))
+    return examples
 
 
 def sft_examples(tokenizer, cfg, records):
-    return [build_example(tokenizer, cfg, r["docs"], f"Question: {r['question']}", r["answer"], context=cfg.context)
+    """Stage 2: question + documents (compressed, or as text for the baseline) -> answer."""
+    return [build_example(tokenizer, cfg, r["docs"], answer_prompt(r["question"]), r["answer"], context=cfg.context)
             for r in records]
+
+
+def e2e_examples(tokenizer, cfg, records, bank, bank_rows):
+    """Stage 3: a question, its candidates (rows of `bank`, the compressed documents (U, n_mem, H)) and a
+    prompt with cfg.top_k memory slots, which the documents the query reasoner picks will fill."""
+    examples = []
+    for r in records:
+        user = answer_prompt(r["question"]).replace("{docs}", "\n".join(SLOT_MARK for _ in range(cfg.top_k)))
+        query_ids = tokenizer.encode(r["question"], add_special_tokens=False)[: cfg.doc_max_len]
+        examples.append({"doc_ids": [], "query_ids": query_ids, "bank": bank,
+                         "candidates": [bank_rows[d] for d in r["docs"]], "positives": r["positives"],
+                         **prompt_example(tokenizer, cfg, SYSTEM_ANSWER, user, cfg.top_k, r["answer"]), "docs_cut": 0})
+    return examples
+
+
+def memory_rows(rows, n_mem, pad_id):
+    """[token ids] -> ids (R, L + n_mem) with room for the memory after each row, and lens (R,)."""
+    width = max((len(r) for r in rows), default=0) + n_mem
+    return (mx.array([r + [pad_id] * (width - len(r)) for r in rows], dtype=mx.int32).reshape(len(rows), width),
+            mx.array([len(r) for r in rows], dtype=mx.int32))
 
 
 def make_batch(examples, n_mem, pad_id):
     """Right-pad a list of examples into arrays. Right padding under a causal mask leaves every real
     token's result unchanged, so padded and unpadded runs agree (test_clara.py proves it)."""
     docs = [d for ex in examples for d in ex["doc_ids"]]
-    doc_len = max((len(d) for d in docs), default=0) + n_mem
-    doc_ids = [d + [pad_id] * (doc_len - len(d)) for d in docs]
+    doc_ids, doc_lens = memory_rows(docs, n_mem, pad_id)
     length = max(len(ex["ids"]) for ex in examples)
     ids, slot_index, labels, offset = [], [], [], 0
     for ex in examples:
         pad = length - len(ex["ids"])
-        n_slots = len(ex["doc_ids"]) * n_mem  # this example's slots index its own documents' vectors
         ids.append(ex["ids"] + [pad_id] * pad)
+        # this example's slots index its own documents' vectors
         slot_index.append([s + offset if s >= 0 else -1 for s in ex["slots"]] + [-1] * pad)
         # position i predicts token i + 1; only target tokens (after the prompt) are labels
         labels.append([ex["ids"][i + 1] if i + 1 >= ex["n_prompt"] and i + 1 < len(ex["ids"]) else IGNORE
                        for i in range(len(ex["ids"]))] + [IGNORE] * pad)
-        offset += n_slots
-    return {"doc_ids": mx.array(doc_ids, dtype=mx.int32).reshape(len(docs), doc_len),  # (D, L + n_mem)
-            "doc_lens": mx.array([len(d) for d in docs], dtype=mx.int32),  # (D,)
-            "ids": mx.array(ids, dtype=mx.int32),  # (B, T)
-            "slot_index": mx.array(slot_index, dtype=mx.int32),  # (B, T)
-            "labels": mx.array(labels, dtype=mx.int32),  # (B, T)
-            "label_positions": mx.array([b * length + t for b, row in enumerate(labels)
-                                         for t, label in enumerate(row) if label != IGNORE],
-                                        dtype=mx.int32),  # (N,) into the flattened (B * T)
-            "n_tokens": sum(len(d) + n_mem for d in docs) + sum(len(ex["ids"]) for ex in examples)}
+        offset += ex["n_slot_docs"] * n_mem
+    batch = {"doc_ids": doc_ids,  # (D, L + n_mem)
+             "doc_lens": doc_lens,  # (D,)
+             "ids": mx.array(ids, dtype=mx.int32),  # (B, T)
+             "slot_index": mx.array(slot_index, dtype=mx.int32),  # (B, T)
+             "labels": mx.array(labels, dtype=mx.int32),  # (B, T)
+             "label_positions": mx.array([b * length + t for b, row in enumerate(labels)
+                                          for t, label in enumerate(row) if label != IGNORE],
+                                         dtype=mx.int32),  # (N,) into the flattened (B * T)
+             "n_tokens": sum(len(d) + n_mem for d in docs) + sum(len(ex["ids"]) for ex in examples)}
+    if "query_ids" in examples[0]:  # stage 3: questions for the query reasoner, candidates from the bank
+        n_candidates = max(len(ex["candidates"]) for ex in examples)
+        batch["query_ids"], batch["query_lens"] = memory_rows([ex["query_ids"] for ex in examples], n_mem, pad_id)
+        candidates = mx.array([ex["candidates"] + [0] * (n_candidates - len(ex["candidates"])) for ex in examples])
+        batch["candidate_memory"] = examples[0]["bank"][candidates]  # (B, N, n_mem, H)
+        batch["candidate_mask"] = mx.array([[i < len(ex["candidates"]) for i in range(n_candidates)]
+                                            for ex in examples])  # (B, N): false at padding
+        batch["n_tokens"] += sum(len(ex["query_ids"]) + n_mem for ex in examples)
+    return batch
 
 
 # -----------------------------------------------------------------------------
@@ -522,44 +631,76 @@ def load_model(name, base="auto"):
 
 
 # -----------------------------------------------------------------------------
-# model: manual LoRA with a compressor and a generator adapter on one frozen base
+# model: manual LoRA with three adapters (roles) on one frozen base
 
-ROLES = ("compressor", "generator")
+# compressor: documents -> memory states. generator: prompt with memory -> answer. query: stage 3's query
+# reasoner, which encodes a question into the documents' memory space; it starts as a copy of the compressor.
+ROLES = ("compressor", "generator", "query")
+
+
+class LoRAAdapter(nn.Module):
+    """One low-rank update x @ A @ B. B = 0 at the start, so training starts from the base model."""
+
+    def __init__(self, in_dims, out_dims, rank):
+        super().__init__()
+        bound = 1 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))  # (in, r)
+        self.lora_b = mx.zeros((rank, out_dims))  # (r, out)
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer (plain or quantized) plus one low-rank update per role; `role` picks the active one.
+    """A frozen linear layer (plain or quantized) plus one LoRA adapter per role; `role` picks the active one.
 
-    y = linear(x) + scale * (x @ A) @ B, with B = 0 at the start so training starts from the base model.
+    y = linear(x) + scale * (dropout(x) @ A) @ B. Dropout acts only in training mode, as in PEFT.
     """
 
-    def __init__(self, linear, rank, scale):
+    def __init__(self, linear, rank, scale, dropout=0.0):
         super().__init__()
         out_dims, in_dims = linear.weight.shape
         if isinstance(linear, nn.QuantizedLinear):
             in_dims = in_dims * 32 // linear.bits  # weights are packed into uint32
-        bound = 1 / math.sqrt(in_dims)
         self.linear = linear
         self.scale = scale
-        self.adapters = {role: {"lora_a": mx.random.uniform(-bound, bound, (in_dims, rank)),  # (in, r)
-                                "lora_b": mx.zeros((rank, out_dims))}  # (r, out)
-                         for role in ROLES}
+        self.dropout = nn.Dropout(dropout)
+        compressor = LoRAAdapter(in_dims, out_dims, rank)
+        generator = LoRAAdapter(in_dims, out_dims, rank)
+        query = LoRAAdapter(in_dims, out_dims, rank)
+        query.update(compressor.parameters())  # the query reasoner starts as the compressor (CLaRa stage 3)
+        self.adapters = {"compressor": compressor, "generator": generator, "query": query}
         self.role = "generator"  # a plain attribute, not a parameter: set_role switches it
 
     def __call__(self, x):
         adapter = self.adapters[self.role]
         y = self.linear(x)
-        return y + (self.scale * (x @ adapter["lora_a"]) @ adapter["lora_b"]).astype(y.dtype)
+        return y + (self.scale * (self.dropout(x) @ adapter.lora_a) @ adapter.lora_b).astype(y.dtype)
+
+
+def linear_layer_names(block):
+    """Every linear layer of a transformer block (plain or quantized): what --lora-keys all adapts."""
+    return [name for name, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+
+
+def lora_blocks(llm, cfg):
+    """The blocks that get adapters: the last cfg.lora_layers of them, or all when it is -1 (mlx-lm's convention)."""
+    return llm.layers if cfg.lora_layers == -1 else llm.layers[-cfg.lora_layers:]
+
+
+def lora_key_names(llm, cfg):
+    """The layer names --lora-keys stands for: as given, or every linear layer of a block for "all"."""
+    return linear_layer_names(llm.layers[-1]) if cfg.lora_keys == ("all",) else list(cfg.lora_keys)
 
 
 def add_lora(llm, cfg):
-    """Wrap cfg.lora_keys of the last cfg.lora_layers blocks in place."""
-    for layer in llm.layers[-cfg.lora_layers:]:
+    """Wrap the --lora-keys layers of the --lora-layers blocks in place."""
+    keys = lora_key_names(llm, cfg)
+    for layer in lora_blocks(llm, cfg):
         wrapped = dict(layer.named_modules())
-        for key in cfg.lora_keys:
-            if key not in wrapped:
-                raise InputError(f"--lora-keys: the model has no layer {key!r}")
-            layer.update_modules(tree_unflatten([(key, LoRALinear(wrapped[key], cfg.lora_rank, cfg.lora_scale))]))
+        for key in keys:
+            if not isinstance(wrapped.get(key), (nn.Linear, nn.QuantizedLinear)):
+                raise InputError(f"--lora-keys: the model has no linear layer {key!r}; its linear layers are "
+                                 f"{' '.join(linear_layer_names(layer))}")
+            layer.update_modules(tree_unflatten([(key, LoRALinear(wrapped[key], cfg.lora_rank, cfg.lora_scale,
+                                                                  cfg.lora_dropout))]))
 
 
 def set_role(model, role):
@@ -568,8 +709,21 @@ def set_role(model, role):
             module.role = role
 
 
+def train_only(model, roles, memory):
+    """Make exactly these adapter roles (and the memory embeddings, if `memory`) trainable; all else is frozen.
+    Stages 1 and 2 train the compressor, the generator and the memory; stage 3 the generator and the query."""
+    model.freeze()
+    if memory:
+        model.unfreeze(keys=["memory"], recurse=False)
+    for _, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            for role in roles:
+                module.adapters[role].unfreeze()
+    model.trained_roles = frozenset(roles)  # a frozenset is a plain attribute, not part of the parameter tree
+
+
 class CLaRa(nn.Module):
-    """The frozen LLM, its two LoRA adapters and the n_mem learned memory embeddings: all that training touches."""
+    """The frozen LLM, its LoRA adapters and the n_mem learned memory embeddings: all that training touches."""
 
     def __init__(self, llm, cfg):
         super().__init__()
@@ -578,11 +732,7 @@ class CLaRa(nn.Module):
         sample = llm.model.embed_tokens(mx.arange(min(4096, llm.args.vocab_size)))  # (V', H)
         # memory slots start as random vectors with the statistics of real token embeddings
         self.memory = sample.mean(0) + sample.std() * mx.random.normal((cfg.n_mem, sample.shape[-1]))  # (n_mem, H)
-        self.freeze()
-        self.unfreeze(keys=["memory"], recurse=False)
-        for _, module in self.named_modules():
-            if isinstance(module, LoRALinear):
-                module.unfreeze(recurse=False)  # its adapters; the wrapped linear stays frozen
+        train_only(self, ("compressor", "generator"), memory=True)
 
 
 def checkpoint_blocks(llm):
@@ -619,12 +769,13 @@ def splice_slots(token_embeddings, slot_index, slot_vectors):
     return mx.where((slot_index >= 0)[..., None], gathered.astype(token_embeddings.dtype), token_embeddings)
 
 
-def compress_documents(model, doc_ids, doc_lens):
-    """Compressor pass over [document, memory, padding] rows.
+def compress_documents(model, doc_ids, doc_lens, role="compressor"):
+    """Compressor pass over [document, memory, padding] rows (stage 3's query reasoner encodes
+    [question, memory] rows the same way, with role="query").
 
     doc_ids (D, L + n_mem), doc_lens (D,) -> memory states (D, n_mem, H) and the alignment MSE.
     """
-    set_role(model.llm, "compressor")
+    set_role(model.llm, role)
     n_mem = model.memory.shape[0]
     offset = mx.arange(doc_ids.shape[1])[None] - doc_lens[:, None]  # (D, T): position relative to the doc's end
     slot_index = mx.where((offset >= 0) & (offset < n_mem), offset, -1)  # memory j sits right after the doc
@@ -691,21 +842,63 @@ def alignment_mse(memory_states, doc_states, doc_mask):
     return (per_doc * valid).sum() / mx.maximum(valid.sum(), 1)
 
 
-def clara_loss(model, batch, mse_weight):
-    """total = CE(target tokens | generator prompt with memory) + mse_weight * alignment MSE.
+def cosine_scores(query, candidates):
+    """Cosine similarity in float32. query (B, F), candidates (B, N, F) -> (B, N); a zero vector scores 0."""
+    query, candidates = query.astype(mx.float32), candidates.astype(mx.float32)
+    query = query / mx.maximum(mx.linalg.norm(query, axis=-1, keepdims=True), 1e-12)
+    candidates = candidates / mx.maximum(mx.linalg.norm(candidates, axis=-1, keepdims=True), 1e-12)
+    return (candidates @ query[..., None])[..., 0]
 
-    The vocabulary projection (a fifth of SmolLM2's weights) runs only at the positions that have a label.
+
+def differentiable_top_k(logits, k):
+    """Apple's straight-through top-k (no Gumbel noise). logits (B, N) -> W (B, k, N).
+
+    The forward value is exactly the hard selection: row j is the one-hot of the j-th best candidate. The
+    gradient flows through soft rows p_j = softmax(logits + log(1 - taken_j + 1e-8)), where taken_j marks
+    the candidates chosen before rank j (no gradient through it), so each p_j spreads over what is left.
+    """
+    n = logits.shape[-1]
+    order = mx.argsort(-logits, axis=-1)[:, :k]  # (B, k) hard top-k, best first
+    hard = (order[..., None] == mx.arange(n)).astype(mx.float32)  # (B, k, N)
+    taken = mx.stop_gradient(mx.minimum(mx.cumsum(hard, axis=1) - hard, 1.0))  # (B, k, N) chosen before rank j
+    soft = mx.softmax(logits[:, None, :] + mx.log(1.0 - taken + 1e-8), axis=-1)  # (B, k, N)
+    return hard + (soft - mx.stop_gradient(soft))
+
+
+def retrieve_memory(model, batch, top_k, temperature):
+    """Stage 3: the query reasoner encodes each question like a document; cosine scores against its candidates'
+    memories pick top_k of them with the differentiable top-k. -> (selected memory (B * k, n_mem, H), scores (B, N))"""
+    candidates = batch["candidate_memory"]  # (B, N, n_mem, H), compressed beforehand: no gradient
+    n_batch, n_candidates, n_mem, hidden = candidates.shape
+    query = compress_documents(model, batch["query_ids"], batch["query_lens"], role="query")[0]  # (B, n_mem, H)
+    flat = candidates.reshape(n_batch, n_candidates, n_mem * hidden)  # (B, N, n_mem * H)
+    scores = cosine_scores(query.reshape(n_batch, n_mem * hidden), flat)  # (B, N)
+    logits = mx.where(batch["candidate_mask"], scores / temperature, -1e9)  # padding is never chosen
+    selection = differentiable_top_k(logits, top_k)  # (B, k, N)
+    selected = selection.astype(flat.dtype) @ flat  # (B, k, n_mem * H), in rank order
+    return selected.reshape(n_batch * top_k, n_mem, hidden), scores
+
+
+def clara_loss(model, batch, cfg):
+    """total = CE(target tokens | generator prompt with memory) + cfg.mse_weight * alignment MSE.
+
+    Stages 1-2: the memory is the compressor's, and the CE flows back into the compressor and the memory
+    embeddings too (nothing is detached). Stage 3: the memory is what the query reasoner retrieved, and the
+    loss is the CE alone, as in Apple's script. The vocabulary projection (a fifth of SmolLM2's weights)
+    runs only at the positions that have a label.
     """
     memory_states, mse = None, mx.array(0.0)
-    if batch["doc_ids"].shape[0] > 0:
+    if "candidate_memory" in batch:
+        memory_states = retrieve_memory(model, batch, cfg.top_k, cfg.temperature)[0]
+    elif batch["doc_ids"].shape[0] > 0:
         memory_states, mse = compress_documents(model, batch["doc_ids"], batch["doc_lens"])
     hidden = generator_hidden(model, batch["ids"], batch["slot_index"], memory_states)  # (B, T, H)
     positions = batch["label_positions"]  # (N,) flat indices of the positions whose label is not IGNORE
     if positions.size == 0:
-        return mse_weight * mse, mx.array(0.0), mse, mx.array(0)
+        return cfg.mse_weight * mse, mx.array(0.0), mse, mx.array(0)
     logits = output_logits(model.llm, hidden.reshape(-1, hidden.shape[-1])[positions])  # (N, V)
     ce, n_tokens = masked_cross_entropy(logits, batch["labels"].reshape(-1)[positions])
-    return ce + mse_weight * mse, ce, mse, n_tokens
+    return ce + cfg.mse_weight * mse, ce, mse, n_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -752,8 +945,9 @@ def split_validation(items, fraction, seed):
 
 
 def validation_loss(model, examples, cfg, pad_id):
-    """Mean total loss over the validation examples, --batch-size at a time, without gradients."""
-    losses = [clara_loss(model, make_batch(examples[i: i + cfg.batch_size], cfg.n_mem, pad_id), cfg.mse_weight)[0]
+    """Mean total loss over the validation examples, --batch-size at a time, without gradients or dropout."""
+    model.eval()
+    losses = [clara_loss(model, make_batch(examples[i: i + cfg.batch_size], cfg.n_mem, pad_id), cfg)[0]
               for i in range(0, len(examples), cfg.batch_size)]
     return sum(loss.item() for loss in losses) / len(losses)
 
@@ -764,7 +958,7 @@ CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
 def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens, n_examples):
     """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
     the step, the data position and the config. Written atomically, so the previous one survives any kill."""
-    arrays = {f"model.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
+    arrays = {f"model.{k}": v for k, v in adapter_arrays(model).items()}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
     metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
                 "trained_tokens": str(trained_tokens), "n_examples": str(n_examples),
@@ -786,7 +980,7 @@ def read_checkpoint(path):
 
 
 def restore_checkpoint(arrays, model, optimizer):
-    load_trainable(model, {k.removeprefix("model."): v for k, v in arrays.items() if k.startswith("model.")})
+    load_trained(model, {k.removeprefix("model."): v for k, v in arrays.items() if k.startswith("model.")})
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten([(k.removeprefix("optimizer."), v) for k, v in arrays.items()
                                       if k.startswith("optimizer.")])
@@ -837,14 +1031,16 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
     """
     from tqdm import tqdm
 
-    optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=0.0)
+    # Apple's optimiser: AdamW with betas (0.9, 0.95) and no weight decay
+    optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), betas=[0.9, 0.95], weight_decay=0.0)
     loss_and_grad = nn.value_and_grad(model, clara_loss)
 
     def micro_step(batch):  # batch: arrays only
-        return loss_and_grad(model, batch, cfg.mse_weight)
+        return loss_and_grad(model, batch, cfg)
 
-    if cfg.compile:  # traced once per batch shape, model weights as explicit state
-        micro_step = mx.compile(micro_step, inputs=model.state, outputs=model.state)
+    if cfg.compile:  # traced once per batch shape; model weights and the dropout key as explicit state
+        micro_step = mx.compile(micro_step, inputs=[model.state, mx.random.state],
+                                outputs=[model.state, mx.random.state])
     first, best_val, history, trained_tokens = 1, math.inf, [], 0
     if resume:
         if int(resume[1]["n_examples"]) != len(examples):
@@ -859,6 +1055,8 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
     with contextlib.nullcontext(stop) if stop else stop_on_signals() as stop, bar:
         for step in range(first, cfg.steps + 1):
             tic = time.perf_counter()
+            mx.random.seed(cfg.seed * 1_000_003 + step)  # LoRA dropout's masks: a pure function of the step
+            model.train()
             grads, (loss, ce, mse), n_real, n_trained = accumulate_gradients(micro_step, examples, cfg, step, pad_id)
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
             if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):  # checked before the update
@@ -894,6 +1092,7 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
                 saved = f"checkpoint saved to {out / CHECKPOINT}; continue with --resume {out}" if out else ""
                 raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}",
                                       128 + signum)
+    model.eval()
     return history
 
 
@@ -942,24 +1141,24 @@ def plot_losses(out):
 
 
 def save_outputs(model, cfg, out, extra):
-    """out/clara.safetensors: both adapters + memory (for --init, ask and eval). out/adapters.safetensors +
+    """out/clara.safetensors: the adapters + memory (for --init, ask, eval, index). out/adapters.safetensors +
     adapter_config.json: the generator alone in mlx-lm's layout. out/config.json: the resolved config."""
     out.mkdir(parents=True, exist_ok=True)
-    trainable = dict(tree_flatten(model.trainable_parameters()))
+    arrays = adapter_arrays(model)
     generator = {name.removeprefix("llm.").replace(".adapters.generator", ""): value
-                 for name, value in trainable.items() if ".adapters.generator." in name}
+                 for name, value in arrays.items() if ".adapters.generator." in name}
     adapter_config = {"fine_tune_type": "lora", "num_layers": cfg.lora_layers,
-                      "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": 0.0,
-                                          "keys": list(cfg.lora_keys)}}
+                      "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout,
+                                          "keys": lora_key_names(model.llm, cfg)}}
     config = {**asdict(cfg), "n_mem": cfg.n_mem, "blas": BLAS, "mlx": mx.__version__, **extra}
-    save_atomically(out / "clara.safetensors", lambda p: mx.save_safetensors(str(p), trainable))
+    save_atomically(out / "clara.safetensors", lambda p: mx.save_safetensors(str(p), arrays))
     save_atomically(out / "adapters.safetensors", lambda p: mx.save_safetensors(str(p), generator))
     for name, obj in (("adapter_config.json", adapter_config), ("config.json", config)):
         save_atomically(out / name, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def read_trained(path):
-    """(config dict, trainable arrays) of an output folder (its clara.safetensors) or of a checkpoint file."""
+    """(config dict, adapter arrays) of an output folder (its clara.safetensors) or of a checkpoint file."""
     path = Path(path)
     if path.is_dir() and (path / "clara.safetensors").is_file() and (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
@@ -970,14 +1169,35 @@ def read_trained(path):
     raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
 
 
-def load_trainable(model, saved):
-    """Put saved adapters + memory ({name: array}) into a model built with a matching config."""
-    for name, value in tree_flatten(model.trainable_parameters()):
-        if name not in saved or saved[name].shape != value.shape:
-            found = saved[name].shape if name in saved else "nothing"
+def adapter_role(name):
+    """'llm.model.layers.3.self_attn.q_proj.adapters.query.lora_a' -> 'query'; None for the memory."""
+    return name.split(".adapters.")[1].split(".")[0] if ".adapters." in name else None
+
+
+def adapter_arrays(model):
+    """What a run saves: the memory embeddings, the compressor and the generator, and the query reasoner
+    once stage 3 has trained it (before that it is, by definition, a copy of the compressor)."""
+    kept = {"compressor", "generator"} | (model.trained_roles & {"query"})
+    return {name: value for name, value in tree_flatten(model.parameters())
+            if name == "memory" or adapter_role(name) in kept}
+
+
+def load_trained(model, saved, fresh=()):
+    """Put saved adapters + memory ({name: array}) into a model built with a matching config. The roles in
+    `fresh` keep their new initialisation. Without a saved query reasoner (a stage 1 or 2 run), the query
+    role gets the compressor's weights: stage 3 starts from that copy, as Apple's code does."""
+    loaded = []
+    for name, value in tree_flatten(model.parameters()):
+        role = adapter_role(name)
+        if (name != "memory" and role is None) or role in fresh:
+            continue
+        source = name.replace(".adapters.query.", ".adapters.compressor.") if name not in saved else name
+        if source not in saved or saved[source].shape != value.shape:
+            found = saved[source].shape if source in saved else "nothing"
             raise InputError(f"{name} should have shape {value.shape}, found {found} "
                              "(trained with other --doc-max-len/--compression-rate/--lora-* options?)")
-    model.load_weights(list(saved.items()), strict=False)
+        loaded.append((name, saved[source]))
+    model.load_weights(loaded, strict=False)
 
 
 def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None):
@@ -996,11 +1216,13 @@ def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None):
     return new
 
 
-def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64):
-    """Compress the example's documents once, then (1) the CE of its target under teacher forcing (0 without
-    a target) and (2) a greedy answer to its prompt. Returns (answer text, CE)."""
+def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64, memory_states=None):
+    """Compress the example's documents once (or take the given memory states (D, n_mem, H), as retrieval
+    does), then (1) the CE of its target under teacher forcing (0 without a target) and (2) a greedy answer
+    to its prompt. Returns (answer text, CE)."""
     batch = make_batch([example], cfg.n_mem, tokenizer.pad_token_id)
-    memory_states = compress_documents(model, batch["doc_ids"], batch["doc_lens"])[0] if example["doc_ids"] else None
+    if memory_states is None and example["doc_ids"]:
+        memory_states = compress_documents(model, batch["doc_ids"], batch["doc_lens"])[0]
     ce = 0.0
     if example["n_prompt"] < len(example["ids"]):  # a target to score (eval); ask has none
         ce = masked_cross_entropy(generator_logits(model, batch["ids"], batch["slot_index"], memory_states),
@@ -1016,7 +1238,9 @@ def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64):
 
 
 def normalize_answer(text):
-    """SQuAD normalisation: lowercase, drop punctuation and articles, fold whitespace."""
+    """SQuAD normalisation, as Apple's evaluate.py: lowercase, drop punctuation and articles, fold whitespace.
+    True / False map to yes / no first."""
+    text = {"True": "yes", "False": "no"}.get(text, text)
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
@@ -1026,12 +1250,17 @@ def exact_match(prediction, gold):
 
 
 def cover_exact_match(prediction, gold):
-    """CLaRa's cover-EM: the normalised gold answer appears in the normalised output."""
-    return float(normalize_answer(gold) in normalize_answer(prediction))
+    """Apple's cover-EM ("acc"): every normalised gold token appears among the prediction's tokens."""
+    predicted = normalize_answer(prediction).split()
+    return float(all(token in predicted for token in normalize_answer(gold).split()))
 
 
 def token_f1(prediction, gold):
-    predicted, wanted = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    """Token F1; 0 when either side is yes / no / noanswer and the two differ (Apple's rule)."""
+    predicted, wanted = normalize_answer(prediction), normalize_answer(gold)
+    if predicted != wanted and (predicted in ("yes", "no", "noanswer") or wanted in ("yes", "no", "noanswer")):
+        return 0.0
+    predicted, wanted = predicted.split(), wanted.split()
     common = sum((collections.Counter(predicted) & collections.Counter(wanted)).values())
     if common == 0:
         return 0.0
@@ -1039,32 +1268,93 @@ def token_f1(prediction, gold):
     return 2 * precision * recall / (precision + recall)
 
 
+def compress_corpus(model, tokenizer, cfg, texts, batch_size=8):
+    """Every text compressed once by the compressor, without gradient: (U, n_mem, H). Stage 3 trains against
+    these (the compressor and memory are frozen there), and `index` stores them."""
+    rows = [tokenizer.encode(t, add_special_tokens=False)[: cfg.doc_max_len] for t in texts]
+    parts = []
+    for i in range(0, len(rows), batch_size):
+        doc_ids, doc_lens = memory_rows(rows[i: i + batch_size], cfg.n_mem, tokenizer.pad_token_id)
+        parts.append(mx.stop_gradient(compress_documents(model, doc_ids, doc_lens)[0]))
+        mx.eval(parts[-1])
+    return mx.concatenate(parts) if parts else mx.zeros((0, cfg.n_mem, model.memory.shape[-1]))
+
+
+def encode_question(model, tokenizer, cfg, question):
+    """The query reasoner's vector of a question: its memory states, flattened. -> (n_mem * H,)"""
+    query_ids, query_lens = memory_rows([tokenizer.encode(question, add_special_tokens=False)[: cfg.doc_max_len]],
+                                        cfg.n_mem, tokenizer.pad_token_id)
+    return compress_documents(model, query_ids, query_lens, role="query")[0].reshape(-1)
+
+
+def retrieval_prompt(tokenizer, cfg, question, k, target=None):
+    """A stage 3 prompt: k memory slots, which the retrieved documents fill, then the question."""
+    user = answer_prompt(question).replace("{docs}", "\n".join(SLOT_MARK for _ in range(k)))
+    return {"doc_ids": [], **prompt_example(tokenizer, cfg, SYSTEM_ANSWER, user, k, target)}
+
+
 EVAL_CONTEXTS = ("compressed", "text", "none")  # memory slots / document text in the prompt / no documents
+RETRIEVAL_CONTEXTS = ("retrieved", "oracle", "none")  # stage 3: top-k retrieved / the marked documents / none
+RECALL_AT = (1, 3, 5)
+
+
+def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens):
+    """Greedy answers scored against each record's gold. inputs[i] = (example, memory states or None)."""
+    rows = []
+    for r, (example, memory) in zip(records, inputs):
+        prediction, ce = generate_answer(model, tokenizer, cfg, example, max_new_tokens, memory)
+        rows.append({"question": r["question"], "gold": r["gold"], "prediction": prediction, "ce": ce,
+                     "em": exact_match(prediction, r["gold"]), "f1": token_f1(prediction, r["gold"]),
+                     "cover_em": cover_exact_match(prediction, r["gold"])})
+    summary = {key: sum(row[key] for row in rows) / len(rows) for key in ("em", "f1", "cover_em", "ce")}
+    return {**summary, "records": len(rows), "answers": rows}
 
 
 def evaluate(model, tokenizer, cfg, records, max_new_tokens):
-    """Greedy answers and scores for every record under each context. Returns {context: summary}."""
+    """Stages 1-2: greedy answers from compressed documents, document text and none. Returns {context: summary}."""
     results = {}
     for context in EVAL_CONTEXTS:
-        rows = []
-        for r in records:
-            docs = [] if context == "none" else r["docs"]
-            example = build_example(tokenizer, cfg, docs, f"Question: {r['question']}", r["answer"], context=context)
-            prediction, ce = generate_answer(model, tokenizer, cfg, example, max_new_tokens)
-            rows.append({"question": r["question"], "gold": r["answer"], "prediction": prediction, "ce": ce,
-                         "em": exact_match(prediction, r["answer"]), "f1": token_f1(prediction, r["answer"]),
-                         "cover_em": cover_exact_match(prediction, r["answer"])})
-        results[context] = {key: sum(row[key] for row in rows) / len(rows) for key in ("em", "f1", "cover_em", "ce")}
-        results[context].update(records=len(rows), answers=rows)
+        inputs = [(build_example(tokenizer, cfg, [] if context == "none" else r["docs"],
+                                 answer_prompt(r["question"], context != "none"), r["gold"], context=context), None)
+                  for r in records]
+        results[context] = score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens)
+    return results
+
+
+def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens):
+    """Stage 3: for records whose relevant candidates are marked, recall@1/3/5 of the query reasoner's ranking,
+    and answers from the top-k retrieved memories, from the marked documents (oracle) and from none."""
+    records = [r for r in records if r["positives"]]
+    texts = sorted({d for r in records for d in r["docs"]})
+    bank, rows = compress_corpus(model, tokenizer, cfg, texts), {t: i for i, t in enumerate(texts)}
+    recalls, retrieved = {k: [] for k in RECALL_AT}, []
+    for r in records:
+        candidates = bank[mx.array([rows[d] for d in r["docs"]])]  # (N, n_mem, H)
+        query = encode_question(model, tokenizer, cfg, r["question"])
+        order = mx.argsort(-cosine_scores(query[None], candidates.reshape(1, len(r["docs"]), -1))[0]).tolist()
+        for k in RECALL_AT:
+            recalls[k].append(len(set(order[:k]) & set(r["positives"])) / len(r["positives"]))
+        top = order[: cfg.top_k]
+        retrieved.append((retrieval_prompt(tokenizer, cfg, r["question"], len(top), r["gold"]), candidates[mx.array(top)]))
+    oracle = [(build_example(tokenizer, cfg, [r["docs"][i] for i in r["positives"]], answer_prompt(r["question"]),
+                             r["gold"]), None) for r in records]
+    none = [(build_example(tokenizer, cfg, [], answer_prompt(r["question"], False), r["gold"]), None) for r in records]
+    results = {context: score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens)
+               for context, inputs in zip(RETRIEVAL_CONTEXTS, (retrieved, oracle, none))}
+    results["retrieved"].update({f"recall@{k}": sum(v) / len(v) for k, v in recalls.items()})
     return results
 
 
 def eval_table(results, cfg):
     lines = ["| context | EM | F1 | cover-EM | answer CE | records |", "|---|---|---|---|---|---|"]
-    names = {"compressed": f"compressed ({cfg.n_mem} vectors / doc)", "text": "document text", "none": "no documents"}
+    names = {"compressed": f"compressed ({cfg.n_mem} vectors / doc)", "text": "document text", "none": "no documents",
+             "retrieved": f"retrieved top-{cfg.top_k} (compressed)", "oracle": "marked documents (compressed)"}
     for context, r in results.items():
         lines.append(f"| {names[context]} | {100 * r['em']:.1f} | {100 * r['f1']:.1f} | {100 * r['cover_em']:.1f} | "
                      f"{r['ce']:.3f} | {r['records']} |")
+    if "recall@1" in results.get("retrieved", {}):
+        lines.append("\nretrieval: " + " | ".join(f"recall@{k} {100 * results['retrieved'][f'recall@{k}']:.1f}"
+                                                  for k in RECALL_AT))
     return "\n".join(lines) + "\n"
 
 
@@ -1100,7 +1390,8 @@ def bench_examples(tokenizer, cfg, context):
     ids = tokenizer.encode(text * 4, add_special_tokens=False)
     docs = [tokenizer.decode(ids[i * cfg.doc_max_len: (i + 1) * cfg.doc_max_len]) for i in range(3)]
     if context == "compress":
-        return compress_examples(tokenizer, cfg, [{"doc": docs[0], "target": docs[0]}] * cfg.batch_size)
+        record = {"kind": "reconstruct", "doc": docs[0], "target": docs[0]}
+        return compress_examples(tokenizer, cfg, [record] * cfg.batch_size)
     record = {"question": "What does the name CLaRa stand for?", "docs": docs, "answer": "Continuous Latent Reasoning"}
     return sft_examples(tokenizer, replace(cfg, context=context), [record] * cfg.batch_size)
 
@@ -1190,13 +1481,17 @@ def cmd_bench(cfg, args, trained, resume):
 # commands
 
 
-def prepare(cfg, trained=None):
-    """Load the base model and build the CLaRa wrapper (seeded); trained adapters + memory go in when given."""
+def prepare(cfg, trained=None, fresh=(), stage3=False):
+    """Load the base model and build the CLaRa wrapper (seeded); trained adapters + memory go in when given,
+    except the roles in `fresh`, which keep their new initialisation. Stage 3 trains other roles."""
     mx.random.seed(cfg.seed)
     llm, tokenizer = load_model(cfg.model, cfg.base)
     model = CLaRa(llm, cfg)
     if trained is not None:
-        load_trainable(model, trained)
+        load_trained(model, trained, fresh)
+    if stage3:
+        train_only(model, ("generator", "query"), memory=False)
+    model.eval()  # no dropout outside training steps
     if cfg.grad_checkpoint:
         checkpoint_blocks(llm)
     n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
@@ -1242,29 +1537,159 @@ def cmd_compress(cfg, args, trained, resume):
         chunks_path = Path(args.chunks_out)
         write_jsonl_atomically(chunks_path, chunks)
         print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {chunks_path}")
-        records = [{"doc": c["text"], "target": c["text"]} for c in chunks]
+        records = [{"kind": "reconstruct", "doc": c["text"], "target": c["text"]} for c in chunks]
     if not val_records:
         records, val_records = split_validation(records, cfg.val_fraction, cfg.seed)
     return run_stage(cfg, model, tokenizer, compress_examples(tokenizer, cfg, records),
                      compress_examples(tokenizer, cfg, val_records), resume)
 
 
-def cmd_sft(cfg, args, trained, resume):
-    rows = read_records(args.data, parse_sft_record)
+def split_records(cfg, path, parse):
+    """(training records, validation records, held-out count) of a stage 2 or 3 file. Validation: --val-data,
+    else --val-fraction of the training records, else the records marked "split": "eval"."""
+    rows = read_records(path, parse)
     records = [record for split, record in rows if split != "eval"]
     held_out = [record for split, record in rows if split == "eval"]
     if not records:
-        raise InputError(f"{args.data}: every record is marked \"split\": \"eval\"; nothing to train on")
+        raise InputError(f"{path}: every record is marked \"split\": \"eval\"; nothing to train on")
     if cfg.val_data:
-        val_records = [record for _, record in read_records(cfg.val_data, parse_sft_record)]
-    elif cfg.val_fraction > 0:
-        records, val_records = split_validation(records, cfg.val_fraction, cfg.seed)
-    else:
-        val_records = held_out  # the records marked "split": "eval" validate by default
-    model, tokenizer = prepare(cfg, trained)
-    print(f"{args.data}: {len(records)} training record(s), {len(held_out)} held out (\"split\": \"eval\")")
+        return records, [record for _, record in read_records(cfg.val_data, parse)], len(held_out)
+    if cfg.val_fraction > 0:
+        return *split_validation(records, cfg.val_fraction, cfg.seed), len(held_out)
+    return records, held_out, len(held_out)
+
+
+def cmd_sft(cfg, args, trained, checkpoint):
+    records, val_records, n_held_out = split_records(cfg, args.data, parse_sft_record)
+    # Apple's stage 2 takes the compressor and the memory from stage 1 and starts a fresh generator
+    fresh = ("generator",) if cfg.init and not checkpoint and not cfg.init_generator else ()
+    model, tokenizer = prepare(cfg, trained, fresh)
+    print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out (\"split\": \"eval\")")
     return run_stage(cfg, model, tokenizer, sft_examples(tokenizer, cfg, records),
-                     sft_examples(tokenizer, cfg, val_records), resume)
+                     sft_examples(tokenizer, cfg, val_records), checkpoint)
+
+
+def cmd_e2e(cfg, args, trained, checkpoint):
+    """Stage 3: the generator and the query reasoner learn from the answer loss, through the differentiable
+    top-k; the compressor and the memory embeddings are frozen, so each candidate is compressed only once."""
+    if trained is None:
+        raise InputError("e2e trains retrieval on top of stage 2: give --init with the --out folder of an sft run")
+    parse = functools.partial(parse_e2e_record, min_candidates=cfg.top_k)
+    records, val_records, n_held_out = split_records(cfg, args.data, parse)
+    model, tokenizer = prepare(cfg, trained, stage3=True)
+    texts = sorted({d for r in records + val_records for d in r["docs"]})
+    tic = time.perf_counter()
+    bank = compress_corpus(model, tokenizer, cfg, texts)  # (U, n_mem, H)
+    print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out; {len(texts)} distinct candidate "
+          f"documents compressed once in {time.perf_counter() - tic:.1f} s", flush=True)
+    rows = {t: i for i, t in enumerate(texts)}
+    return run_stage(cfg, model, tokenizer, e2e_examples(tokenizer, cfg, records, bank, rows),
+                     e2e_examples(tokenizer, cfg, val_records, bank, rows), checkpoint)
+
+
+INDEX_FORMAT = "clara-index/1"
+
+
+def compressor_fingerprint(model):
+    """sha256 of what decides a document's memory vectors: the compressor adapter and the memory embeddings."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, value in sorted(adapter_arrays(model).items()):
+        if name == "memory" or adapter_role(name) == "compressor":
+            digest.update(name.encode())
+            digest.update(memoryview(value.astype(mx.float32)))
+    return digest.hexdigest()[:16]
+
+
+def read_chunks(args, tokenizer, cfg):
+    """The corpus of `index`: a PDF chunked as compress --pdf does, or {"text"} lines of a JSONL file.
+    -> [{"text", "source", "pages"}]"""
+    if args.pdf:
+        pages = extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages)
+        count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+        return [{**c, "source": Path(args.pdf).name} for c in chunk_pages(pages, count_tokens, cfg.doc_max_len)]
+    return [{"text": text_field(first_field(obj, ("text",), f"{args.data}:{n}")[1], "text", f"{args.data}:{n}"),
+             "source": obj.get("source", Path(args.data).name), "pages": obj.get("pages", [])}
+            for n, obj in read_jsonl(args.data)]
+
+
+def cmd_index(cfg, args, trained, checkpoint):
+    """Compress every chunk of a corpus once; write memory vectors, retrieval keys, chunks and the compressor's
+    fingerprint to --out (built in a temporary folder and renamed: never half-written)."""
+    if bool(args.pdf) == bool(args.data):
+        raise InputError("index needs exactly one of --pdf FILE or --data FILE.jsonl")
+    if args.pdf:
+        extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages)  # a bad file fails before the model loads
+    else:
+        read_jsonl(args.data)
+    model, tokenizer = prepare(cfg, trained)
+    chunks = read_chunks(args, tokenizer, cfg)
+    tic = time.perf_counter()
+    memory = compress_corpus(model, tokenizer, cfg, [c["text"] for c in chunks])  # (N, n_mem, H)
+    keys = memory.reshape(len(chunks), -1).astype(mx.float32)  # (N, n_mem * H)
+    keys = keys / mx.maximum(mx.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)  # cosine = keys @ unit query
+    mx.eval(keys)
+    seconds = time.perf_counter() - tic
+    out = Path(cfg.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a killed run: never a user's folder (the name starts with a dot)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / "index.safetensors"), {"memory": memory, "keys": keys})
+    write_jsonl_atomically(tmp / "chunks.jsonl", chunks)
+    info = {"format": INDEX_FORMAT, "adapters": str(Path(args.adapters).absolute()),
+            "fingerprint": compressor_fingerprint(model), "chunks": len(chunks), "config": asdict(cfg)}
+    (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"indexed {len(chunks)} chunk(s) in {seconds:.1f} s ({len(chunks) / seconds:.1f} chunks/s) -> {out}/")
+
+
+def read_index(folder):
+    """(info, memory (N, n_mem, H), keys (N, n_mem * H), chunks) of an index folder, or one clear error."""
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / "index.json").read_text())
+        assert info.get("format") == INDEX_FORMAT
+        arrays = mx.load(str(folder / "index.safetensors"))
+        chunks = [json.loads(line) for line in (folder / "chunks.jsonl").read_text().splitlines()]
+        assert arrays["keys"].shape[0] == arrays["memory"].shape[0] == len(chunks)
+    except Exception:
+        raise InputError(f"{folder}: not a readable index (build one with: clara.py index --pdf FILE "
+                         "--adapters RUN --out DIR)") from None
+    return info, arrays["memory"], arrays["keys"], chunks
+
+
+def ask_index(cfg, args, trained):
+    """Answer from a compressed corpus: the query reasoner encodes the question, an exact cosine search over
+    the index picks the top-k chunks, and the generator reads their memory vectors. Nothing is re-compressed."""
+    info, memory, keys, chunks = read_index(args.index)
+    model, tokenizer = prepare(cfg, trained)
+    if compressor_fingerprint(model) != info["fingerprint"]:
+        raise InputError(f"{args.index}: built with other adapters (compressor {info['fingerprint']}) than "
+                         f"{args.adapters} ({compressor_fingerprint(model)}); rebuild it with clara.py index")
+    k = min(cfg.top_k, len(chunks))
+    if k < cfg.top_k:
+        print(f"note: the index holds {len(chunks)} chunk(s); retrieving {k}, not --top-k {cfg.top_k}")
+    tic = time.perf_counter()
+    query = encode_question(model, tokenizer, cfg, args.question).astype(mx.float32)  # (n_mem * H,)
+    mx.eval(query)
+    encoded = time.perf_counter()
+    scores = keys @ (query / mx.maximum(mx.linalg.norm(query), 1e-12))  # (N,) cosine similarities
+    top = mx.argsort(-scores)[:k]  # (k,) best first
+    mx.eval(top)
+    retrieved = time.perf_counter()
+    example = retrieval_prompt(tokenizer, cfg, args.question, k)
+    answer = generate_answer(model, tokenizer, cfg, example, args.max_new_tokens, memory[top])[0]
+    done = time.perf_counter()
+    print(answer)
+    print(f"\nsources (query encoding {1000 * (encoded - tic):.0f} ms, retrieval over {len(chunks)} chunks "
+          f"{1000 * (retrieved - encoded):.1f} ms, generation {1000 * (done - retrieved):.0f} ms):")
+    for rank, i in enumerate(top.tolist(), 1):
+        c = chunks[i]
+        pages = f" p. {', '.join(map(str, c['pages']))}" if c.get("pages") else ""
+        words = " ".join(c["text"].split()[:12])
+        print(f"  [{rank}] score {scores[i].item():.3f} | {c['source']}{pages} | {words} ...")
 
 
 def read_documents(paths):
@@ -1276,30 +1701,42 @@ def read_documents(paths):
     return texts
 
 
-def cmd_ask(cfg, args, trained, resume):
+def cmd_ask(cfg, args, trained, checkpoint):
+    if args.index:
+        return ask_index(cfg, args, trained)
+    if not args.docs:
+        raise InputError("ask needs --docs FILE ... (documents to compress) or --index DIR (a compressed corpus)")
     docs = read_documents(args.docs)
     model, tokenizer = prepare(cfg, trained)
-    example = build_example(tokenizer, cfg, docs, f"Question: {args.question}", None, context=cfg.context)
+    example = build_example(tokenizer, cfg, docs, answer_prompt(args.question), None, context=cfg.context)
     print(generate_answer(model, tokenizer, cfg, example, args.max_new_tokens)[0])
 
 
-def cmd_eval(cfg, args, trained, resume):
-    rows = read_records(args.data, parse_sft_record)
+def cmd_eval(cfg, args, trained, checkpoint):
+    check_writable(eval_folder(args) / "eval.json", "eval output", is_folder=False)
+    rows = read_records(args.data, parse_e2e_record)
     records = [record for split, record in rows if split == "eval"] or [record for _, record in rows]
+    retrieval = any(r["positives"] for r in records)  # stage 3 records: candidates with the relevant ones marked
     model, tokenizer = prepare(cfg, trained)
     which = "those marked \"split\": \"eval\"" if len(records) < len(rows) else "all of them"
-    print(f"{args.data}: scoring {len(records)} record(s) ({which}) in {len(EVAL_CONTEXTS)} contexts", flush=True)
-    results = evaluate(model, tokenizer, cfg, records, args.max_new_tokens)
+    contexts = RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS
+    print(f"{args.data}: scoring {len(records)} record(s) ({which}) in {len(contexts)} contexts", flush=True)
+    results = (evaluate_retrieval if retrieval else evaluate)(model, tokenizer, cfg, records, args.max_new_tokens)
     table = eval_table(results, cfg)
     print(table, end="")
-    where = Path(args.adapters) if Path(args.adapters).is_dir() else Path(args.adapters).parent
+    where = eval_folder(args)
     save_atomically(where / "eval.json", lambda p: p.write_text(json.dumps(
         {"data": str(args.data), "adapters": str(args.adapters), "results": results}, indent=2) + "\n"))
     save_atomically(where / "eval.md", lambda p: p.write_text(table))
     print(f"wrote {where / 'eval.json'} and {where / 'eval.md'}")
 
 
-COMMANDS = {"compress": cmd_compress, "sft": cmd_sft, "ask": cmd_ask, "eval": cmd_eval, "bench": cmd_bench}
+def eval_folder(args):
+    return Path(args.adapters) if Path(args.adapters).is_dir() else Path(args.adapters).parent
+
+
+COMMANDS = {"compress": cmd_compress, "sft": cmd_sft, "e2e": cmd_e2e, "index": cmd_index, "ask": cmd_ask,
+            "eval": cmd_eval, "bench": cmd_bench}
 
 
 # -----------------------------------------------------------------------------
@@ -1325,36 +1762,52 @@ def parse_args(argv):
             shared.add_argument(flag, action="store_true", default=None, help=helps[f.name])
         elif isinstance(default, tuple):
             shared.add_argument(flag, nargs="+", help=f"{helps[f.name]} (default: {' '.join(default)})")
+        elif f.name == "lora_layers":
+            shared.add_argument(flag, type=lambda v: -1 if v == "all" else int(v), help=f"{helps[f.name]} (default: 8)")
         elif f.name in ("context", "base"):
             choices = ("compressed", "text") if f.name == "context" else ("auto", "float32", "bfloat16", "stored")
             shared.add_argument(flag, choices=choices, help=f"{helps[f.name]} (default: {default})")
         else:
             shared.add_argument(flag, type=type(default), help=f"{helps[f.name]} (default: {default!r})")
-    compress = commands.add_parser("compress", parents=[shared], help="stage 1: regenerate documents from memory")
-    compress.add_argument("--pdf", help="a PDF whose text becomes the training documents")
-    compress.add_argument("--data", help="JSONL: {\"text\"} chunks, or CLaRa's {\"question\", \"answers\", \"docs\"}")
-    compress.add_argument("--chunks-out", help="where the PDF's chunks go (default: data/<pdf name>.chunks.jsonl)")
-    compress.add_argument("--pdf-password", default="", help="password of an encrypted PDF")
-    compress.add_argument("--max-pages", type=int, default=1000, help="read at most this many pages (default: 1000)")
+    compress = commands.add_parser("compress", parents=[shared],
+                                   help="stage 1: QA / paraphrase targets (or the text itself) from memory")
     sft = commands.add_parser("sft", parents=[shared], help="stage 2: question + compressed documents -> answer")
-    sft.add_argument("--data", required=True, help="JSONL: {\"question\", \"docs\": [...], \"gold_answer\"}")
+    sft.add_argument("--data", required=True, help="JSONL: {\"question\", \"docs\": [...], \"answer\" / \"gold_answer\"}")
+    e2e = commands.add_parser("e2e", parents=[shared], help="stage 3: retrieval and generation trained end to end")
+    e2e.add_argument("--data", required=True,
+                     help="JSONL: {\"question\", \"docs\": [candidates], \"answer\", \"pos_index\": [...] (optional)}")
+    index = commands.add_parser("index", help="compress a corpus once, for ask --index")
+    index.add_argument("--adapters", required=True, help="output folder of a run (e2e, or sft)")
+    index.add_argument("--out", required=True, help="folder the index is written to (must not hold files yet)")
+    for command in (compress, index):
+        command.add_argument("--pdf", help="a PDF whose text is chunked into documents")
+        command.add_argument("--pdf-password", default="", help="password of an encrypted PDF")
+        command.add_argument("--max-pages", type=int, default=1000, help="read at most this many pages (default: 1000)")
+    compress.add_argument("--data", help="JSONL: {\"text\"} chunks, or Apple's stage 1 \"qa\" / \"paraphrase\" records")
+    compress.add_argument("--chunks-out", help="where the PDF's chunks go (default: data/<pdf name>.chunks.jsonl)")
+    index.add_argument("--data", help="JSONL: {\"text\", \"pages\" (optional), \"source\" (optional)} chunks")
     bench = commands.add_parser("bench", parents=[shared], help="time compress and sft steps beside mlx-lm's trainer")
     bench.add_argument("--bench-steps", type=int, default=5, help="measured steps per row, after 2 warm-up steps")
-    for name, text in (("ask", "answer a question from documents compressed by trained adapters"),
-                       ("eval", "score answers from compressed documents, document text and no documents")):
+    for name, text in (("ask", "answer a question from documents or from an index, with trained adapters"),
+                       ("eval", "score answers: compressed vs text vs none, or retrieved vs marked vs none")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--adapters", required=True, help="output folder of a run, or a checkpoint file")
         command.add_argument("--max-new-tokens", type=int, default=64 if name == "ask" else 32,
                              help="longest answer in tokens")
-    commands.choices["ask"].add_argument("--docs", nargs="+", required=True, help="text files, one document each")
-    commands.choices["ask"].add_argument("--question", required=True, help="the question to answer")
-    commands.choices["ask"].add_argument("--context", choices=("compressed", "text"),
-                                         help="compressed memory (default) or the document text in the prompt")
-    commands.choices["eval"].add_argument("--data", required=True,
-                                          help="sft-style JSONL; its \"split\": \"eval\" records if it has any")
+        command.add_argument("--top-k", type=int, help="documents retrieved per question (default: the run's)")
+    ask, evaluate_ = commands.choices["ask"], commands.choices["eval"]
+    ask.add_argument("--adapters", help="output folder of a run, or a checkpoint file (with --index: the index's)")
+    ask.add_argument("--docs", nargs="+", help="text files, one document each")
+    ask.add_argument("--index", help="a folder written by clara.py index: retrieve from it instead of --docs")
+    ask.add_argument("--question", required=True, help="the question to answer")
+    ask.add_argument("--context", choices=("compressed", "text"),
+                     help="compressed memory (default) or the document text in the prompt")
+    evaluate_.add_argument("--adapters", required=True, help="output folder of a run, or a checkpoint file")
+    evaluate_.add_argument("--data", required=True,
+                           help="sft- or e2e-style JSONL; its \"split\": \"eval\" records if it has any")
     return parser.parse_args(argv)
 
 
+SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys")
 RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "plot", "resume")  # --resume may change these
 
 
@@ -1363,18 +1816,24 @@ def resolve_config(args):
     the options given on the command line. Returns (cfg, trained arrays or None, checkpoint or None)."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
     saved, trained, checkpoint = {}, None, None
-    if args.command in ("ask", "eval"):
+    if args.command == "ask" and args.index and not args.adapters:
+        args.adapters = read_index(args.index)[0]["adapters"]  # the adapters the index was built with
+    if args.command in ("ask", "eval", "index"):
+        if not args.adapters:
+            raise InputError("ask needs --adapters RUN (the output folder of a training run) or --index DIR")
         saved, trained = read_trained(args.adapters)
     elif "resume" in given:
         checkpoint = read_checkpoint(Path(given["resume"]) / CHECKPOINT)
         saved = json.loads(checkpoint[1]["config"])
+        trained = {k.removeprefix("model."): v for k, v in checkpoint[0].items() if k.startswith("model.")}
         ignored = sorted(set(given) - set(RUN_CONTROL))
         if ignored:
             print(f"note: a resumed run keeps its checkpoint's config; ignoring --{', --'.join(ignored)}")
         given = {k: v for k, v in given.items() if k in RUN_CONTROL}
         given.setdefault("out", saved["out"])
-    elif "init" in given:
-        trained = read_trained(given["init"])[1]
+    elif "init" in given:  # the next stage keeps the earlier run's model and adapter shapes
+        init_config, trained = read_trained(given["init"])
+        saved = {k: v for k, v in init_config.items() if k in SHAPE_OPTIONS}
     values = {**asdict(Config()), **{k: v for k, v in saved.items() if k in asdict(Config())}, **given}
     cfg = Config(**{**values, "lora_keys": tuple(values["lora_keys"])})
     cfg.out = cfg.out or f"runs/{args.command}"
@@ -1383,13 +1842,14 @@ def resolve_config(args):
 
 def validate_config(cfg):
     for name in ("steps", "batch_size", "doc_max_len", "compression_rate", "max_len", "lora_rank", "lora_layers",
-                 "log_every", "grad_accum", "eval_every", "save_every"):
-        if getattr(cfg, name) <= 0:
+                 "log_every", "grad_accum", "eval_every", "save_every", "top_k"):
+        if getattr(cfg, name) <= 0 and not (name == "lora_layers" and cfg.lora_layers == -1):
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("lr", "min_lr", "mse_weight", "clip_norm"):
-        if not getattr(cfg, name) >= 0 or (name == "lr" and cfg.lr == 0):
-            raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name == 'lr' else 'at least 0'}")
-    for name in ("warmup", "val_fraction"):
+    for name in ("lr", "min_lr", "mse_weight", "clip_norm", "temperature"):
+        positive = name in ("lr", "temperature")
+        if not getattr(cfg, name) >= 0 or (positive and getattr(cfg, name) == 0):
+            raise InputError(f"--{name.replace('_', '-')} must be {'positive' if positive else 'at least 0'}")
+    for name in ("warmup", "val_fraction", "lora_dropout"):
         if not 0 <= getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} is a fraction: at least 0 and below 1")
     if cfg.compression_rate > cfg.doc_max_len:
@@ -1415,12 +1875,14 @@ def check_writable(path, flag, is_folder):
 
 def check_options(cfg, args):
     """Options that need the file system: checked before any model loads or anything is written."""
-    if args.command in ("compress", "sft"):
+    if args.command in ("compress", "sft", "e2e", "index"):
         check_writable(cfg.out, "--out", is_folder=True)
+    if args.command == "index" and Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
+        raise InputError(f"--out {cfg.out}: already holds files; an index is written to a new or empty folder")
     if args.command == "compress" and args.pdf:
         args.chunks_out = args.chunks_out or f"data/{Path(args.pdf).stem}.chunks.jsonl"
         check_writable(args.chunks_out, "--chunks-out", is_folder=False)
-    if args.command == "compress" and args.max_pages <= 0:
+    if args.command in ("compress", "index") and args.max_pages <= 0:
         raise InputError(f"--max-pages must be positive, got {args.max_pages}")
     if getattr(args, "max_new_tokens", 1) <= 0:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")

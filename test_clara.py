@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -79,11 +80,11 @@ def test_truncation_keeps_every_target_token_and_a_suffix_of_the_prompt(prompt, 
 
 def test_build_example_truncates_the_prompt_from_the_start_and_counts_cut_targets(tokenizer):
     cfg = tiny_config(max_len=24)
-    example = clara.build_example(tokenizer, cfg, ["one two three " * 20], "Question: why?", "because")
+    example = clara.build_example(tokenizer, cfg, ["one two three " * 20], clara.answer_prompt("why?"), "because")
     target = tokenizer.encode("because", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert len(example["ids"]) == 24 and example["ids"][-len(target):] == target
     assert example["n_prompt"] == 24 - len(target) and not example["target_cut"]
-    overlong = clara.build_example(tokenizer, cfg, ["doc"], "Q", "word " * 100)
+    overlong = clara.build_example(tokenizer, cfg, ["doc"], clara.answer_prompt("Q"), "word " * 100)
     assert overlong["target_cut"] and overlong["n_prompt"] == 0 and len(overlong["ids"]) == 24
 
 
@@ -201,12 +202,12 @@ def test_projecting_only_labelled_positions_gives_the_full_masked_loss(tokenizer
     memory_states, mse = clara.compress_documents(model, batch["doc_ids"], batch["doc_lens"])
     full_ce, full_n = clara.masked_cross_entropy(
         clara.generator_logits(model, batch["ids"], batch["slot_index"], memory_states), batch["labels"])
-    loss, ce, mse_again, n = clara.clara_loss(model, batch, cfg.mse_weight)
+    loss, ce, mse_again, n = clara.clara_loss(model, batch, cfg)
     assert n.item() == full_n.item() == batch["label_positions"].size
     assert abs(ce.item() - full_ce.item()) < 1e-5 and abs(loss.item() - (full_ce + 0.1 * mse).item()) < 1e-5
     unlabelled = clara.make_batch([{**clara.sft_examples(tokenizer, cfg, SFT_RECORDS)[0], "n_prompt": 10**6}],
                                   cfg.n_mem, tokenizer.pad_token_id)
-    assert clara.clara_loss(model, unlabelled, cfg.mse_weight)[1].item() == 0.0  # no label at all: CE 0
+    assert clara.clara_loss(model, unlabelled, cfg)[1].item() == 0.0  # no label at all: CE 0
 
 
 def test_labels_are_exactly_the_target_tokens(tokenizer):
@@ -239,12 +240,99 @@ def test_padding_does_not_change_any_real_tokens_result(tokenizer):
 
 
 # -----------------------------------------------------------------------------
+# stage 3: the differentiable top-k, the query reasoner, end-to-end training
+
+
+def distinct_rows(batch, n):
+    return st.lists(st.lists(st.floats(-30, 30, width=32), min_size=n, max_size=n, unique=True),
+                    min_size=batch, max_size=batch)
+
+
+@FAST
+@given(st.integers(1, 3), st.integers(1, 8), st.data())
+def test_top_k_forward_is_exactly_the_hard_selection_and_never_repeats_a_candidate(batch, n, data):
+    k = data.draw(st.integers(1, n))
+    logits = np.array(data.draw(distinct_rows(batch, n)), dtype=np.float32)
+    selection = np.array(clara.differentiable_top_k(mx.array(logits), k))  # (B, k, N)
+    expected = np.eye(n, dtype=np.float32)[np.argsort(-logits, axis=-1)[:, :k]]  # one-hots, best first
+    assert np.array_equal(selection, expected)
+    assert (selection.sum(axis=1) <= 1).all()  # no candidate chosen twice
+    if k == n:
+        assert (selection.sum(axis=1) == 1).all()  # k = N: a permutation
+
+
+def test_top_k_gradient_reaches_the_scores_and_padding_is_never_chosen():
+    scores = mx.array([[0.9, 0.2, 0.5, -0.3, 0.95]])  # (1, 5); the last one is padding, with the best raw score
+    mask = mx.array([[True, True, True, True, False]])
+    values = mx.array([1.0, 2.0, 3.0, 4.0, 5.0])
+
+    def picked(scores):
+        logits = mx.where(mask, scores / 0.02, -1e9)
+        return (clara.differentiable_top_k(logits, 3) @ values).sum()  # sum of the chosen values, rank-weighted
+
+    selection = clara.differentiable_top_k(mx.where(mask, scores / 0.02, -1e9), 3)
+    assert selection[0, :, 4].sum().item() == 0  # padding never chosen
+    assert selection.argmax(axis=-1).tolist() == [[0, 2, 1]]
+    grad = mx.grad(picked)(scores)
+    assert np.isfinite(np.array(grad)).all() and mx.abs(grad[0, :4]).max().item() > 0
+    assert grad[0, 4].item() == 0
+
+
+def randomize_adapters(model, role, seed):
+    """Give one role non-zero B matrices, so that it differs from the base and from the other roles."""
+    mx.random.seed(seed)
+    for _, module in model.named_modules():
+        if isinstance(module, clara.LoRALinear):
+            module.adapters[role].lora_b = 0.5 * mx.random.normal(module.adapters[role].lora_b.shape)
+
+
+def test_query_reasoner_starts_as_the_compressor_so_a_document_retrieves_itself(tokenizer):
+    cfg = tiny_config()
+    stage2 = tiny_clara(cfg)
+    randomize_adapters(stage2, "compressor", seed=1)
+    saved = clara.adapter_arrays(stage2)  # what an sft run writes: no query reasoner
+    assert not any(".adapters.query." in name for name in saved)
+    model = tiny_clara(cfg, seed=7)
+    clara.load_trained(model, saved)
+    docs = ["Memory tokens follow every document.", "The generator reads compressed vectors.", "Cats purr."]
+    bank = clara.compress_corpus(model, tokenizer, cfg, docs)  # (3, n_mem, H)
+    for i, doc in enumerate(docs):
+        query = clara.encode_question(model, tokenizer, cfg, doc)
+        scores = clara.cosine_scores(query[None], bank.reshape(1, 3, -1))[0]
+        assert scores[i].item() == pytest.approx(1.0, abs=1e-5) and scores.argmax().item() == i
+
+
+E2E_RECORDS = [
+    {"question": "What colour is the sky?", "docs": ["Grass is green.", "The sky is blue on a clear day.",
+                                                     "Cats purr."], "answer": "blue", "positives": [1]},
+    {"question": "How many legs has a spider?", "docs": ["Cats purr.", "A spider has eight legs.", "Snow is cold.",
+                                                         "Grass is green."], "answer": "eight", "positives": [1]},
+]
+
+
+def test_e2e_trains_only_the_generator_and_the_query_reasoner_and_lowers_the_loss(tokenizer):
+    cfg = tiny_config(top_k=2, steps=8)
+    model = tiny_clara(cfg)
+    randomize_adapters(model, "compressor", seed=1)
+    clara.train_only(model, ("generator", "query"), memory=False)
+    texts = sorted({d for r in E2E_RECORDS for d in r["docs"]})
+    bank = clara.compress_corpus(model, tokenizer, cfg, texts)
+    examples = clara.e2e_examples(tokenizer, cfg, E2E_RECORDS, bank, {t: i for i, t in enumerate(texts)})
+    before = {name: np.array(v) for name, v in tree_flatten(model.parameters())}
+    history = clara.train(model, examples, cfg, tokenizer.pad_token_id)
+    changed = {name for name, v in tree_flatten(model.parameters()) if not np.array_equal(np.array(v), before[name])}
+    assert {clara.adapter_role(name) for name in changed} == {"generator", "query"}  # base, memory, compressor fixed
+    assert history[-1]["ce"] < history[0]["ce"] and history[0]["mse"] == 0.0  # no MSE in stage 3
+    assert any(".adapters.query." in name for name in clara.adapter_arrays(model))  # now saved with the run
+
+
+# -----------------------------------------------------------------------------
 # training on a tiny model
 
 
 def mean_loss(model, examples, cfg, pad_id):
     batch = clara.make_batch(examples, cfg.n_mem, pad_id)
-    return clara.clara_loss(model, batch, cfg.mse_weight)[0].item()
+    return clara.clara_loss(model, batch, cfg)[0].item()
 
 
 @pytest.mark.parametrize("stage", ["compress", "sft"])
@@ -253,7 +341,7 @@ def test_a_few_steps_on_a_tiny_model_lower_the_loss(tokenizer, stage, capsys):
     model = tiny_clara(cfg)
     if stage == "compress":
         docs = ["Memory tokens follow every document.", "The generator reads compressed vectors."]
-        examples = clara.compress_examples(tokenizer, cfg, [{"doc": d, "target": d} for d in docs])
+        examples = clara.compress_examples(tokenizer, cfg, [{"kind": "reconstruct", "doc": d, "target": d} for d in docs])
     else:
         examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
     before = mean_loss(model, examples, cfg, tokenizer.pad_token_id)
@@ -283,7 +371,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
         model = tiny_clara(cfg)
         if checkpointed:
             clara.checkpoint_blocks(model.llm)
-        (loss, *_), grads = nn.value_and_grad(model, clara.clara_loss)(model, batch, cfg.mse_weight)
+        (loss, *_), grads = nn.value_and_grad(model, clara.clara_loss)(model, batch, cfg)
         results.append((loss, dict(tree_flatten(grads))))
     assert type(model.llm.layers[0]).__name__ == "CheckpointedTransformerBlock"
     assert abs(results[0][0].item() - results[1][0].item()) < 1e-6
@@ -296,7 +384,7 @@ def test_text_context_compresses_nothing_and_its_mse_is_zero(tokenizer):
     model = tiny_clara(cfg)
     examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
     batch = clara.make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
-    loss, ce, mse, _ = clara.clara_loss(model, batch, cfg.mse_weight)
+    loss, ce, mse, _ = clara.clara_loss(model, batch, cfg)
     assert batch["doc_ids"].shape[0] == 0 and mse.item() == 0.0 and loss.item() == ce.item()
     assert "blue on a clear day" in tokenizer.decode(examples[0]["ids"])
 
@@ -381,8 +469,14 @@ def test_a_non_finite_loss_stops_before_the_update_and_names_the_step(tokenizer)
     ("London", "Paris", 0.0, 0.0, 0.0),
     ("an apple a day", "Apple day", 1.0, 1.0, 1.0),
     ("sixteen vectors", "16", 0.0, 0.0, 0.0),
+    ("France, Paris", "Paris France", 0.0, 1.0, 1.0),  # cover-EM is about tokens, not a substring
+    ("Parisian", "Paris", 0.0, 0.0, 0.0),  # a substring is not a token: no cover
+    ("True", "yes", 1.0, 1.0, 1.0),  # True / False read as yes / no
+    ("yes it is", "yes", 0.0, 0.0, 1.0),  # F1 is 0 when one side is yes / no / noanswer and they differ
+    ("no", "no way", 0.0, 0.0, 0.0),
+    ("noanswer", "noanswer", 1.0, 1.0, 1.0),
 ])
-def test_answer_metrics_follow_squad_normalisation(prediction, gold, em, f1, cover):
+def test_answer_metrics_are_apples_em_f1_and_cover_em(prediction, gold, em, f1, cover):
     assert clara.exact_match(prediction, gold) == em
     assert clara.token_f1(prediction, gold) == pytest.approx(f1)
     assert clara.cover_exact_match(prediction, gold) == cover
@@ -409,16 +503,54 @@ def test_sft_records_accept_claras_field_variants():
                 {"question": "q", "content": "d", "answers": ["a", "b"]},
                 {"question": "q", "docs": ["d"], "golden_answers": ["a"]}]
     for obj in variants:
-        assert clara.parse_sft_record(obj, where) == {"question": "q", "docs": ["d"], "answer": "a"}
+        assert clara.parse_sft_record(obj, where) == {"question": "q", "docs": ["d"], "answer": "a", "gold": "a"}
     for bad in [{"docs": ["d"], "answer": "a"}, {"question": "q", "docs": [1], "answer": "a"},
                 {"question": "q", "docs": ["d"], "answer": ""}]:
         with pytest.raises(clara.InputError, match="f.jsonl:1: "):
             clara.parse_sft_record(bad, where)
 
 
+@pytest.mark.parametrize("fields, target, gold", [
+    ({"answer": "long answer", "gold_answer": "gold"}, "long answer", "gold"),  # Apple's stage 2: both
+    ({"gold_answer": "gold", "answer": "long answer"}, "long answer", "gold"),  # field order does not matter
+    ({"answer": "only"}, "only", "only"),  # no gold: scored against the target
+    ({"gold_answer": "only"}, "only", "only"),  # no target: trained on the gold
+    ({"golden_answers": ["g1", "g2"], "answer": "t"}, "t", "g1"),  # Apple scores golden_answers[0]
+])
+def test_training_reads_the_answer_field_and_scoring_the_gold_field(fields, target, gold):
+    record = clara.parse_sft_record({"question": "q", "docs": ["d"], **fields}, "f.jsonl:1")
+    assert (record["answer"], record["gold"]) == (target, gold)
+
+
 def test_stage1_qa_records_target_the_question_answer_pairs():
     record = clara.parse_compress_record({"question": ["Q1", "Q2"], "answers": ["A1", "A2"], "docs": ["D"]}, "x")
-    assert record == {"doc": "D", "target": "Question: Q1\nAnswer: A1\nQuestion: Q2\nAnswer: A2"}
+    assert record == {"kind": "qa", "doc": "D", "target": "Question: Q1\nAnswer: A1\nQuestion: Q2\nAnswer: A2"}
+    assert clara.parse_compress_record({"data_type": "qa", "question": ["Q1"], "answers": ["A1"], "docs": ["D"]},
+                                       "x") == {"kind": "qa", "doc": "D", "target": "Question: Q1\nAnswer: A1"}
+    assert clara.parse_compress_record({"data_type": "paraphrase", "docs": ["D"], "answers": ["P"]}, "x") == \
+        {"kind": "paraphrase", "doc": "D", "target": "P"}
+    assert clara.parse_compress_record({"text": "T"}, "x") == {"kind": "reconstruct", "doc": "T", "target": "T"}
+    for bad, message in [({"data_type": "summary", "docs": ["D"]}, "'data_type' must be"),
+                         ({"data_type": "qa", "question": ["Q"], "answers": ["A"], "docs": ["D", "E"]}, "one document"),
+                         ({"data_type": "paraphrase", "docs": ["D"]}, "missing field 'answers'")]:
+        with pytest.raises(clara.InputError, match=message):
+            clara.parse_compress_record(bad, "x")
+
+
+def test_stage1_prompts_are_apples_and_paraphrase_requests_are_seeded(tokenizer):
+    cfg = tiny_config(doc_max_len=64, max_len=400)
+    records = [{"kind": "qa", "doc": "D", "target": "Question: q\nAnswer: a"}] + \
+        [{"kind": "paraphrase", "doc": "Doc.", "target": "P"} for i in range(12)]
+    examples = clara.compress_examples(tokenizer, cfg, records)
+    prompts = [tokenizer.decode(ex["ids"][: ex["n_prompt"]]) for ex in examples]
+    assert clara.SYSTEM_QA in prompts[0] and "generate some single questions" in prompts[0]
+    assert all(clara.SYSTEM_PARAPHRASE in p for p in prompts[1:])
+    assert len(set(prompts[1:])) > 3  # the same document, but the request varies from record to record
+    again = clara.compress_examples(tokenizer, cfg, records)
+    assert [ex["ids"] for ex in again] == [ex["ids"] for ex in examples]  # and the same seed draws the same ones
+    other = clara.compress_examples(tokenizer, replace(cfg, seed=1), records)
+    assert [ex["ids"] for ex in other] != [ex["ids"] for ex in examples]
+    assert len(clara.PARAPHRASE_INSTRUCTIONS) == 13 and all("{docs}" in t for t in clara.PARAPHRASE_INSTRUCTIONS)
 
 
 # -----------------------------------------------------------------------------
@@ -503,7 +635,7 @@ def test_cli_compress_sft_ask_end_to_end_write_outputs_mlx_lm_can_load(tmp_path,
 
     llm, tokenizer = default_model
     model = clara.CLaRa(clara.load_model("smollm2")[0], clara.Config())
-    clara.load_trainable(model, clara.read_trained(tmp_path / "s")[1])
+    clara.load_trained(model, clara.read_trained(tmp_path / "s")[1])
     assert any(mx.abs(v).max().item() > 0 for k, v in tree_flatten(model.trainable_parameters()) if "lora_b" in k)
     plain = load_adapters(clara.load_model("smollm2")[0], str(tmp_path / "s"))
     ids = mx.array([tokenizer.encode("Memory tokens follow each document.", add_special_tokens=False)])
@@ -599,7 +731,7 @@ BAD_JSONL = [
     (json.dumps({**GOOD, "question": None}).encode(), "bad.jsonl:1: field 'question' must be a non-empty string"),
     (json.dumps({"docs": ["d"], "gold_answer": "a"}).encode(), "bad.jsonl:1: missing field 'question'"),
     (json.dumps({"question": "q", "gold_answer": "a"}).encode(), "bad.jsonl:1: missing field 'docs' / 'context'"),
-    (json.dumps({"question": "q", "docs": ["d"]}).encode(), "bad.jsonl:1: missing field 'gold_answer' / 'answer'"),
+    (json.dumps({"question": "q", "docs": ["d"]}).encode(), "bad.jsonl:1: missing field 'answer' / 'answers' / 'gold_answer'"),
     (json.dumps({**GOOD, "docs": [1, 2]}).encode(), "bad.jsonl:1: field 'docs' must be a non-empty list"),
     (json.dumps({**GOOD, "docs": []}).encode(), "bad.jsonl:1: field 'docs' must be a non-empty list"),
     (json.dumps({**GOOD, "gold_answer": "  "}).encode(), "bad.jsonl:1: field 'gold_answer' must be a non-empty"),
@@ -697,7 +829,7 @@ def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_p
         process.kill()
         process.wait()
         arrays, metadata = clara.read_checkpoint(tmp_path / "run" / clara.CHECKPOINT)
-        clara.load_trainable(model, {k.removeprefix("model."): v for k, v in arrays.items() if k.startswith("model.")})
+        clara.load_trained(model, {k.removeprefix("model."): v for k, v in arrays.items() if k.startswith("model.")})
         assert int(metadata["step"]) >= 1
 
 

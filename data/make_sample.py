@@ -1,4 +1,4 @@
-"""Writes data/sample.pdf and data/sft.jsonl from the passages below (our own words about CLaRa).
+"""Writes data/sample.pdf, data/sft.jsonl and data/e2e.jsonl from the passages below (our own words about CLaRa).
 
     python data/make_sample.py
 
@@ -6,7 +6,8 @@ The PDF is written by hand (a few PDF objects and a text stream per page), so no
 One long word is hyphenated across a line break on purpose: clara.py's text cleaning must join it again.
 sft.jsonl: one record per question, docs = the passage that answers it plus two distractor passages
 (picked by a fixed rule, so the file is reproducible); the last question of every passage is held out
-("split": "eval") for evaluation. data/ask/ holds two documents for the demo's question.
+("split": "eval") for evaluation. e2e.jsonl (stage 3): every question with all ten passages as candidates,
+the relevant one marked in "pos_index", the same split. data/ask/ holds two documents for the demo's question.
 """
 
 import json
@@ -166,7 +167,21 @@ def main():
     (HERE / "ask" / "doc1.txt").write_text(texts[4] + "\n")
     (HERE / "ask" / "doc2.txt").write_text(texts[8] + "\n")
     (HERE / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    print(f"wrote {HERE / 'sample.pdf'} ({len(pages)} pages) and {HERE / 'sft.jsonl'} ({len(records)} records)")
+
+    # stage 3: every question with all passages as candidates, in an order that moves with the question
+    e2e = []
+    for i, (passage, qas) in enumerate(PASSAGES):
+        for j, (question, answer) in enumerate(qas):
+            shift = (3 * i + j) % len(texts)
+            candidates = texts[shift:] + texts[:shift]
+            record = {"question": question, "docs": candidates, "answer": answer,
+                      "pos_index": [candidates.index(passage)]}
+            if j == len(qas) - 1:
+                record["split"] = "eval"
+            e2e.append(record)
+    (HERE / "e2e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in e2e))
+    print(f"wrote {HERE / 'sample.pdf'} ({len(pages)} pages), {HERE / 'sft.jsonl'} ({len(records)} records) and "
+          f"{HERE / 'e2e.jsonl'} ({len(e2e)} records)")
 
 
 if __name__ == "__main__":
