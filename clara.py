@@ -1,22 +1,32 @@
 """CLaRa in one file: retrieval documents compressed into continuous memory vectors that an LLM reads.
 
-CLaRa (arXiv 2511.18659) in five lines:
+CLaRa (arXiv 2511.18659; Apple's code: github.com/apple/ml-clara) in six lines:
   1. Each document is followed by n_mem = doc_max_len // compression_rate learned memory embeddings.
-  2. A LoRA *compressor* runs the LLM over [document, memory]; the final-layer hidden states at the
-     memory positions are the compressed document, shape (n_mem, H).
+  2. A LoRA *compressor* runs the LLM over [document, memory]; the final-layer hidden states (after the
+     last norm) at the memory positions are the compressed document, shape (n_mem, H).
   3. A separate LoRA *generator* on the same base reads those vectors in place of placeholder slots in its
      prompt and is trained with cross-entropy on the target tokens only (label -100 elsewhere).
   4. An alignment loss, the MSE between the mean memory state and the mean document state (weight 0.1),
      keeps memory states in the space of ordinary hidden states; every division is guarded.
-  5. Stage 1 (compress): regenerate the document (or its QA pairs) from memory. Stage 2 (sft):
-     question + compressed documents -> answer. (Stage 3, retrieval trained end to end, is not here yet.)
+  5. Stage 1 (compress): QA and paraphrase targets from one document's memory. Stage 2 (sft): question +
+     compressed documents -> answer. In both, the generator's cross-entropy flows back into the compressor
+     and the memory embeddings (nothing is detached).
+  6. Stage 3 (e2e): a *query reasoner* (a third adapter, a copy of the compressor at the start) encodes the
+     question into the same space; cosine scores over the candidates, a straight-through differentiable
+     top-k, and the generator's answer loss train retrieval end to end.
+Apple's code calls these stages stage1 / stage1_2 / stage2.
 
 Usage:
-  python clara.py compress --pdf paper.pdf                          # stage 1 on a PDF of your own
+  python clara.py compress --data stage1.jsonl                      # stage 1 on Apple's qa / paraphrase records
+  python clara.py compress --pdf paper.pdf                          # or a PDF: no targets, so it reconstructs
   python clara.py sft --data data/sft.jsonl --init runs/compress    # stage 2
+  python clara.py e2e --data data/e2e.jsonl --init runs/sft         # stage 3
   python clara.py sft --data data/sft.jsonl --resume runs/sft       # continue an interrupted run
   python clara.py ask --adapters runs/sft --docs a.txt b.txt --question "..."
+  python clara.py index --pdf paper.pdf --adapters runs/e2e --out runs/paper-index
+  python clara.py ask --index runs/paper-index --question "..."     # retrieve, then answer from memory
   python clara.py eval --adapters runs/sft --data data/sft.jsonl    # compressed vs text vs no documents
+  python clara.py eval --adapters runs/e2e --data data/e2e.jsonl    # recall@k; retrieved vs marked vs none
   python clara.py bench                                             # step speed beside mlx-lm's trainer
 """
 
@@ -63,15 +73,17 @@ class Config:
     lora_keys: tuple = ("self_attn.q_proj", "self_attn.v_proj")  # layers with adapters; "all": every linear (Apple)
     lora_dropout: float = 0.0  # dropout on the adapters' input in training (Apple: 0.1; 0 keeps runs bitwise equal)
     mse_weight: float = 0.1  # weight of the alignment MSE in the total loss (CLaRa: 0.1)
+    memory_scale: str = "embedding"  # spliced memory vectors at the token-embedding norm; "none": as they are (Apple)
     top_k: int = 5  # stage 3 and ask --index: documents retrieved per question (Apple: 5)
     temperature: float = 0.02  # stage 3: cosine scores are divided by this before the top-k softmax (Apple: 0.02)
-    context: str = "compressed"  # sft only: "compressed" memory slots, or "text" (the uncompressed baseline)
+    context: str = "compressed"  # sft: "compressed" memory slots, or the baselines "text" (no compression) and "none"
     base: str = "auto"  # frozen base weights: auto (CPU: float32, GPU: as stored), float32, bfloat16, or stored
+    pad_to: int = 0  # pad training batches' lengths to a multiple of this (0: auto, 64 on a GPU: fewer compiles)
     compile: bool = False  # mx.compile the step; it is traced again for every new batch shape (pays off on a GPU)
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more time
     out: str = ""  # output folder (default: runs/<command>)
     init: str = ""  # start from the adapters and memory of an earlier run (its --out folder or a checkpoint)
-    init_generator: bool = False  # sft --init: also carry the earlier run's generator over (Apple's stage 2 starts it fresh)
+    init_generator: bool = False  # sft --init: carry the earlier generator over too (Apple's stage 2 starts it fresh)
     log_every: int = 1  # print a report line every this many steps
     warmup: float = 0.03  # fraction of the updates that warm the learning rate up linearly (CLaRa: 3%)
     min_lr: float = 2e-5  # the cosine decay of the learning rate ends here
@@ -254,7 +266,8 @@ GOLD_FIELDS = ("gold_answer", "golden_answers", "answer", "answers")  # scored a
 def parse_sft_record(obj, where):
     """Stage 2 record -> {"question", "docs", "answer" (the target), "gold" (what answers are scored against)}."""
     question = text_field(first_field(obj, ("question",), where)[1], "question", where)
-    (target_name, target), (gold_name, gold) = first_field(obj, TARGET_FIELDS, where), first_field(obj, GOLD_FIELDS, where)
+    target_name, target = first_field(obj, TARGET_FIELDS, where)
+    gold_name, gold = first_field(obj, GOLD_FIELDS, where)
     return {"question": question, "docs": docs_field(obj, where), "answer": text_field(target, target_name, where),
             "gold": text_field(gold, gold_name, where)}
 
@@ -434,10 +447,16 @@ def compress_examples(tokenizer, cfg, records):
     return examples
 
 
+def question_example(tokenizer, cfg, record, context, target):
+    """Stage 2: question + documents -> target, the documents compressed, as text, or left out ("none")."""
+    if context == "none":
+        return build_example(tokenizer, cfg, [], answer_prompt(record["question"], has_docs=False), target)
+    return build_example(tokenizer, cfg, record["docs"], answer_prompt(record["question"]), target, context=context)
+
+
 def sft_examples(tokenizer, cfg, records):
-    """Stage 2: question + documents (compressed, or as text for the baseline) -> answer."""
-    return [build_example(tokenizer, cfg, r["docs"], answer_prompt(r["question"]), r["answer"], context=cfg.context)
-            for r in records]
+    """Stage 2 training examples; --context text and none are the baselines CLaRa compares against."""
+    return [question_example(tokenizer, cfg, r, cfg.context, r["answer"]) for r in records]
 
 
 def e2e_examples(tokenizer, cfg, records, bank, bank_rows):
@@ -453,19 +472,24 @@ def e2e_examples(tokenizer, cfg, records, bank, bank_rows):
     return examples
 
 
-def memory_rows(rows, n_mem, pad_id):
-    """[token ids] -> ids (R, L + n_mem) with room for the memory after each row, and lens (R,)."""
-    width = max((len(r) for r in rows), default=0) + n_mem
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def memory_rows(rows, n_mem, pad_id, multiple=1):
+    """[token ids] -> ids (R, L + n_mem) with room for the memory after each row, and lens (R,). The width is
+    rounded up to `multiple`: on a GPU every new shape costs a kernel compilation."""
+    width = round_up(max((len(r) for r in rows), default=0) + n_mem, multiple)
     return (mx.array([r + [pad_id] * (width - len(r)) for r in rows], dtype=mx.int32).reshape(len(rows), width),
             mx.array([len(r) for r in rows], dtype=mx.int32))
 
 
-def make_batch(examples, n_mem, pad_id):
-    """Right-pad a list of examples into arrays. Right padding under a causal mask leaves every real
-    token's result unchanged, so padded and unpadded runs agree (test_clara.py proves it)."""
+def make_batch(examples, n_mem, pad_id, multiple=1):
+    """Right-pad a list of examples into arrays, lengths rounded up to `multiple`. Right padding under a causal
+    mask leaves every real token's result unchanged, so padded and unpadded runs agree (test_clara.py proves it)."""
     docs = [d for ex in examples for d in ex["doc_ids"]]
-    doc_ids, doc_lens = memory_rows(docs, n_mem, pad_id)
-    length = max(len(ex["ids"]) for ex in examples)
+    doc_ids, doc_lens = memory_rows(docs, n_mem, pad_id, multiple)
+    length = round_up(max(len(ex["ids"]) for ex in examples), multiple)
     ids, slot_index, labels, offset = [], [], [], 0
     for ex in examples:
         pad = length - len(ex["ids"])
@@ -476,18 +500,20 @@ def make_batch(examples, n_mem, pad_id):
         labels.append([ex["ids"][i + 1] if i + 1 >= ex["n_prompt"] and i + 1 < len(ex["ids"]) else IGNORE
                        for i in range(len(ex["ids"]))] + [IGNORE] * pad)
         offset += ex["n_slot_docs"] * n_mem
+    positions = [b * length + t for b, row in enumerate(labels) for t, label in enumerate(row) if label != IGNORE]
+    # padded with the last position, whose label is always IGNORE (it has no next token): adds nothing to the loss
+    positions += [len(examples) * length - 1] * (round_up(len(positions), multiple) - len(positions))
     batch = {"doc_ids": doc_ids,  # (D, L + n_mem)
              "doc_lens": doc_lens,  # (D,)
              "ids": mx.array(ids, dtype=mx.int32),  # (B, T)
              "slot_index": mx.array(slot_index, dtype=mx.int32),  # (B, T)
              "labels": mx.array(labels, dtype=mx.int32),  # (B, T)
-             "label_positions": mx.array([b * length + t for b, row in enumerate(labels)
-                                          for t, label in enumerate(row) if label != IGNORE],
-                                         dtype=mx.int32),  # (N,) into the flattened (B * T)
+             "label_positions": mx.array(positions, dtype=mx.int32),  # (N,) into the flattened (B * T)
              "n_tokens": sum(len(d) + n_mem for d in docs) + sum(len(ex["ids"]) for ex in examples)}
     if "query_ids" in examples[0]:  # stage 3: questions for the query reasoner, candidates from the bank
         n_candidates = max(len(ex["candidates"]) for ex in examples)
-        batch["query_ids"], batch["query_lens"] = memory_rows([ex["query_ids"] for ex in examples], n_mem, pad_id)
+        batch["query_ids"], batch["query_lens"] = memory_rows([ex["query_ids"] for ex in examples], n_mem, pad_id,
+                                                              multiple)
         candidates = mx.array([ex["candidates"] + [0] * (n_candidates - len(ex["candidates"])) for ex in examples])
         batch["candidate_memory"] = examples[0]["bank"][candidates]  # (B, N, n_mem, H)
         batch["candidate_mask"] = mx.array([[i < len(ex["candidates"]) for i in range(n_candidates)]
@@ -676,8 +702,11 @@ class LoRALinear(nn.Module):
 
 
 def linear_layer_names(block):
-    """Every linear layer of a transformer block (plain or quantized): what --lora-keys all adapts."""
-    return [name for name, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    """Every linear layer of a transformer block (plain, quantized or already wrapped): what --lora-keys all adapts."""
+    modules = dict(block.named_modules())
+    return [name for name, m in modules.items() if isinstance(m, LoRALinear) or (
+        isinstance(m, (nn.Linear, nn.QuantizedLinear)) and not isinstance(modules.get(name.rpartition(".")[0]),
+                                                                          LoRALinear))]
 
 
 def lora_blocks(llm, cfg):
@@ -732,6 +761,11 @@ class CLaRa(nn.Module):
         sample = llm.model.embed_tokens(mx.arange(min(4096, llm.args.vocab_size)))  # (V', H)
         # memory slots start as random vectors with the statistics of real token embeddings
         self.memory = sample.mean(0) + sample.std() * mx.random.normal((cfg.n_mem, sample.shape[-1]))  # (n_mem, H)
+        # --memory-scale embedding: spliced memory vectors get the mean norm of token embeddings (a float, not a
+        # parameter); "none" leaves them as they are, as Apple's code does. Why: SmolLM2's final states have
+        # norm ~57 against ~2.7 for token embeddings, and spliced raw they taught the generator nothing (README)
+        self.spliced_norm = mx.linalg.norm(sample.astype(mx.float32), axis=-1).mean().item() \
+            if cfg.memory_scale == "embedding" else 0.0
         train_only(self, ("compressor", "generator"), memory=True)
 
 
@@ -792,7 +826,10 @@ def generator_embeddings(model, ids, slot_index, memory_states=None):
     embeddings = model.llm.model.embed_tokens(ids)  # (B, T, H)
     if memory_states is None:
         return embeddings
-    return splice_slots(embeddings, slot_index, memory_states.reshape(-1, memory_states.shape[-1]))
+    vectors = memory_states.reshape(-1, memory_states.shape[-1])  # (D * n_mem, H)
+    if model.spliced_norm:  # final states are ~20x the norm of token embeddings (SmolLM2: 57 vs 2.7)
+        vectors = vectors * (model.spliced_norm / mx.maximum(mx.linalg.norm(vectors, axis=-1, keepdims=True), 1e-6))
+    return splice_slots(embeddings, slot_index, vectors)
 
 
 def generator_hidden(model, ids, slot_index, memory_states=None):
@@ -944,10 +981,16 @@ def split_validation(items, fraction, seed):
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
+def pad_multiple(cfg):
+    """A GPU compiles kernels for every new shape, so its batches come in a few lengths; the CPU needs none."""
+    return cfg.pad_to or (1 if mx.default_device() == mx.cpu else 64)
+
+
 def validation_loss(model, examples, cfg, pad_id):
     """Mean total loss over the validation examples, --batch-size at a time, without gradients or dropout."""
     model.eval()
-    losses = [clara_loss(model, make_batch(examples[i: i + cfg.batch_size], cfg.n_mem, pad_id), cfg)[0]
+    losses = [clara_loss(model, make_batch(examples[i: i + cfg.batch_size], cfg.n_mem, pad_id, pad_multiple(cfg)),
+                         cfg)[0]
               for i in range(0, len(examples), cfg.batch_size)]
     return sum(loss.item() for loss in losses) / len(losses)
 
@@ -1013,7 +1056,7 @@ def accumulate_gradients(micro_step, examples, cfg, step, pad_id):
     for micro in range(cfg.grad_accum):
         position = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size
         batch = make_batch([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, position)],
-                           cfg.n_mem, pad_id)
+                           cfg.n_mem, pad_id, pad_multiple(cfg))
         (loss, ce, mse, n_tokens), micro_grads = micro_step({k: v for k, v in batch.items() if k != "n_tokens"})
         grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
         mx.eval(grads, loss, ce, mse)
@@ -1201,36 +1244,43 @@ def load_trained(model, saved, fresh=()):
 
 
 def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None):
-    """Greedy decoding with a KV cache; the prompt may arrive as embeddings. ids (1, T) -> new token ids."""
+    """Greedy decoding with a KV cache; the prompt may arrive as embeddings.
+    ids (1, T) -> (new token ids, seconds to the first new token)."""
     from mlx_lm.models.cache import make_prompt_cache
 
+    tic = time.perf_counter()
     cache = make_prompt_cache(llm)
     logits = llm(ids, cache=cache, input_embeddings=input_embeddings)  # (1, T, V)
-    new = []
+    new, first_token_s = [], None
     for _ in range(max_new_tokens):
         token = logits[0, -1].argmax().item()
+        first_token_s = first_token_s or time.perf_counter() - tic
         if token == eos_id:
             break
         new.append(token)
         logits = llm(mx.array([[token]]), cache=cache)
-    return new
+    return new, first_token_s
 
 
 def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64, memory_states=None):
     """Compress the example's documents once (or take the given memory states (D, n_mem, H), as retrieval
     does), then (1) the CE of its target under teacher forcing (0 without a target) and (2) a greedy answer
-    to its prompt. Returns (answer text, CE)."""
+    to its prompt. Returns (answer text, CE, {"prompt_tokens", "compress_s", "first_token_s"})."""
     batch = make_batch([example], cfg.n_mem, tokenizer.pad_token_id)
+    tic = time.perf_counter()
     if memory_states is None and example["doc_ids"]:
         memory_states = compress_documents(model, batch["doc_ids"], batch["doc_lens"])[0]
+        mx.eval(memory_states)
+    timing = {"prompt_tokens": example["n_prompt"], "compress_s": time.perf_counter() - tic}
     ce = 0.0
     if example["n_prompt"] < len(example["ids"]):  # a target to score (eval); ask has none
         ce = masked_cross_entropy(generator_logits(model, batch["ids"], batch["slot_index"], memory_states),
                                   batch["labels"])[0].item()
     prompt, slots = batch["ids"][:, : example["n_prompt"]], batch["slot_index"][:, : example["n_prompt"]]
     embeddings = generator_embeddings(model, prompt, slots, memory_states)  # also selects the generator adapter
-    new = greedy_generate(model.llm, prompt, tokenizer.eos_token_id, max_new_tokens, embeddings)
-    return tokenizer.decode(new).strip(), ce
+    new, timing["first_token_s"] = greedy_generate(model.llm, prompt, tokenizer.eos_token_id, max_new_tokens,
+                                                   embeddings)
+    return tokenizer.decode(new).strip(), ce, timing
 
 
 # -----------------------------------------------------------------------------
@@ -1302,30 +1352,28 @@ def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens):
     """Greedy answers scored against each record's gold. inputs[i] = (example, memory states or None)."""
     rows = []
     for r, (example, memory) in zip(records, inputs):
-        prediction, ce = generate_answer(model, tokenizer, cfg, example, max_new_tokens, memory)
+        prediction, ce, timing = generate_answer(model, tokenizer, cfg, example, max_new_tokens, memory)
         rows.append({"question": r["question"], "gold": r["gold"], "prediction": prediction, "ce": ce,
                      "em": exact_match(prediction, r["gold"]), "f1": token_f1(prediction, r["gold"]),
-                     "cover_em": cover_exact_match(prediction, r["gold"])})
-    summary = {key: sum(row[key] for row in rows) / len(rows) for key in ("em", "f1", "cover_em", "ce")}
-    return {**summary, "records": len(rows), "answers": rows}
+                     "cover_em": cover_exact_match(prediction, r["gold"]), **timing})
+    keys = ("em", "f1", "cover_em", "ce", "prompt_tokens", "compress_s", "first_token_s")
+    return {**{key: sum(row[key] for row in rows) / len(rows) for key in keys}, "records": len(rows), "answers": rows}
 
 
-def evaluate(model, tokenizer, cfg, records, max_new_tokens):
+def evaluate(model, tokenizer, cfg, records, max_new_tokens, contexts=EVAL_CONTEXTS):
     """Stages 1-2: greedy answers from compressed documents, document text and none. Returns {context: summary}."""
     results = {}
-    for context in EVAL_CONTEXTS:
-        inputs = [(build_example(tokenizer, cfg, [] if context == "none" else r["docs"],
-                                 answer_prompt(r["question"], context != "none"), r["gold"], context=context), None)
-                  for r in records]
+    for context in contexts:
+        inputs = [(question_example(tokenizer, cfg, r, context, r["gold"]), None) for r in records]
         results[context] = score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens)
     return results
 
 
-def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens):
+def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens, contexts=RETRIEVAL_CONTEXTS):
     """Stage 3: for records whose relevant candidates are marked, recall@1/3/5 of the query reasoner's ranking,
     and answers from the top-k retrieved memories, from the marked documents (oracle) and from none."""
     records = [r for r in records if r["positives"]]
-    texts = sorted({d for r in records for d in r["docs"]})
+    texts = sorted({d for r in records for d in r["docs"]})  # each distinct candidate compressed once
     bank, rows = compress_corpus(model, tokenizer, cfg, texts), {t: i for i, t in enumerate(texts)}
     recalls, retrieved = {k: [] for k in RECALL_AT}, []
     for r in records:
@@ -1335,13 +1383,15 @@ def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens):
         for k in RECALL_AT:
             recalls[k].append(len(set(order[:k]) & set(r["positives"])) / len(r["positives"]))
         top = order[: cfg.top_k]
-        retrieved.append((retrieval_prompt(tokenizer, cfg, r["question"], len(top), r["gold"]), candidates[mx.array(top)]))
-    oracle = [(build_example(tokenizer, cfg, [r["docs"][i] for i in r["positives"]], answer_prompt(r["question"]),
-                             r["gold"]), None) for r in records]
-    none = [(build_example(tokenizer, cfg, [], answer_prompt(r["question"], False), r["gold"]), None) for r in records]
-    results = {context: score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens)
-               for context, inputs in zip(RETRIEVAL_CONTEXTS, (retrieved, oracle, none))}
-    results["retrieved"].update({f"recall@{k}": sum(v) / len(v) for k, v in recalls.items()})
+        example = retrieval_prompt(tokenizer, cfg, r["question"], len(top), r["gold"])
+        retrieved.append((example, candidates[mx.array(top)]))
+    inputs = {"retrieved": retrieved,
+              "oracle": [(question_example(tokenizer, cfg, {**r, "docs": [r["docs"][i] for i in r["positives"]]},
+                                           "compressed", r["gold"]), None) for r in records],
+              "none": [(question_example(tokenizer, cfg, r, "none", r["gold"]), None) for r in records]}
+    results = {context: score_answers(model, tokenizer, cfg, records, inputs[context], max_new_tokens)
+               for context in contexts}
+    results["retrieval"] = {f"recall@{k}": sum(v) / len(v) for k, v in recalls.items()}
     return results
 
 
@@ -1350,11 +1400,12 @@ def eval_table(results, cfg):
     names = {"compressed": f"compressed ({cfg.n_mem} vectors / doc)", "text": "document text", "none": "no documents",
              "retrieved": f"retrieved top-{cfg.top_k} (compressed)", "oracle": "marked documents (compressed)"}
     for context, r in results.items():
-        lines.append(f"| {names[context]} | {100 * r['em']:.1f} | {100 * r['f1']:.1f} | {100 * r['cover_em']:.1f} | "
-                     f"{r['ce']:.3f} | {r['records']} |")
-    if "recall@1" in results.get("retrieved", {}):
-        lines.append("\nretrieval: " + " | ".join(f"recall@{k} {100 * results['retrieved'][f'recall@{k}']:.1f}"
-                                                  for k in RECALL_AT))
+        if context in names:
+            lines.append(f"| {names[context]} | {100 * r['em']:.1f} | {100 * r['f1']:.1f} | "
+                         f"{100 * r['cover_em']:.1f} | {r['ce']:.3f} | {r['records']} |")
+    if "retrieval" in results:
+        recalls = results["retrieval"].items()
+        lines.append("\nretrieval: " + " | ".join(f"{key} {100 * value:.1f}" for key, value in recalls))
     return "\n".join(lines) + "\n"
 
 
@@ -1716,12 +1767,18 @@ def cmd_eval(cfg, args, trained, checkpoint):
     check_writable(eval_folder(args) / "eval.json", "eval output", is_folder=False)
     rows = read_records(args.data, parse_e2e_record)
     records = [record for split, record in rows if split == "eval"] or [record for _, record in rows]
-    retrieval = any(r["positives"] for r in records)  # stage 3 records: candidates with the relevant ones marked
-    model, tokenizer = prepare(cfg, trained)
     which = "those marked \"split\": \"eval\"" if len(records) < len(rows) else "all of them"
-    contexts = RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS
-    print(f"{args.data}: scoring {len(records)} record(s) ({which}) in {len(contexts)} contexts", flush=True)
-    results = (evaluate_retrieval if retrieval else evaluate)(model, tokenizer, cfg, records, args.max_new_tokens)
+    records = records[: args.max_records or None]
+    retrieval = any(r["positives"] for r in records)  # stage 3 records: candidates with the relevant ones marked
+    contexts = args.contexts or (RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS)
+    wrong = set(contexts) - set(RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS)
+    if wrong:
+        raise InputError(f"--contexts {' '.join(sorted(wrong))}: not for {'stage 3' if retrieval else 'stage 2'} "
+                         f"records; choose from {' '.join(RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS)}")
+    model, tokenizer = prepare(cfg, trained)
+    print(f"{args.data}: scoring {len(records)} record(s) ({which}) in {len(contexts)} context(s)", flush=True)
+    evaluation = evaluate_retrieval if retrieval else evaluate
+    results = evaluation(model, tokenizer, cfg, records, args.max_new_tokens, contexts)
     table = eval_table(results, cfg)
     print(table, end="")
     where = eval_folder(args)
@@ -1751,6 +1808,10 @@ def config_help():
     return {name: text.replace("%", "%%") for name, text in re.findall(r"^    (\w+): .*?  # (.*)$", source, flags=re.M)}
 
 
+CHOICES = {"context": EVAL_CONTEXTS, "base": ("auto", "float32", "bfloat16", "stored"),
+           "memory_scale": ("none", "embedding")}
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1764,15 +1825,16 @@ def parse_args(argv):
             shared.add_argument(flag, nargs="+", help=f"{helps[f.name]} (default: {' '.join(default)})")
         elif f.name == "lora_layers":
             shared.add_argument(flag, type=lambda v: -1 if v == "all" else int(v), help=f"{helps[f.name]} (default: 8)")
-        elif f.name in ("context", "base"):
-            choices = ("compressed", "text") if f.name == "context" else ("auto", "float32", "bfloat16", "stored")
+        elif f.name in CHOICES:
+            choices = CHOICES[f.name]
             shared.add_argument(flag, choices=choices, help=f"{helps[f.name]} (default: {default})")
         else:
             shared.add_argument(flag, type=type(default), help=f"{helps[f.name]} (default: {default!r})")
     compress = commands.add_parser("compress", parents=[shared],
                                    help="stage 1: QA / paraphrase targets (or the text itself) from memory")
     sft = commands.add_parser("sft", parents=[shared], help="stage 2: question + compressed documents -> answer")
-    sft.add_argument("--data", required=True, help="JSONL: {\"question\", \"docs\": [...], \"answer\" / \"gold_answer\"}")
+    sft.add_argument("--data", required=True,
+                     help="JSONL: {\"question\", \"docs\": [...], \"answer\" / \"gold_answer\"}")
     e2e = commands.add_parser("e2e", parents=[shared], help="stage 3: retrieval and generation trained end to end")
     e2e.add_argument("--data", required=True,
                      help="JSONL: {\"question\", \"docs\": [candidates], \"answer\", \"pos_index\": [...] (optional)}")
@@ -1804,10 +1866,14 @@ def parse_args(argv):
     evaluate_.add_argument("--adapters", required=True, help="output folder of a run, or a checkpoint file")
     evaluate_.add_argument("--data", required=True,
                            help="sft- or e2e-style JSONL; its \"split\": \"eval\" records if it has any")
+    evaluate_.add_argument("--contexts", nargs="+", choices=EVAL_CONTEXTS + RETRIEVAL_CONTEXTS[:2],
+                           help="score only these (default: compressed text none; e2e data: retrieved oracle none)")
+    evaluate_.add_argument("--max-records", type=int, default=0, help="score only the first N records (0: all)")
     return parser.parse_args(argv)
 
 
-SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys")
+SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys",
+                 "memory_scale")
 RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "plot", "resume")  # --resume may change these
 
 

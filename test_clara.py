@@ -165,6 +165,18 @@ def test_lora_with_zero_b_is_exactly_the_base_layer_and_roles_are_separate(quant
     assert mx.allclose(lora(x), expected, atol=1e-4)
 
 
+def test_lora_dropout_acts_only_in_training_mode():
+    mx.random.seed(2)
+    lora = clara.LoRALinear(nn.Linear(64, 32), rank=4, scale=2.0, dropout=0.5)
+    lora.adapters["generator"]["lora_b"] = mx.ones((4, 32))
+    x = mx.random.normal((3, 64))
+    lora.train()
+    assert not mx.array_equal(lora(x), lora(x))  # a new mask per call
+    lora.eval()
+    expected = lora.linear(x) + 2.0 * (x @ lora.adapters["generator"]["lora_a"]) @ mx.ones((4, 32))
+    assert mx.allclose(lora(x), expected, atol=1e-4)
+
+
 def test_only_adapters_and_memory_are_trainable_with_the_exact_count():
     cfg = tiny_config()
     model = tiny_clara(cfg)
@@ -193,6 +205,27 @@ def test_memory_states_have_shape_n_mem_by_hidden_and_fill_exactly_the_slots(tok
                                  memory_states.reshape(-1, 64))
     b, t = np.argwhere(slots == 2 * cfg.n_mem + 3)[0]  # record 1's first doc (3rd doc overall), vector 3
     assert b == 1 and mx.array_equal(spliced[b, t], memory_states[2, 3])
+
+
+@pytest.mark.parametrize("scale", ["embedding", "none"])
+def test_spliced_memory_has_the_token_embedding_norm_or_is_left_as_it_is(tokenizer, scale):
+    cfg = tiny_config(memory_scale=scale)
+    model = tiny_clara(cfg)
+    batch = clara.make_batch(clara.sft_examples(tokenizer, cfg, SFT_RECORDS), cfg.n_mem, tokenizer.pad_token_id)
+    memory_states = 30.0 * clara.compress_documents(model, batch["doc_ids"], batch["doc_lens"])[0]  # (4, n_mem, H)
+    spliced = clara.generator_embeddings(model, batch["ids"], batch["slot_index"], memory_states)
+    slots = np.array(batch["slot_index"])
+    b, t = np.argwhere(slots == 5)[0]
+    embeddings = model.llm.model.embed_tokens(mx.arange(4096))
+    if scale == "none":  # Apple's splice: the final states as they are
+        assert mx.array_equal(spliced[b, t], memory_states.reshape(-1, 64)[5])
+    else:  # the direction kept, the norm that of an average token embedding
+        assert mx.linalg.norm(spliced[b, t]).item() == pytest.approx(mx.linalg.norm(embeddings, axis=-1).mean().item(),
+                                                                     rel=1e-4)
+        cosine = clara.cosine_scores(spliced[b, t][None], memory_states.reshape(1, -1, 64)[:, 5:6])[0, 0].item()
+        assert cosine == pytest.approx(1.0, abs=1e-5)
+    b, t = np.argwhere(slots < 0)[0]
+    assert mx.array_equal(spliced[b, t], model.llm.model.embed_tokens(batch["ids"][b, t]))  # tokens untouched
 
 
 def test_projecting_only_labelled_positions_gives_the_full_masked_loss(tokenizer):
@@ -237,6 +270,18 @@ def test_padding_does_not_change_any_real_tokens_result(tokenizer):
         assert mx.allclose(logits_alone[0], logits_together[row, :length], atol=1e-4)
         docs_done += n_docs
     assert together["ids"].shape[1] > min(len(e["ids"]) for e in examples)  # some row really was padded
+
+
+def test_padding_lengths_to_a_multiple_changes_no_loss(tokenizer):
+    cfg = tiny_config()
+    model = tiny_clara(cfg)
+    examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
+    plain = clara.make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
+    padded = clara.make_batch(examples, cfg.n_mem, tokenizer.pad_token_id, multiple=64)
+    assert padded["ids"].shape[1] % 64 == 0 and padded["doc_ids"].shape[1] % 64 == 0
+    assert padded["label_positions"].size % 64 == 0 and padded["label_positions"].size > plain["label_positions"].size
+    for a, b in zip(clara.clara_loss(model, plain, cfg), clara.clara_loss(model, padded, cfg)):
+        assert abs(a.item() - b.item()) < 1e-5
 
 
 # -----------------------------------------------------------------------------
@@ -341,7 +386,8 @@ def test_a_few_steps_on_a_tiny_model_lower_the_loss(tokenizer, stage, capsys):
     model = tiny_clara(cfg)
     if stage == "compress":
         docs = ["Memory tokens follow every document.", "The generator reads compressed vectors."]
-        examples = clara.compress_examples(tokenizer, cfg, [{"kind": "reconstruct", "doc": d, "target": d} for d in docs])
+        records = [{"kind": "reconstruct", "doc": d, "target": d} for d in docs]
+        examples = clara.compress_examples(tokenizer, cfg, records)
     else:
         examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
     before = mean_loss(model, examples, cfg, tokenizer.pad_token_id)
@@ -562,7 +608,7 @@ def test_default_model_answers_the_paris_prompt(default_model):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            tokenize=False, add_generation_prompt=True)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
-    answer = tokenizer.decode(clara.greedy_generate(llm, mx.array([ids]), tokenizer.eos_token_id, 16))
+    answer = tokenizer.decode(clara.greedy_generate(llm, mx.array([ids]), tokenizer.eos_token_id, 16)[0])
     assert answer.strip() == "The capital of France is Paris."
     assert llm.model.embed_tokens.weight.dtype == mx.float32  # dequantized for the CPU
 
@@ -593,18 +639,24 @@ def test_any_mlx_lm_model_folder_loads_offline_with_its_tokenizer(tmp_path, toke
         clara.load_model(str(tmp_path / "missing"))
 
 
-def test_saved_generator_adapter_loads_with_mlx_lm_load(tmp_path, tokenizer):
+@pytest.mark.parametrize("lora", [{}, {"lora_keys": ("all",), "lora_layers": -1, "lora_dropout": 0.1}])
+def test_saved_generator_adapter_loads_with_mlx_lm_load(tmp_path, tokenizer, lora):
     from mlx_lm import load
 
     save_tiny_mlx_lm_folder(tmp_path / "model", tokenizer)
-    cfg = tiny_config(model=str(tmp_path / "model"), steps=3, out=str(tmp_path / "run"))
+    cfg = tiny_config(model=str(tmp_path / "model"), steps=3, out=str(tmp_path / "run"), **lora)
     llm, _ = clara.load_model(cfg.model)
     model = clara.CLaRa(llm, cfg)
     examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
     clara.train(model, examples, cfg, tokenizer.pad_token_id, out=cfg.out)
     adapter_config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert adapter_config["fine_tune_type"] == "lora" and adapter_config["num_layers"] == cfg.lora_layers
-    assert adapter_config["lora_parameters"]["keys"] == list(cfg.lora_keys)
+    all_linear = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                  "mlp.down_proj", "mlp.up_proj"]
+    keys = all_linear if lora else list(cfg.lora_keys)
+    assert sorted(adapter_config["lora_parameters"]["keys"]) == sorted(keys)
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, clara.LoRALinear)]
+    assert len(wrapped) == len(keys) * (2 if lora else cfg.lora_layers)  # every block of the tiny model has 2
     plain, _ = load(str(tmp_path / "model"), adapter_path=str(tmp_path / "run"))
     ids = mx.array([tokenizer.encode("The sky is blue.", add_special_tokens=False)])
     clara.set_role(model, "generator")
@@ -731,7 +783,7 @@ BAD_JSONL = [
     (json.dumps({**GOOD, "question": None}).encode(), "bad.jsonl:1: field 'question' must be a non-empty string"),
     (json.dumps({"docs": ["d"], "gold_answer": "a"}).encode(), "bad.jsonl:1: missing field 'question'"),
     (json.dumps({"question": "q", "gold_answer": "a"}).encode(), "bad.jsonl:1: missing field 'docs' / 'context'"),
-    (json.dumps({"question": "q", "docs": ["d"]}).encode(), "bad.jsonl:1: missing field 'answer' / 'answers' / 'gold_answer'"),
+    (json.dumps({"question": "q", "docs": ["d"]}).encode(), "bad.jsonl:1: missing field 'answer' / 'answers'"),
     (json.dumps({**GOOD, "docs": [1, 2]}).encode(), "bad.jsonl:1: field 'docs' must be a non-empty list"),
     (json.dumps({**GOOD, "docs": []}).encode(), "bad.jsonl:1: field 'docs' must be a non-empty list"),
     (json.dumps({**GOOD, "gold_answer": "  "}).encode(), "bad.jsonl:1: field 'gold_answer' must be a non-empty"),
@@ -815,6 +867,116 @@ def test_a_signal_finishes_the_step_checkpoints_and_resume_continues(tmp_path, t
     assert logged == list(range(1, steps + 1))
 
 
+@pytest.fixture(scope="session")
+def tiny_sft_run(tmp_path_factory, tiny_model_folder):
+    """The output folder of a two-step sft run on the tiny model (documents of 32 tokens, 4 memory vectors)."""
+    folder = tmp_path_factory.mktemp("tiny-sft") / "run"
+    run = run_cli("sft", "--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32,
+                  "--compression-rate", 8, "--steps", 2, "--out", folder)
+    assert run.returncode == 0, run.stderr
+    return folder
+
+
+E2E_GOOD = {"question": "q", "docs": ["a", "b", "c"], "answer": "a", "pos_index": [0]}
+
+
+@pytest.mark.parametrize("record, message", [
+    ({**E2E_GOOD, "pos_index": [3]}, "bad.jsonl:1: field 'pos_index' must be a list of candidate indices"),
+    ({**E2E_GOOD, "pos_index": "0"}, "bad.jsonl:1: field 'pos_index' must be a list"),
+    ({**E2E_GOOD, "docs": []}, "bad.jsonl:1: field 'docs' must be a non-empty list"),
+    ({**E2E_GOOD, "docs": ["a", "b"]}, "bad.jsonl:1: 2 candidate document(s) in 'docs', but --top-k 3"),
+])
+def test_bad_e2e_records_give_one_line_exit_2_and_write_nothing(tmp_path, tiny_sft_run, record, message):
+    (tmp_path / "bad.jsonl").write_text(json.dumps(E2E_GOOD) + "\n" + json.dumps(record) + "\n")
+    run = run_cli("e2e", "--data", tmp_path / "bad.jsonl", "--init", tiny_sft_run, "--top-k", 3,
+                  "--out", tmp_path / "out")
+    assert_clean_failure(run, message.replace("bad.jsonl:1", "bad.jsonl:2"), tmp_path)
+
+
+def fresh_arrays(model_folder, seed=0):
+    cfg = clara.Config(model=str(model_folder), doc_max_len=32, compression_rate=8, seed=seed)
+    return clara.adapter_arrays(clara.prepare(cfg)[0])
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_sft_init_takes_the_compressor_and_memory_and_the_generator_only_when_asked(tmp_path, tiny_sft_run,
+                                                                                   tiny_model_folder, carry):
+    run = run_cli("sft", "--data", "data/sft.jsonl", "--init", tiny_sft_run, "--steps", 1, "--lr", 1e-30,
+                  "--seed", 4, "--out", tmp_path / "run", *(["--init-generator"] if carry else []))
+    assert run.returncode == 0, run.stderr
+    saved, stage1, fresh = clara.read_trained(tmp_path / "run")[1], clara.read_trained(tiny_sft_run)[1], \
+        fresh_arrays(tiny_model_folder, seed=4)
+    for name, value in saved.items():  # lora_a and memory: an lr of 1e-30 moves nothing the step touches
+        if name.endswith("lora_a") or name == "memory":
+            source = fresh if ".adapters.generator." in name and not carry else stage1
+            assert mx.array_equal(value, source[name]), name
+    assert not mx.array_equal(stage1["memory"], fresh["memory"])  # the two sources do differ
+
+
+def test_apples_stage1_file_format_trains_through_compress_data(tmp_path, tiny_model_folder):
+    records = [{"data_type": "qa", "question": ["Who keeps the lighthouse?", "What colour is its lamp?"],
+                "answers": ["Ada Morrow", "green"],
+                "docs": ["The lighthouse on Kell Point is kept by Ada Morrow. Its lamp shines green."]},
+               {"data_type": "paraphrase", "docs": ["Snow fell on Tarn for nine days."],
+                "answers": ["For nine days, snow came down on Tarn."]}]
+    (tmp_path / "stage1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = run_cli("compress", "--data", tmp_path / "stage1.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32,
+                  "--compression-rate", 8, "--steps", 2, "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    assert "2 training example(s)" in run.stdout and "step 2/2 | loss" in run.stdout
+
+
+def test_e2e_needs_an_earlier_run_to_start_from(tmp_path):
+    run = run_cli("e2e", "--data", "data/e2e.jsonl", "--out", tmp_path / "out")
+    assert_clean_failure(run, "give --init with the --out folder of an sft run", tmp_path)
+
+
+def test_e2e_stops_on_a_signal_and_resumes_to_the_same_end(tmp_path, tiny_sft_run):
+    steps = 100
+    common = ["--data", "data/e2e.jsonl", "--out", tmp_path / "run", "--save-every", 1000, "--eval-every", 1000,
+              "--steps", steps, "--batch-size", 2]
+    process = start_cli("e2e", "--init", tiny_sft_run, *common)
+    for line in process.stdout:
+        if line.startswith(f"step 2/{steps} | loss"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    step = int(clara.read_checkpoint(tmp_path / "run" / clara.CHECKPOINT)[1]["step"])
+    run = run_cli("e2e", *common, "--resume", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    assert f"step {step + 1}/{steps} | loss" in run.stdout and "mse 0.0000" in run.stdout
+    saved = clara.read_trained(tmp_path / "run")[1]
+    initial = clara.read_trained(tiny_sft_run)[1]
+    for name, value in saved.items():  # the compressor and the memory are the sft run's, bit for bit
+        if name == "memory" or ".adapters.compressor." in name:
+            assert mx.array_equal(value, initial[name]), name
+    assert any(".adapters.query." in name for name in saved)
+
+
+def test_index_and_ask_index_retrieve_each_chunk_by_its_own_text_and_refuse_other_adapters(tmp_path, tiny_sft_run,
+                                                                                            tiny_model_folder):
+    run = run_cli("index", "--pdf", "data/sample.pdf", "--adapters", tiny_sft_run, "--out", tmp_path / "index")
+    assert run.returncode == 0, run.stderr
+    chunks = [json.loads(line) for line in (tmp_path / "index" / "chunks.jsonl").read_text().splitlines()]
+    arrays = mx.load(str(tmp_path / "index" / "index.safetensors"))
+    assert arrays["memory"].shape == (len(chunks), 4, 64) and arrays["keys"].shape == (len(chunks), 4 * 64)
+    assert mx.allclose(mx.linalg.norm(arrays["keys"], axis=-1), mx.ones(len(chunks)), atol=1e-5)
+    assert all(c["source"] == "sample.pdf" and c["pages"] for c in chunks)
+    for i in (0, len(chunks) // 2, len(chunks) - 1):  # before stage 3 the query reasoner is the compressor
+        run = run_cli("ask", "--index", tmp_path / "index", "--question", chunks[i]["text"], "--max-new-tokens", 2)
+        assert run.returncode == 0, run.stderr
+        first = next(line for line in run.stdout.splitlines() if line.strip().startswith("[1]"))
+        assert "score 1.000" in first and " ".join(chunks[i]["text"].split()[:6]) in first, run.stdout
+    other = run_cli("sft", "--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32,
+                    "--compression-rate", 8, "--steps", 1, "--seed", 5, "--out", tmp_path / "other")
+    assert other.returncode == 0, other.stderr
+    run = run_cli("ask", "--index", tmp_path / "index", "--adapters", tmp_path / "other", "--question", "q")
+    assert_clean_failure(run, "built with other adapters", tmp_path)
+    run = run_cli("index", "--pdf", "data/sample.pdf", "--adapters", tiny_sft_run, "--out", tmp_path / "index")
+    assert_clean_failure(run, "already holds files", tmp_path)
+
+
 def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_path, tiny_model_folder):
     rng = np.random.default_rng(0)
     common = ["--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8,
@@ -865,3 +1027,31 @@ def test_record_parsers_return_a_valid_record_or_raise_input_error_for_any_json_
         texts = [record["question"], record["answer"], *record["docs"]] if "docs" in record else \
             [record["doc"], record["target"]]
         assert all(isinstance(t, str) and t.strip() for t in texts)
+
+
+# -----------------------------------------------------------------------------
+# the evidence experiment (data/experiment.py), at test size on the tiny model
+
+
+@pytest.mark.slow
+def test_the_evidence_experiment_runs_end_to_end_and_writes_every_row(tmp_path, tiny_model_folder):
+    options = ["--out", tmp_path / "exp", "--model", tiny_model_folder, "--train-docs", 12, "--eval-docs", 6,
+               "--steps", 2, 2, 2, "--batch-size", 2, "--eval-records", 3, "--code-docs", 40, "--rates", 16]
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "experiment.py"), *map(str, options)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "exp" / "results.json").read_text())["rows"]
+    assert [r["row"] for r in rows] == ["no documents", "document text", "compressed x16 (16 vectors / doc)",
+                                        "stage 3: retrieved top-5", "stage 3: marked documents", "code task: memory",
+                                        "code task: no documents"]
+    assert all(r["records"] == 3 and 0 <= r["f1"] <= 100 and r["ce"] > 0 for r in rows), rows
+    by_name = {r["row"]: r for r in rows}
+    # what compression buys: 16 vectors per document in the prompt instead of the document's ~190 tokens
+    assert by_name["compressed x16 (16 vectors / doc)"]["prompt_tokens"] + 100 < \
+        by_name["document text"]["prompt_tokens"]
+    assert set(by_name["stage 3: retrieved top-5"]["recall"]) == {"recall@1", "recall@3", "recall@5"}
+    assert by_name["compressed x16 (16 vectors / doc)"]["steps"] == "2 + 2"
+    assert (tmp_path / "exp" / "table.md").read_text().count("\n| ") == 8  # the header and seven rows
+    again = subprocess.run([sys.executable, str(ROOT / "data" / "experiment.py"), *map(str, options)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0 and "$ " not in again.stdout  # a finished experiment is not run again
