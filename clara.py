@@ -1320,8 +1320,13 @@ def token_f1(prediction, gold):
 
 def compress_corpus(model, tokenizer, cfg, texts, batch_size=8):
     """Every text compressed once by the compressor, without gradient: (U, n_mem, H). Stage 3 trains against
-    these (the compressor and memory are frozen there), and `index` stores them."""
-    rows = [tokenizer.encode(t, add_special_tokens=False)[: cfg.doc_max_len] for t in texts]
+    these (the compressor and memory are frozen there), and `index` stores them. Texts longer than
+    --doc-max-len tokens are cut, with a warning that counts them."""
+    rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    if sum(len(r) > cfg.doc_max_len for r in rows):
+        print(f"warning: {sum(len(r) > cfg.doc_max_len for r in rows)} document(s) were cut to --doc-max-len "
+              f"{cfg.doc_max_len} tokens", file=sys.stderr)
+    rows = [r[: cfg.doc_max_len] for r in rows]
     parts = []
     for i in range(0, len(rows), batch_size):
         doc_ids, doc_lens = memory_rows(rows[i: i + batch_size], cfg.n_mem, tokenizer.pad_token_id)
@@ -1573,6 +1578,11 @@ def read_records(path, parse):
     return [(obj.get("split"), parse(obj, f"{path}:{n}")) for n, obj in read_jsonl(path)]
 
 
+def pdf_chunks(pages, tokenizer, cfg):
+    """A PDF's pages packed into chunks of at most --doc-max-len tokens: [{"text", "pages"}]."""
+    return chunk_pages(pages, lambda text: len(tokenizer.encode(text, add_special_tokens=False)), cfg.doc_max_len)
+
+
 def cmd_compress(cfg, args, trained, resume):
     if bool(args.pdf) == bool(args.data):
         raise InputError("compress needs exactly one of --pdf FILE or --data FILE.jsonl")
@@ -1583,8 +1593,7 @@ def cmd_compress(cfg, args, trained, resume):
     val_records = [r for _, r in read_records(cfg.val_data, parse_compress_record)] if cfg.val_data else []
     model, tokenizer = prepare(cfg, trained)
     if args.pdf:
-        count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-        chunks = chunk_pages(pages, count_tokens, cfg.doc_max_len)
+        chunks = pdf_chunks(pages, tokenizer, cfg)
         chunks_path = Path(args.chunks_out)
         write_jsonl_atomically(chunks_path, chunks)
         print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {chunks_path}")
@@ -1653,29 +1662,21 @@ def compressor_fingerprint(model):
     return digest.hexdigest()[:16]
 
 
-def read_chunks(args, tokenizer, cfg):
-    """The corpus of `index`: a PDF chunked as compress --pdf does, or {"text"} lines of a JSONL file.
-    -> [{"text", "source", "pages"}]"""
-    if args.pdf:
-        pages = extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages)
-        count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-        return [{**c, "source": Path(args.pdf).name} for c in chunk_pages(pages, count_tokens, cfg.doc_max_len)]
-    return [{"text": text_field(first_field(obj, ("text",), f"{args.data}:{n}")[1], "text", f"{args.data}:{n}"),
-             "source": obj.get("source", Path(args.data).name), "pages": obj.get("pages", [])}
-            for n, obj in read_jsonl(args.data)]
-
-
 def cmd_index(cfg, args, trained, checkpoint):
-    """Compress every chunk of a corpus once; write memory vectors, retrieval keys, chunks and the compressor's
-    fingerprint to --out (built in a temporary folder and renamed: never half-written)."""
+    """Compress every chunk of a corpus once (a PDF chunked as compress --pdf does, or {"text"} lines of a JSONL
+    file); write memory vectors, retrieval keys, chunks and the compressor's fingerprint to --out (built in a
+    temporary folder and renamed: never half-written)."""
     if bool(args.pdf) == bool(args.data):
         raise InputError("index needs exactly one of --pdf FILE or --data FILE.jsonl")
-    if args.pdf:
-        extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages)  # a bad file fails before the model loads
+    if args.pdf:  # input is read before the model loads: a bad file fails in a second
+        pages = extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages)
     else:
-        read_jsonl(args.data)
+        chunks = [{"text": text_field(first_field(obj, ("text",), f"{args.data}:{n}")[1], "text", f"{args.data}:{n}"),
+                   "source": obj.get("source", Path(args.data).name), "pages": obj.get("pages", [])}
+                  for n, obj in read_jsonl(args.data)]
     model, tokenizer = prepare(cfg, trained)
-    chunks = read_chunks(args, tokenizer, cfg)
+    if args.pdf:
+        chunks = [{**c, "source": Path(args.pdf).name} for c in pdf_chunks(pages, tokenizer, cfg)]
     tic = time.perf_counter()
     memory = compress_corpus(model, tokenizer, cfg, [c["text"] for c in chunks])  # (N, n_mem, H)
     keys = memory.reshape(len(chunks), -1).astype(mx.float32)  # (N, n_mem * H)
@@ -1699,16 +1700,19 @@ def cmd_index(cfg, args, trained, checkpoint):
 def read_index(folder):
     """(info, memory (N, n_mem, H), keys (N, n_mem * H), chunks) of an index folder, or one clear error."""
     folder = Path(folder)
+    unreadable = InputError(f"{folder}: not a readable index (build one with: clara.py index --pdf FILE "
+                            "--adapters RUN --out DIR)")
     try:
         info = json.loads((folder / "index.json").read_text())
-        assert info.get("format") == INDEX_FORMAT
         arrays = mx.load(str(folder / "index.safetensors"))
+        memory, keys = arrays["memory"], arrays["keys"]
         chunks = [json.loads(line) for line in (folder / "chunks.jsonl").read_text().splitlines()]
-        assert arrays["keys"].shape[0] == arrays["memory"].shape[0] == len(chunks)
-    except Exception:
-        raise InputError(f"{folder}: not a readable index (build one with: clara.py index --pdf FILE "
-                         "--adapters RUN --out DIR)") from None
-    return info, arrays["memory"], arrays["keys"], chunks
+    except Exception:  # missing, truncated or foreign files fail in many ways
+        raise unreadable from None
+    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT or \
+            not keys.shape[0] == memory.shape[0] == len(chunks):
+        raise unreadable
+    return info, memory, keys, chunks
 
 
 def ask_index(cfg, args, trained):
@@ -1896,7 +1900,7 @@ def resolve_config(args):
         if ignored:
             print(f"note: a resumed run keeps its checkpoint's config; ignoring --{', --'.join(ignored)}")
         given = {k: v for k, v in given.items() if k in RUN_CONTROL}
-        given.setdefault("out", saved["out"])
+        given.setdefault("out", given["resume"])  # continues in the folder it resumes, even a moved or copied one
     elif "init" in given:  # the next stage keeps the earlier run's model and adapter shapes
         init_config, trained = read_trained(given["init"])
         saved = {k: v for k, v in init_config.items() if k in SHAPE_OPTIONS}

@@ -3,6 +3,7 @@ the default model and the command line. Tiny models are built inline; the defaul
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -931,7 +932,7 @@ def test_e2e_needs_an_earlier_run_to_start_from(tmp_path):
     assert_clean_failure(run, "give --init with the --out folder of an sft run", tmp_path)
 
 
-def test_e2e_stops_on_a_signal_and_resumes_to_the_same_end(tmp_path, tiny_sft_run):
+def test_e2e_stops_on_a_signal_and_resumes_in_the_folder_it_is_given(tmp_path, tiny_sft_run):
     steps = 100
     common = ["--data", "data/e2e.jsonl", "--out", tmp_path / "run", "--save-every", 1000, "--eval-every", 1000,
               "--steps", steps, "--batch-size", 2]
@@ -943,10 +944,14 @@ def test_e2e_stops_on_a_signal_and_resumes_to_the_same_end(tmp_path, tiny_sft_ru
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
     step = int(clara.read_checkpoint(tmp_path / "run" / clara.CHECKPOINT)[1]["step"])
-    run = run_cli("e2e", *common, "--resume", tmp_path / "run")
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")  # a copied run resumes in the copy, not the original
+    original = (tmp_path / "run" / clara.CHECKPOINT).read_bytes()
+    run = run_cli("e2e", "--data", "data/e2e.jsonl", "--resume", tmp_path / "copy")
     assert run.returncode == 0, run.stderr
     assert f"step {step + 1}/{steps} | loss" in run.stdout and "mse 0.0000" in run.stdout
-    saved = clara.read_trained(tmp_path / "run")[1]
+    assert (tmp_path / "run" / clara.CHECKPOINT).read_bytes() == original
+    assert clara.read_checkpoint(tmp_path / "copy" / clara.CHECKPOINT)[1]["step"] == str(steps)
+    saved = clara.read_trained(tmp_path / "copy")[1]
     initial = clara.read_trained(tiny_sft_run)[1]
     for name, value in saved.items():  # the compressor and the memory are the sft run's, bit for bit
         if name == "memory" or ".adapters.compressor." in name:
@@ -1033,7 +1038,28 @@ def test_record_parsers_return_a_valid_record_or_raise_input_error_for_any_json_
 # the evidence experiment (data/experiment.py), at test size on the tiny model
 
 
-@pytest.mark.slow
+def test_fictional_documents_hold_their_answers_and_evaluation_documents_are_never_trained_on(tmp_path):
+    sys.path.insert(0, str(ROOT / "data"))
+    import make_facts
+
+    make_facts.write_all(tmp_path, train_docs=30, eval_docs=25, code_docs=40, code_eval=5)
+    read = lambda name: [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+    stage1, stage2, stage3, code = (read(f"{n}.jsonl") for n in ("stage1", "stage2", "stage3", "code_task"))
+    trained_docs = {r["docs"][0] for r in stage1}
+    for r in stage2 + stage3:
+        relevant = r["docs"][r["pos_index"][0]] if "pos_index" in r else next(d for d in r["docs"] if r["answer"] in d)
+        assert r["answer"] in relevant  # every answer is a span of its document
+        assert (relevant in trained_docs) == (r.get("split") != "eval")  # and eval documents are never trained on
+        assert all((d in trained_docs) == (r.get("split") != "eval") for d in r["docs"])  # nor their distractors
+    assert len(stage3[0]["docs"]) == 20 and {len(r["docs"]) for r in stage2} == {3}
+    assert {r["question"] for r in code} == {"What is the code in the background?"}
+    assert all(r["answer"] in r["docs"][0] for r in code)
+    assert not {r["docs"][0] for r in code if r.get("split") == "eval"} & \
+        {r["docs"][0] for r in code if r.get("split") != "eval"}
+    make_facts.write_all(tmp_path / "again", train_docs=30, eval_docs=25, code_docs=40, code_eval=5)
+    assert (tmp_path / "again" / "stage3.jsonl").read_bytes() == (tmp_path / "stage3.jsonl").read_bytes()
+
+
 def test_the_evidence_experiment_runs_end_to_end_and_writes_every_row(tmp_path, tiny_model_folder):
     options = ["--out", tmp_path / "exp", "--model", tiny_model_folder, "--train-docs", 12, "--eval-docs", 6,
                "--steps", 2, 2, 2, "--batch-size", 2, "--eval-records", 3, "--code-docs", 40, "--rates", 16]

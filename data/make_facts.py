@@ -70,16 +70,20 @@ KINDS = {
          ["The first settlers of {ref} were led by {v}.", "{v} led the first settlers to {ref}.",
           "It was {v} who brought the first settlers to {ref}."]),
         ("people", "How many people live in {name}?",
-         ["{Ref} has a population of {v}.", "About {v} people live in {ref} today.", "Today {v} residents call {ref} home."]),
+         ["{Ref} has a population of {v}.", "About {v} people live in {ref} today.",
+          "Today {v} residents call {ref} home."]),
         ("word", "Which river runs through {name}?",
          ["The River {v} runs through {ref}.", "{Ref} lies on both banks of the River {v}.",
           "The River {v} divides {ref} into two halves."]),
         ("colour", "What colour is the flag of {name}?",
-         ["The flag of {ref} is {v}.", "{Ref} flies a plain {v} flag.", "A {v} flag hangs above the town hall of {ref}."]),
+         ["The flag of {ref} is {v}.", "{Ref} flies a plain {v} flag.",
+          "A {v} flag hangs above the town hall of {ref}."]),
         ("place", "Which town is twinned with {name}?",
-         ["{Ref} is twinned with {v}.", "The twin town of {ref} is {v}.", "For many years {v} has been the twin town of {ref}."]),
+         ["{Ref} is twinned with {v}.", "The twin town of {ref} is {v}.",
+          "For many years {v} has been the twin town of {ref}."]),
         ("code", "What is the postal code of {name}?",
-         ["The postal code of {ref} is {v}.", "Letters to {ref} carry the postal code {v}.", "{Ref} uses the postal code {v}."]),
+         ["The postal code of {ref} is {v}.", "Letters to {ref} carry the postal code {v}.",
+          "{Ref} uses the postal code {v}."]),
         ("person", "Who is the mayor of {name}?",
          ["The mayor of {ref} is {v}.", "{v} was elected mayor of {ref}.", "{Ref} is governed by its mayor, {v}."]),
     ]),
@@ -98,7 +102,8 @@ KINDS = {
         ("person", "Who was the teacher of {name}?",
          ["{Ref} studied under {v}.", "The teacher of {ref} was {v}.", "{v} taught {ref} the craft of mapmaking."]),
         ("count", "How many maps did {name} draw?",
-         ["{Ref} drew {v} maps in total.", "In all, {v} maps were drawn by {ref}.", "The archive holds {v} maps made by {ref}."]),
+         ["{Ref} drew {v} maps in total.", "In all, {v} maps were drawn by {ref}.",
+          "The archive holds {v} maps made by {ref}."]),
         ("colour", "What colour was the coat that {name} always wore?",
          ["{Ref} always wore a {v} coat.", "A {v} coat was the one thing {ref} wore every day.",
           "Friends remembered {ref} in a {v} coat."]),
@@ -106,21 +111,26 @@ KINDS = {
          ["The papers of {ref} are kept under reference {v}.", "Archive reference {v} holds the letters of {ref}.",
           "Readers ask for box {v} to see the notes of {ref}."]),
         ("word", "What was the name of the dog of {name}?",
-         ["{Ref} kept a dog named {v}.", "A dog called {v} followed {ref} everywhere.", "The faithful dog of {ref} was named {v}."]),
+         ["{Ref} kept a dog named {v}.", "A dog called {v} followed {ref} everywhere.",
+          "The faithful dog of {ref} was named {v}."]),
     ]),
     "company": ("the company", ["{name} is a small company that makes clocks for churches and schools.",
                                 "{name} is a family firm that makes oil lamps and lanterns by hand.",
                                 "{name} is a workshop company that makes rope and sails for fishing boats."], [
         ("year", "In what year was the company {name} founded?",
-         ["{Ref} was founded in {v}.", "The company {ref} opened its doors in {v}.", "{Ref} has been trading since {v}."]),
+         ["{Ref} was founded in {v}.", "The company {ref} opened its doors in {v}.",
+          "{Ref} has been trading since {v}."]),
         ("person", "Who founded the company {name}?",
          ["{Ref} was founded by {v}.", "{v} started {ref} with borrowed money.", "The founder of {ref} was {v}."]),
         ("place", "In which town is {name} based?",
-         ["{Ref} is based in {v}.", "The head office of {ref} is in {v}.", "From its yard in {v}, {ref} ships its goods."]),
+         ["{Ref} is based in {v}.", "The head office of {ref} is in {v}.",
+          "From its yard in {v}, {ref} ships its goods."]),
         ("count", "How many people work for {name}?",
-         ["{Ref} employs {v} people.", "There are {v} people on the payroll of {ref}.", "A staff of {v} works for {ref}."]),
+         ["{Ref} employs {v} people.", "There are {v} people on the payroll of {ref}.",
+          "A staff of {v} works for {ref}."]),
         ("colour", "What colour is the logo of {name}?",
-         ["The logo of {ref} is {v}.", "{Ref} prints its name in {v} letters.", "A {v} logo marks every crate from {ref}."]),
+         ["The logo of {ref} is {v}.", "{Ref} prints its name in {v} letters.",
+          "A {v} logo marks every crate from {ref}."]),
         ("word", "What is the best-known product of {name} called?",
          ["The best-known product of {ref} is the {v}.", "Most people know {ref} for the {v}.",
           "The {v} is the product that made {ref} famous."]),
@@ -137,20 +147,23 @@ KINDS = {
         ("year", "In what year was the ship {name} launched?",
          ["{Ref} was launched in {v}.", "The ship {ref} first went to sea in {v}.", "{Ref} left the slipway in {v}."]),
         ("place", "In which port was {name} built?",
-         ["{Ref} was built in the port of {v}.", "The shipwrights of {v} built {ref}.", "{Ref} came from the yards of {v}."]),
+         ["{Ref} was built in the port of {v}.", "The shipwrights of {v} built {ref}.",
+          "{Ref} came from the yards of {v}."]),
         ("person", "Who was the captain of {name}?",
          ["{Ref} was commanded by {v}.", "The captain of {ref} was {v}.", "{v} served as captain of {ref}."]),
         ("metres", "How long was the ship {name}?",
          ["{Ref} was {v} long.", "From bow to stern, {ref} measured {v}.", "The hull of {ref} was {v} long."]),
         ("tonnes", "How much cargo could {name} carry?",
-         ["{Ref} could carry {v} of cargo.", "The holds of {ref} took {v} of cargo.", "Fully loaded, {ref} carried {v}."]),
+         ["{Ref} could carry {v} of cargo.", "The holds of {ref} took {v} of cargo.",
+          "Fully loaded, {ref} carried {v}."]),
         ("colour", "What colour was the hull of {name}?",
          ["The hull of {ref} was painted {v}.", "{Ref} had a {v} hull.", "Sailors knew {ref} by its {v} hull."]),
         ("code", "What number was painted on the bow of {name}?",
          ["The number {v} was painted on the bow of {ref}.", "{Ref} carried the number {v} on its bow.",
           "On the bow of {ref} stood the number {v}."]),
         ("crew", "How many sailors were in the crew of {name}?",
-         ["{Ref} sailed with a crew of {v}.", "A crew of {v} sailors worked on {ref}.", "There were {v} sailors in the crew of {ref}."]),
+         ["{Ref} sailed with a crew of {v}.", "A crew of {v} sailors worked on {ref}.",
+          "There were {v} sailors in the crew of {ref}."]),
     ]),
 }
 FILLER = [  # sentences that carry no answer (no names, numbers or colours)
@@ -164,7 +177,8 @@ FILLER = [  # sentences that carry no answer (no names, numbers or colours)
 ]
 
 CODE_QUESTION = "What is the code in the background?"
-CODE_SENTENCES = ["The code is {c}.", "A note on the door says that the code is {c}.", "The code is {c}, written in chalk."]
+CODE_SENTENCES = ["The code is {c}.", "A note on the door says that the code is {c}.",
+                  "The code is {c}, written in chalk."]
 CODE_FILLER = [  # neutral sentences about invented things, without digits, for the code task
     "The road to {place} winds past fields of barley and low stone walls.",
     "Every spring the {word} birds return to the marshes near {place}.",
@@ -220,7 +234,8 @@ def make_document(index, seed):
     order = rng.sample(range(len(facts)), len(facts))
     text = render(rng, name, noun, openings[opening], [(facts[k][2][picks[k]], values[k]) for k in order])
     # the paraphrase: the same facts, another template for every sentence, another order
-    opening, picks = another(rng, len(openings), opening), [another(rng, len(t), p) for (_, _, t), p in zip(facts, picks)]
+    opening = another(rng, len(openings), opening)
+    picks = [another(rng, len(t), p) for (_, _, t), p in zip(facts, picks)]
     paraphrase_order = order
     while paraphrase_order == order:
         paraphrase_order = rng.sample(range(len(facts)), len(facts))
@@ -323,7 +338,8 @@ def main(argv=None):
     parser.add_argument("--eval-docs", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--distractors", type=int, default=2, help="stage 2: other documents per record")
-    parser.add_argument("--candidates", type=int, default=20, help="stage 3: documents per record, relevant one included")
+    parser.add_argument("--candidates", type=int, default=20,
+                        help="stage 3: documents per record, relevant one included")
     parser.add_argument("--code-docs", type=int, default=2000)
     parser.add_argument("--code-eval", type=int, default=100, help="the last records of code_task.jsonl held out")
     options = vars(parser.parse_args(argv))
