@@ -369,9 +369,14 @@ USER_RECONSTRUCT = "Background:\n{docs}\n\nWrite out the background text exactly
 SLOT_MARK = "\x00slot\x00"  # stands for one document's memory slots while the chat template is rendered
 
 
-def answer_prompt(question, has_docs=True):
-    """The stage 2 and 3 user text for a question, "{docs}" left in place for the documents."""
-    return (USER_ANSWER if has_docs else USER_NO_DOCS).replace("{question}", question)
+def fill(template, **values):
+    """The template with each {name} replaced in one pass, so that a question or a document that itself
+    contains "{docs}" is never read as a placeholder."""
+    return re.sub(r"\{(docs|question)\}", lambda m: values[m.group(1)], template)
+
+
+def slot_marks(n_docs):
+    return "\n".join(SLOT_MARK for _ in range(n_docs))
 
 
 def truncate_keep_target(prompt, target, max_len):
@@ -417,19 +422,20 @@ def prompt_example(tokenizer, cfg, system, user, n_slot_docs, target):
             "n_prompt": len(prompt), "n_slot_docs": n_slot_docs, "target_cut": len(target_ids) == cfg.max_len}
 
 
-def build_example(tokenizer, cfg, docs, user, target, system=SYSTEM_ANSWER, context="compressed"):
+def build_example(tokenizer, cfg, docs, user, target, system=SYSTEM_ANSWER, context="compressed", question=""):
     """One training (or inference) example of stage 1 or 2.
 
-    docs: document strings; user: the user text, with "{docs}" where the documents go. Compressed context
+    docs: document strings; user: a template of the user text, with "{docs}" where the documents go (and
+    "{question}" where the question goes). Compressed context
     gives each document n_mem memory slots there; text context writes the (equally truncated) document text
     there instead and compresses nothing.
     """
     full_doc_ids = [tokenizer.encode(d, add_special_tokens=False) for d in docs]
     doc_ids = [ids[: cfg.doc_max_len] for ids in full_doc_ids]
     if context == "text":
-        user, doc_ids = user.replace("{docs}", "\n\n".join(tokenizer.decode(ids) for ids in doc_ids)), []
+        user, doc_ids = fill(user, docs="\n\n".join(tokenizer.decode(ids) for ids in doc_ids), question=question), []
     else:
-        user = user.replace("{docs}", "\n".join(SLOT_MARK for _ in docs))
+        user = fill(user, docs=slot_marks(len(docs)), question=question)
     return {"doc_ids": doc_ids, **prompt_example(tokenizer, cfg, system, user, len(doc_ids), target),
             "docs_cut": sum(len(d) > cfg.doc_max_len for d in full_doc_ids)}
 
@@ -450,8 +456,9 @@ def compress_examples(tokenizer, cfg, records):
 def question_example(tokenizer, cfg, record, context, target):
     """Stage 2: question + documents -> target, the documents compressed, as text, or left out ("none")."""
     if context == "none":
-        return build_example(tokenizer, cfg, [], answer_prompt(record["question"], has_docs=False), target)
-    return build_example(tokenizer, cfg, record["docs"], answer_prompt(record["question"]), target, context=context)
+        return build_example(tokenizer, cfg, [], USER_NO_DOCS, target, question=record["question"])
+    return build_example(tokenizer, cfg, record["docs"], USER_ANSWER, target, context=context,
+                         question=record["question"])
 
 
 def sft_examples(tokenizer, cfg, records):
@@ -464,7 +471,7 @@ def e2e_examples(tokenizer, cfg, records, bank, bank_rows):
     prompt with cfg.top_k memory slots, which the documents the query reasoner picks will fill."""
     examples = []
     for r in records:
-        user = answer_prompt(r["question"]).replace("{docs}", "\n".join(SLOT_MARK for _ in range(cfg.top_k)))
+        user = fill(USER_ANSWER, docs=slot_marks(cfg.top_k), question=r["question"])
         query_ids = tokenizer.encode(r["question"], add_special_tokens=False)[: cfg.doc_max_len]
         examples.append({"doc_ids": [], "query_ids": query_ids, "bank": bank,
                          "candidates": [bank_rows[d] for d in r["docs"]], "positives": r["positives"],
@@ -1344,7 +1351,7 @@ def encode_question(model, tokenizer, cfg, question):
 
 def retrieval_prompt(tokenizer, cfg, question, k, target=None):
     """A stage 3 prompt: k memory slots, which the retrieved documents fill, then the question."""
-    user = answer_prompt(question).replace("{docs}", "\n".join(SLOT_MARK for _ in range(k)))
+    user = fill(USER_ANSWER, docs=slot_marks(k), question=question)
     return {"doc_ids": [], **prompt_example(tokenizer, cfg, SYSTEM_ANSWER, user, k, target)}
 
 
@@ -1763,7 +1770,7 @@ def cmd_ask(cfg, args, trained, checkpoint):
         raise InputError("ask needs --docs FILE ... (documents to compress) or --index DIR (a compressed corpus)")
     docs = read_documents(args.docs)
     model, tokenizer = prepare(cfg, trained)
-    example = build_example(tokenizer, cfg, docs, answer_prompt(args.question), None, context=cfg.context)
+    example = build_example(tokenizer, cfg, docs, USER_ANSWER, None, context=cfg.context, question=args.question)
     print(generate_answer(model, tokenizer, cfg, example, args.max_new_tokens)[0])
 
 

@@ -81,11 +81,12 @@ def test_truncation_keeps_every_target_token_and_a_suffix_of_the_prompt(prompt, 
 
 def test_build_example_truncates_the_prompt_from_the_start_and_counts_cut_targets(tokenizer):
     cfg = tiny_config(max_len=24)
-    example = clara.build_example(tokenizer, cfg, ["one two three " * 20], clara.answer_prompt("why?"), "because")
+    example = clara.build_example(tokenizer, cfg, ["one two three " * 20], clara.USER_ANSWER, "because",
+                                  question="why {docs}?")  # a placeholder inside the question stays text
     target = tokenizer.encode("because", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert len(example["ids"]) == 24 and example["ids"][-len(target):] == target
     assert example["n_prompt"] == 24 - len(target) and not example["target_cut"]
-    overlong = clara.build_example(tokenizer, cfg, ["doc"], clara.answer_prompt("Q"), "word " * 100)
+    overlong = clara.build_example(tokenizer, cfg, ["doc"], clara.USER_ANSWER, "word " * 100, question="Q")
     assert overlong["target_cut"] and overlong["n_prompt"] == 0 and len(overlong["ids"]) == 24
 
 
