@@ -26,13 +26,15 @@ experiment: $(STAMP)
 	$(PY) data/experiment.py --out runs/experiment $(EXPERIMENT)
 
 # stage 1 on the sample PDF, stage 2 on the sample QA set, stage 3 on its retrieval version, then questions
-# answered from compressed documents and from an index of the PDF (runs/demo-index is rebuilt each time)
+# answered from compressed documents and from an index of the PDF (each run replaces the demo's last outputs)
 demo: $(STAMP)
-	$(PY) clara.py compress --pdf data/sample.pdf --steps 40 --lr 5e-4 --log-every 5 --out runs/demo-compress
-	$(PY) clara.py sft --data data/sft.jsonl --init runs/demo-compress --steps 80 --lr 5e-4 --log-every 5 --out runs/demo-sft
+	$(PY) clara.py compress --pdf data/sample.pdf --steps 40 --lr 5e-4 --log-every 5 --out runs/demo-compress --overwrite
+	$(PY) clara.py sft --data data/sft.jsonl --init runs/demo-compress --steps 80 --lr 5e-4 --log-every 5 \
+		--out runs/demo-sft --overwrite
 	$(PY) clara.py ask --adapters runs/demo-sft --docs data/ask/doc1.txt data/ask/doc2.txt \
 		--question "What weight does the alignment loss have in the total loss?"
-	$(PY) clara.py e2e --data data/e2e.jsonl --init runs/demo-sft --steps 40 --lr 5e-4 --log-every 5 --out runs/demo-e2e
+	$(PY) clara.py e2e --data data/e2e.jsonl --init runs/demo-sft --steps 40 --lr 5e-4 --log-every 5 \
+		--out runs/demo-e2e --overwrite
 	rm -rf runs/demo-index
 	$(PY) clara.py index --pdf data/sample.pdf --adapters runs/demo-e2e --out runs/demo-index
 	$(PY) clara.py ask --index runs/demo-index --question "What weight does the alignment loss have in the total loss?"

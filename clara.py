@@ -94,6 +94,7 @@ class Config:
     eval_every: int = 50  # validation loss every this many steps (and at step 1 and at the end)
     save_every: int = 50  # checkpoint every this many steps (and at the end)
     resume: str = ""  # continue the run whose checkpoint is in this folder (same command and data)
+    overwrite: bool = False  # let a new run replace the outputs of an earlier run in --out (else refused)
     plot: bool = False  # write loss.png next to metrics.jsonl at the end (needs matplotlib)
 
     @property
@@ -1005,13 +1006,37 @@ def validation_loss(model, examples, cfg, pad_id):
 CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
 
 
-def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens, n_examples):
+def examples_fingerprint(examples):
+    """sha256 of the training examples' tokens (prompts, targets, documents, candidates): a resume must see
+    the same data, not merely as many records."""
+    import hashlib
+
+    keys = ("ids", "n_prompt", "doc_ids", "query_ids", "candidates")
+    text = json.dumps([[ex.get(k) for k in keys] for ex in examples], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_same_data(checkpoint, examples, command):
+    """Refuse, before anything is written, to resume a checkpoint of another command or of other data."""
+    metadata = checkpoint[1]
+    if metadata.get("command", command) != command:
+        raise InputError(f"--resume: that checkpoint was written by `{metadata['command']}`, not `{command}`; "
+                         "resume it with the command that wrote it")
+    if metadata.get("data_fingerprint", examples_fingerprint(examples)) != examples_fingerprint(examples) or \
+            int(metadata["n_examples"]) != len(examples):
+        raise InputError(f"--resume: the checkpoint was trained on other data ({metadata['n_examples']} examples, "
+                         f"this data has {len(examples)}, or the same count with other contents); resume with the "
+                         "same data and data options")
+
+
+def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens, data):
     """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
-    the step, the data position and the config. Written atomically, so the previous one survives any kill."""
+    the step, the data position, the config, and what identifies the data and the command (`data`).
+    Written atomically, so the previous one survives any kill."""
     arrays = {f"model.{k}": v for k, v in adapter_arrays(model).items()}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
     metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
-                "trained_tokens": str(trained_tokens), "n_examples": str(n_examples),
+                "trained_tokens": str(trained_tokens), **data,
                 "data_position": str(step * cfg.grad_accum * cfg.batch_size), "config": json.dumps(asdict(cfg))}
     save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
 
@@ -1072,12 +1097,13 @@ def accumulate_gradients(micro_step, examples, cfg, step, pad_id):
     return tree_map(lambda g: g / cfg.grad_accum, grads), means, n_real, n_trained
 
 
-def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, stop=None):
+def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, stop=None, command=""):
     """The loop: for each optimizer update, accumulate gradients, clip, step; report, validate and
     checkpoint on schedule. Returns the history of report rows.
 
     out: folder for checkpoints and metrics.jsonl (None: keep nothing). resume: (arrays, metadata) of a
-    checkpoint. stop(step) -> signal number or None; by default SIGINT/SIGTERM.
+    checkpoint, refused if another command or other data wrote it. stop(step) -> signal number or None; by
+    default SIGINT/SIGTERM. command: the CLI command, recorded in checkpoints.
     """
     from tqdm import tqdm
 
@@ -1092,10 +1118,9 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
         micro_step = mx.compile(micro_step, inputs=[model.state, mx.random.state],
                                 outputs=[model.state, mx.random.state])
     first, best_val, history, trained_tokens = 1, math.inf, [], 0
+    data = {"command": command, "n_examples": str(len(examples)), "data_fingerprint": examples_fingerprint(examples)}
     if resume:
-        if int(resume[1]["n_examples"]) != len(examples):
-            raise InputError(f"--resume: the checkpoint was trained on {resume[1]['n_examples']} examples, this "
-                             f"data has {len(examples)}; resume with the same data")
+        check_same_data(resume, examples, command)
         restore_checkpoint(resume[0], model, optimizer)
         first, best_val = int(resume[1]["step"]) + 1, float(resume[1]["best_val_loss"])
         trained_tokens = int(resume[1]["trained_tokens"])
@@ -1131,12 +1156,10 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
                 metrics.write({"kind": "val", "step": step, "val_loss": val})
                 if out and val < best_val:
                     best_val = val
-                    save_checkpoint(out / BEST, model, optimizer, cfg, step, best_val, trained_tokens,
-                                    len(examples))
+                    save_checkpoint(out / BEST, model, optimizer, cfg, step, best_val, trained_tokens, data)
             signum = stop(step)
             if out and (step % cfg.save_every == 0 or step == cfg.steps or signum):
-                save_checkpoint(out / CHECKPOINT, model, optimizer, cfg, step, best_val, trained_tokens,
-                                len(examples))
+                save_checkpoint(out / CHECKPOINT, model, optimizer, cfg, step, best_val, trained_tokens, data)
                 save_outputs(model, cfg, out, {"step": step, "loss": loss})
             if signum:
                 saved = f"checkpoint saved to {out / CHECKPOINT}; continue with --resume {out}" if out else ""
@@ -1211,7 +1234,10 @@ def read_trained(path):
     """(config dict, adapter arrays) of an output folder (its clara.safetensors) or of a checkpoint file."""
     path = Path(path)
     if path.is_dir() and (path / "clara.safetensors").is_file() and (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
+        try:
+            return json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
+        except Exception as e:  # truncated or foreign files fail inside the readers
+            raise InputError(f"{path}: its clara.safetensors or config.json is not readable ({one_line(e)[:120]})")
     if path.is_file():
         arrays, metadata = read_checkpoint(path)
         return json.loads(metadata["config"]), {k.removeprefix("model."): v for k, v in arrays.items()
@@ -1564,8 +1590,8 @@ def prepare(cfg, trained=None, fresh=(), stage3=False):
     return model, tokenizer
 
 
-def run_stage(cfg, model, tokenizer, examples, val_examples, resume):
-    """Shared by compress and sft: report what truncation cut, train (checkpointing into --out), plot."""
+def run_stage(cfg, command, model, tokenizer, examples, val_examples, resume):
+    """Shared by the training commands: report what truncation cut, train (checkpointing into --out), plot."""
     everything = examples + val_examples
     cut_docs, cut_targets = sum(ex["docs_cut"] for ex in everything), sum(ex["target_cut"] for ex in everything)
     if cut_docs:
@@ -1573,7 +1599,7 @@ def run_stage(cfg, model, tokenizer, examples, val_examples, resume):
     if cut_targets:
         print(f"warning: {cut_targets} target(s) alone exceed --max-len {cfg.max_len}: their prompt is dropped")
     print(f"{len(examples)} training example(s), {len(val_examples)} for validation", flush=True)
-    history = train(model, examples, cfg, tokenizer.pad_token_id, cfg.out, val_examples, resume)
+    history = train(model, examples, cfg, tokenizer.pad_token_id, cfg.out, val_examples, resume, command=command)
     print(f"saved adapters, memory embeddings, checkpoint and config to {cfg.out}/")
     if cfg.plot:
         plot_losses(cfg.out)
@@ -1601,14 +1627,17 @@ def cmd_compress(cfg, args, trained, resume):
     model, tokenizer = prepare(cfg, trained)
     if args.pdf:
         chunks = pdf_chunks(pages, tokenizer, cfg)
-        chunks_path = Path(args.chunks_out)
-        write_jsonl_atomically(chunks_path, chunks)
-        print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {chunks_path}")
         records = [{"kind": "reconstruct", "doc": c["text"], "target": c["text"]} for c in chunks]
     if not val_records:
         records, val_records = split_validation(records, cfg.val_fraction, cfg.seed)
-    return run_stage(cfg, model, tokenizer, compress_examples(tokenizer, cfg, records),
-                     compress_examples(tokenizer, cfg, val_records), resume)
+    examples = compress_examples(tokenizer, cfg, records)
+    if resume:
+        check_same_data(resume, examples, "compress")  # before --chunks-out is written again
+    if args.pdf:
+        write_jsonl_atomically(args.chunks_out, chunks)
+        print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {args.chunks_out}")
+    return run_stage(cfg, "compress", model, tokenizer, examples, compress_examples(tokenizer, cfg, val_records),
+                     resume)
 
 
 def split_records(cfg, path, parse):
@@ -1632,7 +1661,7 @@ def cmd_sft(cfg, args, trained, checkpoint):
     fresh = ("generator",) if cfg.init and not checkpoint and not cfg.init_generator else ()
     model, tokenizer = prepare(cfg, trained, fresh)
     print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out (\"split\": \"eval\")")
-    return run_stage(cfg, model, tokenizer, sft_examples(tokenizer, cfg, records),
+    return run_stage(cfg, "sft", model, tokenizer, sft_examples(tokenizer, cfg, records),
                      sft_examples(tokenizer, cfg, val_records), checkpoint)
 
 
@@ -1650,7 +1679,7 @@ def cmd_e2e(cfg, args, trained, checkpoint):
     print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out; {len(texts)} distinct candidate "
           f"documents compressed once in {time.perf_counter() - tic:.1f} s", flush=True)
     rows = {t: i for i, t in enumerate(texts)}
-    return run_stage(cfg, model, tokenizer, e2e_examples(tokenizer, cfg, records, bank, rows),
+    return run_stage(cfg, "e2e", model, tokenizer, e2e_examples(tokenizer, cfg, records, bank, rows),
                      e2e_examples(tokenizer, cfg, val_records, bank, rows), checkpoint)
 
 
@@ -1886,6 +1915,8 @@ def parse_args(argv):
 SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys",
                  "memory_scale")
 RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "plot", "resume")  # --resume may change these
+RUN_OUTPUTS = (CHECKPOINT, BEST, "clara.safetensors", "adapters.safetensors", "adapter_config.json", "config.json",
+               "metrics.jsonl", "eval.json", "eval.md", "loss.png")  # what a training run writes into --out
 
 
 def resolve_config(args):
@@ -1922,10 +1953,12 @@ def validate_config(cfg):
                  "log_every", "grad_accum", "eval_every", "save_every", "top_k"):
         if getattr(cfg, name) <= 0 and not (name == "lora_layers" and cfg.lora_layers == -1):
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("lr", "min_lr", "mse_weight", "clip_norm", "temperature"):
+    for name in ("lr", "min_lr", "mse_weight", "clip_norm", "temperature", "lora_scale"):
         positive = name in ("lr", "temperature")
-        if not getattr(cfg, name) >= 0 or (positive and getattr(cfg, name) == 0):
-            raise InputError(f"--{name.replace('_', '-')} must be {'positive' if positive else 'at least 0'}")
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number "
+                             f"{'above 0' if positive else 'of at least 0'}, got {value}")
     for name in ("warmup", "val_fraction", "lora_dropout"):
         if not 0 <= getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} is a fraction: at least 0 and below 1")
@@ -1954,6 +1987,10 @@ def check_options(cfg, args):
     """Options that need the file system: checked before any model loads or anything is written."""
     if args.command in ("compress", "sft", "e2e", "index"):
         check_writable(cfg.out, "--out", is_folder=True)
+    earlier = [name for name in RUN_OUTPUTS if (Path(cfg.out) / name).exists()]
+    if args.command in ("compress", "sft", "e2e") and earlier and not cfg.resume and not cfg.overwrite:
+        raise InputError(f"--out {cfg.out}: already holds a run ({', '.join(earlier[:3])}); continue it with "
+                         f"--resume {cfg.out}, choose another --out, or pass --overwrite to replace it")
     if args.command == "index" and Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
         raise InputError(f"--out {cfg.out}: already holds files; an index is written to a new or empty folder")
     if args.command == "compress" and args.pdf:
@@ -1967,20 +2004,80 @@ def check_options(cfg, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    with interrupt_on((signal.SIGTERM, signal.SIGHUP)):  # outside training they end the run as Ctrl-C does
+        return run_command(args)
+
+
+@contextlib.contextmanager
+def interrupt_on(signals):
+    def interrupt(number, frame):
+        raise KeyboardInterrupt(number)
+
+    previous = {s: signal.signal(s, interrupt) for s in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_command(args):
+    """Run one command; every way it can end becomes one line on stderr and an exit code."""
     try:
         cfg, trained, checkpoint = resolve_config(args)
         check_options(validate_config(cfg), args)
-        COMMANDS[args.command](cfg, args, trained, checkpoint)
+        with run_lock(cfg.out if args.command in ("compress", "sft", "e2e") else None, cfg.overwrite):
+            COMMANDS[args.command](cfg, args, trained, checkpoint)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:  # before training started: nothing to save
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # before training started: nothing to save
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    except Exception as e:  # a bug: one line for the user, the traceback in a file for the report
+        if os.environ.get("CLARA_DEBUG"):
+            raise
+        import tempfile
+        import traceback
+
+        report = Path(tempfile.gettempdir()) / f"clara-error-{os.getpid()}.txt"
+        report.write_text(traceback.format_exc())
+        print(f"error: unexpected {type(e).__name__}: {one_line(e)[:200]} (the traceback is in {report}; "
+              "CLARA_DEBUG=1 shows it; checkpoints already written are intact)", file=sys.stderr)
+        return 1
     return 0
+
+
+@contextlib.contextmanager
+def run_lock(out, overwrite):
+    """Hold out/.lock for the run's life, so a second run on the same --out is refused. The operating system
+    drops an flock when its process dies, even by kill -9, so a killed run leaves no stale lock behind."""
+    if out is None:
+        yield
+        return
+    import fcntl
+
+    out, created = Path(out), not Path(out).exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(out / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InputError(f"--out {out}: another run is writing there right now; wait for it or choose "
+                                 "another --out") from None
+            if overwrite:  # the earlier run's outputs go now, so none of them can be mistaken for this run's
+                for name in RUN_OUTPUTS:
+                    (out / name).unlink(missing_ok=True)
+            yield
+    finally:
+        if created and [p.name for p in out.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
+            (out / ".lock").unlink()
+            out.rmdir()
 
 
 if __name__ == "__main__":

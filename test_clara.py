@@ -481,7 +481,7 @@ def test_resume_after_an_interrupt_gives_bitwise_the_same_adapters_and_loss_curv
     assert stopped.value.exit_code == 130 and "after step 3" in str(stopped.value)
     checkpoint = clara.read_checkpoint(tmp_path / "b" / clara.CHECKPOINT)
     assert checkpoint[1]["step"] == "3" and checkpoint[1]["data_position"] == "6"
-    with pytest.raises(clara.InputError, match="trained on 2 examples, this data has 1"):
+    with pytest.raises(clara.InputError, match=r"trained on other data \(2 examples, this data has 1"):
         clara.train(tiny_clara(cfg), examples[:1], cfg, tokenizer.pad_token_id, tmp_path / "c", resume=checkpoint)
     resumed = tiny_clara(cfg)  # the same frozen base; adapters and memory moved so they must come from the checkpoint
     resumed.update(tree_map(lambda p: p + 1.0, resumed.trainable_parameters()))
@@ -804,13 +804,17 @@ def test_bad_jsonl_gives_one_line_naming_file_line_and_field(tmp_path, content, 
     (["--steps", "0"], "--steps must be positive, got 0"),
     (["--doc-max-len", "-5"], "--doc-max-len must be positive"),
     (["--compression-rate", "0"], "--compression-rate must be positive"),
-    (["--lr", "-1"], "--lr must be positive"),
+    (["--lr", "-1"], "--lr must be a finite number above 0, got -1.0"),
     (["--warmup", "1.5"], "--warmup is a fraction"),
     (["--compression-rate", "512"], "--compression-rate 512 is larger than --doc-max-len 256"),
     (["--model", "./no/such/model"], "--model ./no/such/model: no such model folder"),
     (["--model", "missing.gguf"], "--model missing.gguf: no such file"),
     (["--resume", "data"], "checkpoint.safetensors: no such checkpoint"),
     (["--out", "data/sft.jsonl/sub"], "cannot be created"),
+    (["--lr", "inf"], "--lr must be a finite number above 0, got inf"),
+    (["--min-lr", "nan"], "--min-lr must be a finite number"),
+    (["--lora-scale", "inf"], "--lora-scale must be a finite number"),
+    (["--mse-weight", "inf"], "--mse-weight must be a finite number"),
 ])
 def test_bad_options_give_one_line_exit_2_and_write_nothing(tmp_path, options, message):
     if "--out" not in options:
@@ -981,6 +985,67 @@ def test_index_and_ask_index_retrieve_each_chunk_by_its_own_text_and_refuse_othe
     assert_clean_failure(run, "built with other adapters", tmp_path)
     run = run_cli("index", "--pdf", "data/sample.pdf", "--adapters", tiny_sft_run, "--out", tmp_path / "index")
     assert_clean_failure(run, "already holds files", tmp_path)
+
+
+def test_a_new_run_never_replaces_an_earlier_one_unless_told_to(tmp_path, tiny_sft_run):
+    shutil.copytree(tiny_sft_run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    run = run_cli("sft", "--data", "data/sft.jsonl", "--init", tiny_sft_run, "--steps", 1, "--out", tmp_path / "run")
+    assert run.returncode == 2 and "already holds a run" in run.stderr and "--resume" in run.stderr, run.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before  # untouched
+    run = run_cli("sft", "--data", "data/sft.jsonl", "--init", tiny_sft_run, "--steps", 1, "--out", tmp_path / "run",
+                  "--overwrite", "--eval-every", 1000)
+    assert run.returncode == 0, run.stderr
+    for name in (clara.CHECKPOINT, clara.BEST):  # nothing of the earlier run is left to mistake for this one
+        assert clara.read_checkpoint(tmp_path / "run" / name)[1]["step"] == "1"
+    assert {json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()} == {1}
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_path, tiny_model_folder):
+    common = ["--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8,
+              "--out", tmp_path / "run", "--save-every", 1, "--eval-every", 1000, "--steps", 1000]
+    first = start_cli("sft", *common)
+    next(line for line in first.stdout if line.startswith("step 2/"))  # running, a checkpoint on disk
+    second = run_cli("sft", *common, "--overwrite")
+    assert second.returncode == 2 and "another run is writing there right now" in second.stderr, second.stderr
+    first.kill()
+    first.wait()
+    third = run_cli("sft", *common[:-1], 3, "--resume", tmp_path / "run")  # the dead run's lock is gone with it
+    assert third.returncode == 0, third.stderr
+
+
+def test_resume_refuses_other_data_or_another_command_before_writing_anything(tmp_path, tiny_model_folder):
+    common = ["--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8, "--steps", 2]
+    run = run_cli("sft", "--data", "data/sft.jsonl", *common, "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in (ROOT / "data" / "sft.jsonl").read_text().splitlines()]
+    records[0]["gold_answer"] = "something else"  # the same number of records, other contents
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    run = run_cli("sft", "--data", tmp_path / "other.jsonl", "--steps", 4, "--resume", tmp_path / "run")
+    assert run.returncode == 2 and "trained on other data" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    run = run_cli("compress", "--pdf", "data/sample.pdf", "--chunks-out", tmp_path / "chunks.jsonl", "--steps", 4,
+                  "--resume", tmp_path / "run")
+    assert run.returncode == 2 and "written by `sft`, not `compress`" in run.stderr, run.stderr
+    assert not (tmp_path / "chunks.jsonl").exists() and (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+
+
+def test_an_unexpected_error_is_one_line_exit_1_with_the_traceback_in_a_file(monkeypatch, capsys):
+    def broken(cfg, args, trained, checkpoint):
+        raise RuntimeError("a bug deep inside")
+
+    monkeypatch.setitem(clara.COMMANDS, "eval", broken)
+    monkeypatch.delenv("CLARA_DEBUG", raising=False)
+    assert clara.main(["eval", "--adapters", str(ROOT / "no-such-run"), "--data", "data/sft.jsonl"]) == 2  # input first
+    monkeypatch.setattr(clara, "read_trained", lambda path: ({}, None))
+    assert clara.main(["eval", "--adapters", "x", "--data", "data/sft.jsonl"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unexpected RuntimeError: a bug deep inside" in err
+    report = Path(err.split("traceback is in ")[1].split(";")[0])
+    assert "Traceback" in report.read_text() and "a bug deep inside" in report.read_text()
+    monkeypatch.setenv("CLARA_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        clara.main(["eval", "--adapters", "x", "--data", "data/sft.jsonl"])
 
 
 def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_path, tiny_model_folder):

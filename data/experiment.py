@@ -39,9 +39,10 @@ def clara(*options):
 
 def train(command, out, *options):
     """clara.py COMMAND ... --out OUT, unless OUT already holds that run's result. Returns its wall seconds."""
-    if not (out / "clara.safetensors").exists():
-        tic = time.perf_counter()
-        clara(command, *options, "--out", out)
+    if not (out / "experiment.json").exists():
+        tic = time.perf_counter()  # an interrupted run continues from its checkpoint
+        resume = ["--resume", out] if (out / "checkpoint.safetensors").exists() else []
+        clara(command, *options, "--out", out, *resume)
         (out / "experiment.json").write_text(json.dumps({"seconds": time.perf_counter() - tic}) + "\n")
     return json.loads((out / "experiment.json").read_text())["seconds"]
 
