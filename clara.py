@@ -1135,9 +1135,12 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
             grads, (loss, ce, mse), n_real, n_trained = accumulate_gradients(micro_step, examples, cfg, step, pad_id)
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
             if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):  # checked before the update
-                kept = f"the last good checkpoint is {out / CHECKPOINT}" if out and step > 1 else "nothing saved"
+                saved = out and (out / CHECKPOINT).is_file()  # every checkpoint was finite: none is written after this
+                advice = (f"the last good checkpoint is {out / CHECKPOINT}; start a new run from it with a lower --lr "
+                          f"(--init {out / CHECKPOINT} --out NEW)" if saved else "nothing was saved; run again with a "
+                          "lower --lr")
                 raise TrainingStopped(f"step {step}: loss {loss} / gradient norm {grad_norm.item()} is not "
-                                      f"finite; {kept}; try a lower --lr", 1)
+                                      f"finite; {advice}", 1)
             lr = optimizer.learning_rate.item()
             optimizer.update(model, grads)
             mx.eval(model.trainable_parameters(), optimizer.state)
