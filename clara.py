@@ -178,7 +178,7 @@ def extract_pdf_pages(path, password="", max_pages=0):
     except Exception as e:  # pypdf raises many kinds of errors on damaged files
         raise InputError(f"{path}: not a readable PDF ({type(e).__name__}: {one_line(e)})") from None
     if read < n_pages:
-        print(f"warning: {path}: read the first {read} of {n_pages} pages (--max-pages)")
+        print(f"warning: {path}: read the first {read} of {n_pages} pages (--max-pages)", file=sys.stderr)
     pages = [(n, text) for n, text in pages if text]
     if not pages:
         raise InputError(f"{path}: no text could be extracted from its {read} page(s) (scanned or blank?)")
@@ -1598,9 +1598,10 @@ def run_stage(cfg, command, model, tokenizer, examples, val_examples, resume):
     everything = examples + val_examples
     cut_docs, cut_targets = sum(ex["docs_cut"] for ex in everything), sum(ex["target_cut"] for ex in everything)
     if cut_docs:
-        print(f"warning: {cut_docs} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
+        print(f"warning: {cut_docs} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens", file=sys.stderr)
     if cut_targets:
-        print(f"warning: {cut_targets} target(s) alone exceed --max-len {cfg.max_len}: their prompt is dropped")
+        print(f"warning: {cut_targets} target(s) alone exceed --max-len {cfg.max_len}: their prompt is dropped",
+              file=sys.stderr)
     print(f"{len(examples)} training example(s), {len(val_examples)} for validation", flush=True)
     history = train(model, examples, cfg, tokenizer.pad_token_id, cfg.out, val_examples, resume, command=command)
     print(f"saved adapters, memory embeddings, checkpoint and config to {cfg.out}/")
@@ -2007,8 +2008,37 @@ def check_options(cfg, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    sys.stdout = ClosedPipeSafe(sys.stdout)  # `clara.py ... | head` stops the reports, not the training
     with interrupt_on((signal.SIGTERM, signal.SIGHUP)):  # outside training they end the run as Ctrl-C does
         return run_command(args)
+
+
+class ClosedPipeSafe:
+    """Standard output that, once its reader has gone, quietly sends what follows nowhere."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            return self.close_quietly(len(text))
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.close_quietly(0)
+
+    def close_quietly(self, result):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # so that the interpreter's last flush finds nothing broken
+        self.stream = open(os.devnull, "w")
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 @contextlib.contextmanager

@@ -829,7 +829,7 @@ def test_overlong_documents_are_cut_with_a_warning_that_counts_them(tmp_path, ti
     run = run_cli("sft", "--data", tmp_path / "long.jsonl", "--model", tiny_model_folder, "--steps", 1,
                   "--out", tmp_path / "run")
     assert run.returncode == 0, run.stderr
-    assert "warning: 1 document(s) were cut to --doc-max-len 256 tokens" in run.stdout
+    assert "warning: 1 document(s) were cut to --doc-max-len 256 tokens" in run.stderr
 
 
 def test_plot_writes_a_png_with_matplotlib_and_never_fails_without_it(tmp_path, tiny_model_folder):
@@ -1046,6 +1046,16 @@ def test_an_unexpected_error_is_one_line_exit_1_with_the_traceback_in_a_file(mon
     monkeypatch.setenv("CLARA_DEBUG", "1")
     with pytest.raises(RuntimeError):
         clara.main(["eval", "--adapters", "x", "--data", "data/sft.jsonl"])
+
+
+def test_a_closed_standard_output_stops_the_reports_not_the_training(tmp_path, tiny_model_folder):
+    process = start_cli("sft", "--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32,
+                        "--compression-rate", 8, "--steps", 30, "--out", tmp_path / "run")
+    process.stdout.readline()  # like `| head -1`
+    process.stdout.close()
+    assert process.wait(timeout=300) == 0
+    assert "Traceback" not in process.stderr.read()
+    assert clara.read_checkpoint(tmp_path / "run" / clara.CHECKPOINT)[1]["step"] == "30"
 
 
 def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_path, tiny_model_folder):
