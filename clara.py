@@ -136,6 +136,10 @@ class InputError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
+class WriteFailed(Exception):
+    """A file could not be written (a full disk, a lost mount): one line naming it, exit code 1."""
+
+
 # -----------------------------------------------------------------------------
 # data: PDF text, JSONL records
 
@@ -320,10 +324,16 @@ def parse_compress_record(obj, where):
 
 
 def save_atomically(path, write):
-    """Write through a temp file in the same folder and rename it: a reader never sees a half-written file."""
+    """Write through a temp file in the same folder and rename it: a reader never sees a half-written file,
+    and a write that fails (a full disk) leaves the previous file as it was and no temp file behind."""
+    path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"{path}: could not be written ({e.strerror or e}); the previous version is intact") from None
 
 
 def write_jsonl_atomically(path, records):
@@ -1181,13 +1191,24 @@ class MetricsLog:
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             old = self.path.read_text().splitlines() if self.path.is_file() and keep_until > 0 else []
-            kept = [line for line in old if json.loads(line)["step"] <= keep_until]
+            kept = [line for line in old if line.endswith("}") and json.loads(line)["step"] <= keep_until]
             save_atomically(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
     def write(self, row):
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        """Append one line; a write that fails is cut back off, so the file never ends in a torn line."""
+        if not self.path:
+            return
+        line = (json.dumps(row) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(28, "No space left on device")  # a short write: the disk filled up mid-line
+        except OSError as e:
+            os.ftruncate(fd, end)
+            raise WriteFailed(f"{self.path}: could not be written ({e.strerror or e})") from None
+        finally:
+            os.close(fd)
 
 
 def plot_losses(out):
@@ -2067,6 +2088,9 @@ def run_command(args):
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
+    except WriteFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # before training started: nothing to save
         signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)

@@ -1076,6 +1076,41 @@ def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_p
         assert int(metadata["step"]) >= 1
 
 
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint_and_whole_metrics(tmp_path, tokenizer,
+                                                                                         monkeypatch):
+    import errno
+
+    cfg = tiny_config(steps=4, save_every=1, eval_every=1000)
+    examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
+    clara.train(tiny_clara(cfg), examples, replace(cfg, steps=2), tokenizer.pad_token_id, tmp_path)
+    before = (tmp_path / clara.CHECKPOINT).read_bytes()
+    real_save = mx.save_safetensors
+
+    def full_disk(path, arrays, metadata=None):
+        with open(path, "wb") as f:  # half a file, then the disk is full
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(clara.mx, "save_safetensors", full_disk)
+    checkpoint = clara.read_checkpoint(tmp_path / clara.CHECKPOINT)
+    with pytest.raises(clara.WriteFailed, match="checkpoint.safetensors: could not be written \\(No space left"):
+        clara.train(tiny_clara(cfg), examples, cfg, tokenizer.pad_token_id, tmp_path, resume=checkpoint)
+    monkeypatch.setattr(clara.mx, "save_safetensors", real_save)
+    assert (tmp_path / clara.CHECKPOINT).read_bytes() == before  # the last good checkpoint, whole
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]  # and no temp file left behind
+    log = clara.MetricsLog(tmp_path, keep_until=10)
+    with open(log.path, "a") as f:
+        f.write('{"kind": "train", "st')  # a line torn by an earlier crash
+    monkeypatch.setattr(clara.os, "write", lambda fd, data: os.pwrite(fd, data[:5], os.lseek(fd, 0, os.SEEK_END)))
+    with pytest.raises(clara.WriteFailed, match="metrics.jsonl: could not be written"):
+        log.write({"kind": "train", "step": 3})  # a short write: cut back off, no torn line added
+    monkeypatch.undo()
+    lines = log.path.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines[:-1]] == [1, 2, 3]
+    clara.MetricsLog(tmp_path, keep_until=2)  # a resume drops the torn line instead of crashing
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2]
+
+
 def test_a_write_that_dies_halfway_leaves_the_previous_file_whole(tmp_path):
     path = tmp_path / "checkpoint.safetensors"
     mx.save_safetensors(str(path), {"w": mx.ones(3)})
