@@ -1996,6 +1996,8 @@ def validate_config(cfg):
 def check_writable(path, flag, is_folder):
     """Fail before any work when `path` cannot be written; creates nothing itself."""
     path = Path(path).absolute()
+    if path.exists() and not (path.is_dir() or path.is_file()):  # replacing a FIFO or a device node: never
+        raise InputError(f"{flag} {path}: is a special file (a pipe, socket or device), not a regular file or folder")
     if path.exists() and path.is_dir() != is_folder:
         raise InputError(f"{flag} {path}: is {'a file' if is_folder else 'a folder'}")
     if path.exists():

@@ -823,6 +823,13 @@ def test_bad_options_give_one_line_exit_2_and_write_nothing(tmp_path, options, m
     assert_clean_failure(run, message, tmp_path)
 
 
+def test_a_special_file_is_never_taken_as_an_output(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    run = run_cli("compress", "--pdf", "data/sample.pdf", "--chunks-out", tmp_path / "fifo", "--out", tmp_path / "out")
+    assert_clean_failure(run, "is a special file", tmp_path)
+    assert (tmp_path / "fifo").is_fifo()
+
+
 def test_overlong_documents_are_cut_with_a_warning_that_counts_them(tmp_path, tiny_model_folder):
     records = [{"question": "q?", "docs": ["word " * 3000, "short"], "gold_answer": "a"}, GOOD]
     (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
