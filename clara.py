@@ -1616,6 +1616,8 @@ def prepare(cfg, trained=None, fresh=(), stage3=False):
 
 def run_stage(cfg, command, model, tokenizer, examples, val_examples, resume):
     """Shared by the training commands: report what truncation cut, train (checkpointing into --out), plot."""
+    if resume:
+        check_same_data(resume, examples, command)  # before anything else is said or written
     everything = examples + val_examples
     cut_docs, cut_targets = sum(ex["docs_cut"] for ex in everything), sum(ex["target_cut"] for ex in everything)
     if cut_docs:
