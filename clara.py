@@ -146,7 +146,7 @@ class WriteFailed(Exception):
 
 def clean_pdf_text(text):
     """Join words hyphenated across lines, then fold whitespace; paragraph breaks survive as blank lines."""
-    text = text.replace("\u00ad", "")  # soft hyphens
+    text = text.replace("\u00ad", "").replace("\x00", "")  # soft hyphens; NUL is the slot marker's character
     text = re.sub(r"(\w)-[ \t]*\n[ \t]*(\w)", r"\1\2", text)
     paragraphs = re.split(r"\n[ \t]*\n", text)
     return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
@@ -213,13 +213,24 @@ def chunk_pages(pages, count_tokens, max_tokens):
     return chunks
 
 
+def read_input_bytes(path, what):
+    """The bytes of an input file, or one line that says why not: missing, not a regular file, unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such {what} file")
+    if not path.is_file():
+        raise InputError(f"{path}: is {'a folder' if path.is_dir() else 'a special file'}, not a {what} file")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+
+
 def read_jsonl(path):
     """[(line_number, object)] for each non-blank line; one clear error for anything unreadable."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such JSONL file")
     records = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+    for number, raw in enumerate(read_input_bytes(path, "JSONL").split(b"\n"), 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -228,8 +239,12 @@ def read_jsonl(path):
             continue
         try:
             obj = json.loads(line)
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape ("\ud800") fails here
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except (RecursionError, ValueError) as e:  # nesting too deep, an integer of thousands of digits, ...
+            raise InputError(f"{path}:{number}: JSON this reader cannot take ({type(e).__name__}: "
+                             f"{one_line(e)[:80]})") from None
         if not isinstance(obj, dict):
             raise InputError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
         records.append((number, obj))
@@ -249,15 +264,16 @@ def first_field(obj, names, where):
 def text_field(value, name, where):
     if isinstance(value, list) and len(value) > 0:  # answers[0], golden_answers[0]
         value = value[0]
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value.replace("\x00", "").strip():
         raise InputError(f"{where}: field {name!r} must be a non-empty string")
-    return value.strip()
+    return value.replace("\x00", "").strip()  # NUL is the slot marker's character: never taken from input
 
 
 def docs_field(obj, where):
     name, docs = first_field(obj, ("docs", "context", "content"), where)
     if isinstance(docs, str):
         docs = [docs]
+    docs = [d.replace("\x00", "") if isinstance(d, str) else d for d in docs] if isinstance(docs, list) else docs
     if not isinstance(docs, list) or not docs or not all(isinstance(d, str) and d.strip() for d in docs):
         raise InputError(f"{where}: field {name!r} must be a non-empty list of non-empty strings")
     return [d.strip() for d in docs]
@@ -656,14 +672,22 @@ def load_model(name, base="auto"):
         path = packaged_gguf_path() if name == "smollm2" else Path(name)
         if not path.is_file():
             raise InputError(f"--model {name}: no such file")
-        llm, tokenizer = load_gguf(path)
+        try:
+            llm, tokenizer = load_gguf(path)
+        except Exception as e:  # truncated, empty or foreign files, missing metadata
+            raise InputError(f"--model {name}: not a readable llama GGUF ({type(e).__name__}: "
+                             f"{one_line(e)[:100]})") from None
     else:
         looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
         if looks_like_path and not Path(name).expanduser().is_dir():
             raise InputError(f"--model {name}: no such model folder")  # a path never falls through to the hub
         from mlx_lm import load
 
-        llm, tokenizer = load(name)
+        try:
+            llm, tokenizer = load(name)
+        except Exception as e:  # an empty folder, no weights, a hub name while offline, an unknown family
+            raise InputError(f"--model {name}: cannot be loaded by mlx-lm ({type(e).__name__}: "
+                             f"{one_line(e)[:100]})") from None
         tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -1811,12 +1835,7 @@ def ask_index(cfg, args, trained):
 
 
 def read_documents(paths):
-    texts = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise InputError(f"{path}: no such document file")
-        texts.append(Path(path).read_text(encoding="utf-8", errors="replace"))
-    return texts
+    return [read_input_bytes(path, "document").decode("utf-8", errors="replace").replace("\x00", "") for path in paths]
 
 
 def cmd_ask(cfg, args, trained, checkpoint):
@@ -1989,6 +2008,8 @@ def validate_config(cfg):
     for name in ("warmup", "val_fraction", "lora_dropout"):
         if not 0 <= getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} is a fraction: at least 0 and below 1")
+    if not 0 <= cfg.seed < 2**32:
+        raise InputError(f"--seed must be from 0 to {2**32 - 1}, got {cfg.seed}")
     if cfg.compression_rate > cfg.doc_max_len:
         raise InputError(f"--compression-rate {cfg.compression_rate} is larger than --doc-max-len "
                          f"{cfg.doc_max_len}: no memory vector would be left")

@@ -3,6 +3,7 @@ the default model and the command line. Tiny models are built inline; the defaul
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -815,6 +816,7 @@ def test_bad_jsonl_gives_one_line_naming_file_line_and_field(tmp_path, content, 
     (["--min-lr", "nan"], "--min-lr must be a finite number"),
     (["--lora-scale", "inf"], "--lora-scale must be a finite number"),
     (["--mse-weight", "inf"], "--mse-weight must be a finite number"),
+    (["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
 ])
 def test_bad_options_give_one_line_exit_2_and_write_nothing(tmp_path, options, message):
     if "--out" not in options:
@@ -828,6 +830,58 @@ def test_a_special_file_is_never_taken_as_an_output(tmp_path):
     run = run_cli("compress", "--pdf", "data/sample.pdf", "--chunks-out", tmp_path / "fifo", "--out", tmp_path / "out")
     assert_clean_failure(run, "is a special file", tmp_path)
     assert (tmp_path / "fifo").is_fifo()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[" * 100_000 + b"]" * 100_000, "bad.jsonl:1: JSON this reader cannot take (RecursionError"),
+    (b'{"question": ' + b"9" * 5000 + b"}", "bad.jsonl:1: JSON this reader cannot take (ValueError"),
+    (b'{"question": "\\ud800", "docs": ["d"], "answer": "a"}', "bad.jsonl:1: JSON this reader cannot take"),
+])
+def test_json_pythons_parser_rejects_oddly_is_one_line_naming_the_line(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    with pytest.raises(clara.InputError, match=re.escape(message)):
+        clara.read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_inputs_that_are_folders_special_or_unreadable_say_so_not_no_such_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "secret.jsonl").write_text("{}\n")
+    (tmp_path / "secret.jsonl").chmod(0)
+    cases = [(tmp_path, "is a folder, not a JSONL file"), (tmp_path / "fifo", "is a special file"),
+             (tmp_path / "missing.jsonl", "no such JSONL file")]
+    if os.geteuid() != 0:  # root reads any file
+        cases.append((tmp_path / "secret.jsonl", "cannot be read (Permission denied)"))
+    for path, message in cases:
+        with pytest.raises(clara.InputError, match=re.escape(message)):
+            clara.read_jsonl(path)
+    with pytest.raises(clara.InputError, match="is a folder, not a document file"):
+        clara.read_documents([tmp_path])
+
+
+def test_the_slot_marker_never_comes_in_from_the_input(tokenizer):
+    record = clara.parse_sft_record({"question": "q\x00slot\x00?", "docs": ["a\x00slot\x00b"], "answer": "x"}, "f:1")
+    assert "\x00" not in record["question"] + record["docs"][0]
+    example = clara.question_example(tokenizer, tiny_config(), record, "compressed", "x")
+    assert example["n_slot_docs"] == 1  # exactly one document's slots
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda folder: folder.mkdir(), "cannot be loaded by mlx-lm"),  # an empty folder
+    (lambda folder: (folder.mkdir(), (folder / "config.json").write_text('{"model_type": "llama"}')),
+     "cannot be loaded by mlx-lm"),  # a folder without weights
+])
+def test_model_folders_that_cannot_load_are_one_line(tmp_path, make, message):
+    make(tmp_path / "model")
+    with pytest.raises(clara.InputError, match=message):
+        clara.load_model(str(tmp_path / "model"))
+
+
+def test_a_truncated_or_foreign_gguf_is_one_line(tmp_path):
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    (tmp_path / "cut.gguf").write_bytes(clara.packaged_gguf_path().read_bytes()[:1000])
+    for name in ("empty.gguf", "cut.gguf"):
+        with pytest.raises(clara.InputError, match="not a readable llama GGUF"):
+            clara.load_model(str(tmp_path / name))
 
 
 def test_overlong_documents_are_cut_with_a_warning_that_counts_them(tmp_path, tiny_model_folder):
