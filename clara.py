@@ -2054,9 +2054,12 @@ def check_options(cfg, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.stdout = ClosedPipeSafe(sys.stdout)  # `clara.py ... | head` stops the reports, not the training
-    with interrupt_on((signal.SIGTERM, signal.SIGHUP)):  # outside training they end the run as Ctrl-C does
-        return run_command(args)
+    stdout, sys.stdout = sys.stdout, ClosedPipeSafe(sys.stdout)  # `clara.py ... | head` stops the reports only
+    try:
+        with interrupt_on((signal.SIGTERM, signal.SIGHUP)):  # outside training they end the run as Ctrl-C does
+            return run_command(args)
+    finally:
+        sys.stdout = stdout
 
 
 class ClosedPipeSafe:
