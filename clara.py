@@ -35,6 +35,7 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import functools
 import io
 import json
@@ -453,9 +454,8 @@ def build_example(tokenizer, cfg, docs, user, target, system=SYSTEM_ANSWER, cont
     """One training (or inference) example of stage 1 or 2.
 
     docs: document strings; user: a template of the user text, with "{docs}" where the documents go (and
-    "{question}" where the question goes). Compressed context
-    gives each document n_mem memory slots there; text context writes the (equally truncated) document text
-    there instead and compresses nothing.
+    "{question}" where the question goes). Compressed context gives each document n_mem memory slots there;
+    text context writes the (equally truncated) document text there instead and compresses nothing.
     """
     full_doc_ids = [tokenizer.encode(d, add_special_tokens=False) for d in docs]
     doc_ids = [ids[: cfg.doc_max_len] for ids in full_doc_ids]
@@ -493,17 +493,19 @@ def sft_examples(tokenizer, cfg, records):
     return [question_example(tokenizer, cfg, r, cfg.context, r["answer"]) for r in records]
 
 
+def retrieval_prompt(tokenizer, cfg, question, k, target=None):
+    """A stage 3 prompt: k memory slots, which the retrieved documents fill, then the question."""
+    user = fill(USER_ANSWER, docs=slot_marks(k), question=question)
+    return {"doc_ids": [], **prompt_example(tokenizer, cfg, SYSTEM_ANSWER, user, k, target)}
+
+
 def e2e_examples(tokenizer, cfg, records, bank, bank_rows):
     """Stage 3: a question, its candidates (rows of `bank`, the compressed documents (U, n_mem, H)) and a
     prompt with cfg.top_k memory slots, which the documents the query reasoner picks will fill."""
-    examples = []
-    for r in records:
-        user = fill(USER_ANSWER, docs=slot_marks(cfg.top_k), question=r["question"])
-        query_ids = tokenizer.encode(r["question"], add_special_tokens=False)[: cfg.doc_max_len]
-        examples.append({"doc_ids": [], "query_ids": query_ids, "bank": bank,
-                         "candidates": [bank_rows[d] for d in r["docs"]], "positives": r["positives"],
-                         **prompt_example(tokenizer, cfg, SYSTEM_ANSWER, user, cfg.top_k, r["answer"]), "docs_cut": 0})
-    return examples
+    return [{**retrieval_prompt(tokenizer, cfg, r["question"], cfg.top_k, r["answer"]),
+             "query_ids": tokenizer.encode(r["question"], add_special_tokens=False)[: cfg.doc_max_len],
+             "bank": bank, "candidates": [bank_rows[d] for d in r["docs"]], "positives": r["positives"],
+             "docs_cut": 0} for r in records]
 
 
 def round_up(n, multiple):
@@ -1056,8 +1058,8 @@ def check_same_data(checkpoint, examples, command):
     if metadata.get("command", command) != command:
         raise InputError(f"--resume: that checkpoint was written by `{metadata['command']}`, not `{command}`; "
                          "resume it with the command that wrote it")
-    if metadata.get("data_fingerprint", examples_fingerprint(examples)) != examples_fingerprint(examples) or \
-            int(metadata["n_examples"]) != len(examples):
+    fingerprint = examples_fingerprint(examples)
+    if metadata.get("data_fingerprint", fingerprint) != fingerprint or int(metadata["n_examples"]) != len(examples):
         raise InputError(f"--resume: the checkpoint was trained on other data ({metadata['n_examples']} examples, "
                          f"this data has {len(examples)}, or the same count with other contents); resume with the "
                          "same data and data options")
@@ -1227,7 +1229,7 @@ class MetricsLog:
         end = os.lseek(fd, 0, os.SEEK_END)
         try:
             if os.write(fd, line) != len(line):
-                raise OSError(28, "No space left on device")  # a short write: the disk filled up mid-line
+                raise OSError(errno.ENOSPC, "No space left on device")  # a short write: the disk filled mid-line
         except OSError as e:
             os.ftruncate(fd, end)
             raise WriteFailed(f"{self.path}: could not be written ({e.strerror or e})") from None
@@ -1404,9 +1406,9 @@ def compress_corpus(model, tokenizer, cfg, texts, batch_size=8):
     these (the compressor and memory are frozen there), and `index` stores them. Texts longer than
     --doc-max-len tokens are cut, with a warning that counts them."""
     rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    if sum(len(r) > cfg.doc_max_len for r in rows):
-        print(f"warning: {sum(len(r) > cfg.doc_max_len for r in rows)} document(s) were cut to --doc-max-len "
-              f"{cfg.doc_max_len} tokens", file=sys.stderr)
+    n_cut = sum(len(r) > cfg.doc_max_len for r in rows)
+    if n_cut:
+        print(f"warning: {n_cut} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens", file=sys.stderr)
     rows = [r[: cfg.doc_max_len] for r in rows]
     parts = []
     for i in range(0, len(rows), batch_size):
@@ -1421,12 +1423,6 @@ def encode_question(model, tokenizer, cfg, question):
     query_ids, query_lens = memory_rows([tokenizer.encode(question, add_special_tokens=False)[: cfg.doc_max_len]],
                                         cfg.n_mem, tokenizer.pad_token_id)
     return compress_documents(model, query_ids, query_lens, role="query")[0].reshape(-1)
-
-
-def retrieval_prompt(tokenizer, cfg, question, k, target=None):
-    """A stage 3 prompt: k memory slots, which the retrieved documents fill, then the question."""
-    user = fill(USER_ANSWER, docs=slot_marks(k), question=question)
-    return {"doc_ids": [], **prompt_example(tokenizer, cfg, SYSTEM_ANSWER, user, k, target)}
 
 
 EVAL_CONTEXTS = ("compressed", "text", "none")  # memory slots / document text in the prompt / no documents
@@ -1856,11 +1852,12 @@ def cmd_eval(cfg, args, trained, checkpoint):
     which = "those marked \"split\": \"eval\"" if len(records) < len(rows) else "all of them"
     records = records[: args.max_records or None]
     retrieval = any(r["positives"] for r in records)  # stage 3 records: candidates with the relevant ones marked
-    contexts = args.contexts or (RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS)
-    wrong = set(contexts) - set(RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS)
+    allowed = RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS
+    contexts = args.contexts or allowed
+    wrong = set(contexts) - set(allowed)
     if wrong:
         raise InputError(f"--contexts {' '.join(sorted(wrong))}: not for {'stage 3' if retrieval else 'stage 2'} "
-                         f"records; choose from {' '.join(RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS)}")
+                         f"records; choose from {' '.join(allowed)}")
     model, tokenizer = prepare(cfg, trained)
     print(f"{args.data}: scoring {len(records)} record(s) ({which}) in {len(contexts)} context(s)", flush=True)
     evaluation = evaluate_retrieval if retrieval else evaluate
