@@ -37,6 +37,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import inspect
 import io
 import json
 import logging
@@ -157,6 +158,10 @@ def one_line(error):
     return " ".join(str(error).split())
 
 
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def extract_pdf_pages(path, password="", max_pages=0):
     """Return the cleaned text of every page of a PDF (the first max_pages, when > 0): [(page_number, text)]."""
     from pypdf import PdfReader
@@ -183,7 +188,7 @@ def extract_pdf_pages(path, password="", max_pages=0):
     except Exception as e:  # pypdf raises many kinds of errors on damaged files
         raise InputError(f"{path}: not a readable PDF ({type(e).__name__}: {one_line(e)})") from None
     if read < n_pages:
-        print(f"warning: {path}: read the first {read} of {n_pages} pages (--max-pages)", file=sys.stderr)
+        warn(f"{path}: read the first {read} of {n_pages} pages (--max-pages)")
     pages = [(n, text) for n, text in pages if text]
     if not pages:
         raise InputError(f"{path}: no text could be extracted from its {read} page(s) (scanned or blank?)")
@@ -684,13 +689,25 @@ def load_model(name, base="auto"):
         if looks_like_path and not Path(name).expanduser().is_dir():
             raise InputError(f"--model {name}: no such model folder")  # a path never falls through to the hub
         from mlx_lm import load
+        from mlx_lm.utils import _get_classes
 
+        classes = None
+        with contextlib.suppress(Exception):  # a family that cannot work is refused before its weights load
+            config = json.loads((Path(name).expanduser() / "config.json").read_text())
+            classes = config["model_type"], _get_classes(config)[0]
+        if classes:
+            check_family(name, classes[0], [classes[1].__call__])
         try:
             llm, tokenizer = load(name)
         except Exception as e:  # an empty folder, no weights, a hub name while offline, an unknown family
             raise InputError(f"--model {name}: cannot be loaded by mlx-lm ({type(e).__name__}: "
                              f"{one_line(e)[:100]})") from None
         tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
+    family = text_model(llm).model_type
+    check_family(name, family, [llm.__call__, getattr(text_model(llm), "model", None).__call__])
+    if family not in TESTED_FAMILIES:
+        warn(f"--model {name}: the {family} family takes input embeddings but is not among the tested ones "
+             f"({', '.join(TESTED_FAMILIES)}): check that answers from memory make sense")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if base == "auto":
@@ -698,6 +715,62 @@ def load_model(name, base="auto"):
     if base != "stored":
         convert_base(llm, {"float32": mx.float32, "bfloat16": mx.bfloat16}[base])
     return llm, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# model families: the one place that knows how mlx-lm's families differ
+
+# Tested in test_clara.py with tiny random models (memory-path property, compress, sft and e2e steps); mistral
+# loads as llama, and mistral3 / gemma3 are vision-language wrappers around ministral3/llama / gemma3_text.
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "ministral3", "mistral3",
+                   "smollm3", "mixtral")
+# Families whose text model multiplies its input embeddings by a constant before the first block (Gemma: by
+# sqrt(hidden), rounded to bfloat16 as mlx-lm does), whether they come from the table or from input_embeddings.
+EMBEDDING_MULTIPLIERS = {"gemma3_text": lambda args: mx.array(args.hidden_size ** 0.5, mx.bfloat16).item()}
+
+
+def text_model(llm):
+    """The text model inside a vision-language wrapper (mistral3, gemma3), else the model itself. It has
+    .model (embed_tokens, the blocks, the final norm) and the output head (lm_head, or the tied embeddings)."""
+    return getattr(llm, "language_model", llm)
+
+
+def takes_input_embeddings(call):
+    """Whether a model's __call__ accepts input_embeddings, which CLaRa's memory slots need."""
+    try:
+        return "input_embeddings" in inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def check_family(name, family, calls):
+    """Refuse, in one line, a family whose model calls cannot take input embeddings."""
+    if not all(takes_input_embeddings(call) for call in calls):
+        raise InputError(f"--model {name}: mlx-lm's {family} models cannot take input embeddings, which CLaRa's "
+                         f"memory slots need; families that can: {', '.join(TESTED_FAMILIES)}")
+
+
+def embedding_multiplier(llm):
+    """The constant the text model multiplies its input embeddings by (1.0 for most families)."""
+    lm = text_model(llm)
+    multiplier = EMBEDDING_MULTIPLIERS.get(lm.model_type)
+    return multiplier(lm.args) if multiplier else 1.0
+
+
+def token_embeddings(llm, ids):
+    """Rows of the token-embedding table: what a model's input_embeddings replace. ids (...) -> (..., H)"""
+    return text_model(llm).model.embed_tokens(ids)
+
+
+def final_hidden(llm, ids, input_embeddings):
+    """The blocks and the final norm over input embeddings (B, T, H) -> final hidden states (B, T, H)."""
+    return text_model(llm).model(ids, input_embeddings=input_embeddings)
+
+
+def output_logits(llm, hidden):
+    """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
+    lm = text_model(llm)
+    return lm.lm_head(hidden) if "lm_head" in lm else lm.model.embed_tokens.as_linear(hidden)
 
 
 # -----------------------------------------------------------------------------
@@ -802,7 +875,8 @@ class CLaRa(nn.Module):
         super().__init__()
         add_lora(llm, cfg)
         self.llm = llm
-        sample = llm.model.embed_tokens(mx.arange(min(4096, llm.args.vocab_size)))  # (V', H)
+        vocab_size = text_model(llm).model.embed_tokens.weight.shape[0]
+        sample = token_embeddings(llm, mx.arange(min(4096, vocab_size)))  # (V', H)
         # memory slots start as random vectors with the statistics of real token embeddings
         self.memory = sample.mean(0) + sample.std() * mx.random.normal((cfg.n_mem, sample.shape[-1]))  # (n_mem, H)
         # --memory-scale embedding: spliced memory vectors get the mean norm of token embeddings (a float, not a
@@ -857,8 +931,9 @@ def compress_documents(model, doc_ids, doc_lens, role="compressor"):
     n_mem = model.memory.shape[0]
     offset = mx.arange(doc_ids.shape[1])[None] - doc_lens[:, None]  # (D, T): position relative to the doc's end
     slot_index = mx.where((offset >= 0) & (offset < n_mem), offset, -1)  # memory j sits right after the doc
-    embeddings = splice_slots(model.llm.model.embed_tokens(doc_ids), slot_index, model.memory)  # (D, T, H)
-    hidden = model.llm.model(doc_ids, input_embeddings=embeddings)  # (D, T, H), final layer after its norm
+    # the memory embeddings live where the token-embedding rows do (Apple: rows <MEM_i> added to the vocabulary)
+    embeddings = splice_slots(token_embeddings(model.llm, doc_ids), slot_index, model.memory)  # (D, T, H)
+    hidden = final_hidden(model.llm, doc_ids, embeddings)  # (D, T, H), final layer after its norm
     memory_positions = doc_lens[:, None] + mx.arange(n_mem)[None]  # (D, n_mem)
     memory_states = mx.take_along_axis(hidden, memory_positions[..., None], axis=1)  # (D, n_mem, H)
     return memory_states, alignment_mse(memory_states, hidden, offset < 0)
@@ -867,23 +942,20 @@ def compress_documents(model, doc_ids, doc_lens, role="compressor"):
 def generator_embeddings(model, ids, slot_index, memory_states=None):
     """The generator's input: token embeddings, with memory states (D, n_mem, H) in the slots. -> (B, T, H)"""
     set_role(model.llm, "generator")
-    embeddings = model.llm.model.embed_tokens(ids)  # (B, T, H)
+    embeddings = token_embeddings(model.llm, ids)  # (B, T, H)
     if memory_states is None:
         return embeddings
     vectors = memory_states.reshape(-1, memory_states.shape[-1])  # (D * n_mem, H)
     if model.spliced_norm:  # final states are ~20x the norm of token embeddings (SmolLM2: 57 vs 2.7)
         vectors = vectors * (model.spliced_norm / mx.maximum(mx.linalg.norm(vectors, axis=-1, keepdims=True), 1e-6))
+    else:  # Apple's splice: the first block sees the final states as they are, also where the text model
+        vectors = vectors / embedding_multiplier(model.llm)  # multiplies its input embeddings (Gemma)
     return splice_slots(embeddings, slot_index, vectors)
 
 
 def generator_hidden(model, ids, slot_index, memory_states=None):
     """Generator pass: ids (B, T) with memory in the slots -> final hidden states (B, T, H)."""
-    return model.llm.model(ids, input_embeddings=generator_embeddings(model, ids, slot_index, memory_states))
-
-
-def output_logits(llm, hidden):
-    """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
-    return llm.lm_head(hidden) if "lm_head" in llm else llm.model.embed_tokens.as_linear(hidden)
+    return final_hidden(model.llm, ids, generator_embeddings(model, ids, slot_index, memory_states))
 
 
 def generator_logits(model, ids, slot_index, memory_states=None):
@@ -1408,7 +1480,7 @@ def compress_corpus(model, tokenizer, cfg, texts, batch_size=8):
     rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     n_cut = sum(len(r) > cfg.doc_max_len for r in rows)
     if n_cut:
-        print(f"warning: {n_cut} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens", file=sys.stderr)
+        warn(f"{n_cut} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
     rows = [r[: cfg.doc_max_len] for r in rows]
     parts = []
     for i in range(0, len(rows), batch_size):
@@ -1508,12 +1580,13 @@ def matmul_rate(dtype, size, repeats=5):
 def step_flops(llm, batch, projected):
     """Model FLOPs of one training step, counted from the shape: forward 2 x weights x tokens (the vocabulary
     projection at `projected` positions), backward about the same again, plus attention (QK^T and AV)."""
-    hidden, layers = llm.args.hidden_size, len(llm.layers)
+    args = text_model(llm).args
+    hidden, layers = args.hidden_size, len(llm.layers)
     per_layer = sum(v.size for k, v in tree_flatten(llm.layers[0].parameters()) if v.ndim == 2 and "lora" not in k)
     rows = [(batch["doc_ids"].shape[0], batch["doc_ids"].shape[1]), tuple(batch["ids"].shape)]
     tokens = sum(n * t for n, t in rows)
     attention = sum(n * 4 * t * t * hidden * layers for n, t in rows)
-    forward = 2 * per_layer * layers * tokens + attention + 2 * hidden * llm.args.vocab_size * projected
+    forward = 2 * per_layer * layers * tokens + attention + 2 * hidden * args.vocab_size * projected
     return 2 * forward
 
 
@@ -1641,10 +1714,9 @@ def run_stage(cfg, command, model, tokenizer, examples, val_examples, resume):
     everything = examples + val_examples
     cut_docs, cut_targets = sum(ex["docs_cut"] for ex in everything), sum(ex["target_cut"] for ex in everything)
     if cut_docs:
-        print(f"warning: {cut_docs} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens", file=sys.stderr)
+        warn(f"{cut_docs} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
     if cut_targets:
-        print(f"warning: {cut_targets} target(s) alone exceed --max-len {cfg.max_len}: their prompt is dropped",
-              file=sys.stderr)
+        warn(f"{cut_targets} target(s) alone exceed --max-len {cfg.max_len}: their prompt is dropped")
     print(f"{len(examples)} training example(s), {len(val_examples)} for validation", flush=True)
     history = train(model, examples, cfg, tokenizer.pad_token_id, cfg.out, val_examples, resume, command=command)
     print(f"saved adapters, memory embeddings, checkpoint and config to {cfg.out}/")

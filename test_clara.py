@@ -667,6 +667,135 @@ def test_saved_generator_adapter_loads_with_mlx_lm_load(tmp_path, tokenizer, lor
     assert mx.allclose(plain(ids), model.llm(ids), atol=1e-5)
 
 
+# -----------------------------------------------------------------------------
+# model families: tiny random models of each family that takes input embeddings, built as mlx-lm builds them
+
+TINY_FAMILY = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, vocab_size=49152, rope_theta=10000.0,
+                   max_position_embeddings=1024, tie_word_embeddings=True)
+MINISTRAL3 = dict(rope_parameters={"rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
+                                   "original_max_position_embeddings": 1024})
+FAMILY_CONFIGS = {  # family -> config.json beyond TINY_FAMILY; some with a separate lm_head, as real ones have
+    "llama": {}, "qwen2": {"tie_word_embeddings": False}, "qwen3": {}, "smollm3": {},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "norm_topk_prob": True},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False},
+    "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
+    "ministral3": {**MINISTRAL3, "tie_word_embeddings": False},
+    "mistral3": {"text_config": {**TINY_FAMILY, "model_type": "ministral3", **MINISTRAL3}},
+    "gemma3": {"text_config": {**TINY_FAMILY, "model_type": "gemma3_text", "query_pre_attn_scalar": 16,
+                               "sliding_window": 16, "sliding_window_pattern": 2}},
+}
+
+
+def family_config(family):
+    return {**TINY_FAMILY, "model_type": family, **FAMILY_CONFIGS[family]}
+
+
+def tiny_family_model(family, seed=0):
+    from mlx_lm.utils import _get_classes
+
+    mx.random.seed(seed)
+    model_class, args_class = _get_classes(family_config(family))
+    return model_class(args_class.from_dict(family_config(family)))
+
+
+def test_every_tested_family_has_a_tiny_model_here():
+    assert set(clara.TESTED_FAMILIES) - set(FAMILY_CONFIGS) == {"mistral"}  # mlx-lm loads it as llama
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_slots_filled_with_the_tokens_own_embeddings_give_exactly_the_plain_forward_pass(tokenizer, family):
+    cfg = tiny_config(memory_scale="none")  # Apple's splice: the first block sees memory vectors as they are
+    model = clara.CLaRa(tiny_family_model(family), cfg)
+    ids = mx.array([tokenizer.encode("Memory vectors stand in for the tokens of a document here.")])  # (1, T)
+    slots = mx.arange(ids.shape[1])[None] - 3
+    slot_index = mx.where((slots >= 0) & (slots < 6), slots, -1)  # six slots from position 3
+    # what the first block sees for those tokens: their embedding rows times the family's multiplier (Gemma's)
+    own = clara.embedding_multiplier(model.llm) * clara.token_embeddings(model.llm, ids[0, 3:9])  # (6, H)
+    logits = clara.generator_logits(model, ids, slot_index, own[None])  # (1, T, V)
+    plain = model.llm(ids)  # the generator adapter starts at zero: the plain model
+    assert mx.allclose(logits, plain, atol=1e-4).item()
+    assert not mx.allclose(clara.generator_logits(model, ids, slot_index, 2 * own[None]), plain, atol=1e-2).item()
+    if family.startswith("gemma3"):  # the family whose text model multiplies its input embeddings
+        assert clara.embedding_multiplier(model.llm) == 8.0
+
+
+def changed_roles(model, before):
+    return {clara.adapter_role(name) for name, v in tree_flatten(model.parameters())
+            if not np.array_equal(np.array(v), before[name])}
+
+
+def snapshot(model):
+    return {name: np.array(v) for name, v in tree_flatten(model.parameters())}
+
+
+def train_three_stages(model, tokenizer, cfg):
+    """A few steps of stage 1 (compress), 2 (sft) and 3 (e2e): -> {stage: (first ce, last ce, changed roles)}"""
+    docs = ["Memory tokens follow every document.", "The generator reads compressed vectors."]
+    stage1 = clara.compress_examples(tokenizer, cfg, [{"kind": "reconstruct", "doc": d, "target": d} for d in docs])
+    result = {}
+    for stage in ("compress", "sft", "e2e"):
+        if stage == "e2e":
+            clara.train_only(model, ("generator", "query"), memory=False)
+            texts = sorted({d for r in E2E_RECORDS for d in r["docs"]})
+            bank = clara.compress_corpus(model, tokenizer, cfg, texts)
+            examples = clara.e2e_examples(tokenizer, replace(cfg, top_k=2), E2E_RECORDS, bank,
+                                          {t: i for i, t in enumerate(texts)})
+        else:
+            examples = stage1 if stage == "compress" else clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
+        before = snapshot(model)
+        history = clara.train(model, examples, replace(cfg, top_k=2), tokenizer.pad_token_id)
+        result[stage] = history[0]["ce"], history[-1]["ce"], changed_roles(model, before)
+    return result
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_each_family_trains_all_three_stages_and_each_stage_moves_only_its_roles(tokenizer, family):
+    cfg = tiny_config(steps=3)
+    result = train_three_stages(clara.CLaRa(tiny_family_model(family), cfg), tokenizer, cfg)
+    assert result["compress"][2] == result["sft"][2] == {"compressor", "generator", None}  # None: the memory
+    assert result["e2e"][2] == {"generator", "query"}
+    assert all(last < first for first, last, _ in result.values()), result
+
+
+def save_family_folder(folder, family, bits):
+    """A tiny model of a family quantized as mlx-lm's convert does, saved as an mlx-lm model folder."""
+    llm = tiny_family_model(family)
+    nn.quantize(llm, group_size=32, bits=bits)
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(llm.parameters())))
+    config = {**family_config(family), "quantization": {"group_size": 32, "bits": bits}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return llm
+
+
+@pytest.mark.parametrize("family, bits", [("qwen3", 4), ("gemma3_text", 8)])
+def test_quantized_bases_train_with_the_adapters_on_top_and_stay_quantized(tmp_path, tokenizer, family, bits):
+    saved = save_family_folder(tmp_path / "model", family, bits)
+    tokenizer.save_pretrained(str(tmp_path / "model"))
+    llm, _ = clara.load_model(str(tmp_path / "model"), base="stored")
+    ids = mx.array([tokenizer.encode("Quantized weights stay as they are.")])
+    assert mx.array_equal(llm(ids), saved(ids)).item()
+    cfg = tiny_config(steps=3)
+    model = clara.CLaRa(llm, cfg)
+    wrapped = [m.linear for _, m in model.named_modules() if isinstance(m, clara.LoRALinear)]
+    assert wrapped and all(isinstance(layer, nn.QuantizedLinear) and layer.bits == bits for layer in wrapped)
+    base = {name: v for name, v in snapshot(model).items() if clara.adapter_role(name) is None and name != "memory"}
+    result = train_three_stages(model, tokenizer, cfg)
+    assert all(last < first for first, last, _ in result.values()), result
+    assert all(np.array_equal(np.array(v), base[name]) for name, v in tree_flatten(model.parameters())
+               if name in base)  # the packed base weights never change
+
+
+def test_a_family_that_cannot_take_input_embeddings_is_refused_before_its_weights_load(tmp_path):
+    (tmp_path / "phi3").mkdir()
+    (tmp_path / "phi3" / "config.json").write_text(json.dumps({**TINY_FAMILY, "model_type": "phi3"}))  # no weights
+    run = run_cli("sft", "--model", tmp_path / "phi3", "--data", ROOT / "data" / "sft.jsonl", "--out", tmp_path / "out")
+    assert_clean_failure(run, "mlx-lm's phi3 models cannot take input embeddings", tmp_path)
+    assert "llama, mistral, qwen2" in run.stderr
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "clara.py"), *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, timeout=600)
@@ -679,11 +808,11 @@ def test_cli_compress_sft_ask_end_to_end_write_outputs_mlx_lm_can_load(tmp_path,
     assert "step 2/2 | loss" in run.stdout and "BLAS:" in run.stdout
     chunks = [json.loads(line) for line in (tmp_path / "chunks.jsonl").read_text().splitlines()]
     assert chunks and all(c["text"] and c["pages"] for c in chunks)
-    run = run_cli("sft", "--data", "data/sft.jsonl", "--init", tmp_path / "c", "--steps", 2, "--out", tmp_path / "s")
-    assert run.returncode == 0, run.stderr
-    assert "40 training record(s), 10 held out" in run.stdout
+    run = run_cli("sft", "--data", "data/sft.jsonl", "--init", tmp_path / "c", "--steps", 1, "--out", tmp_path / "s")
+    assert run.returncode == 0, run.stderr  # one step: the validation loss of step 1 is also the last one's
+    assert "40 training record(s), 10 held out" in run.stdout and run.stdout.count("val_loss") == 1
     config = json.loads((tmp_path / "s" / "config.json").read_text())
-    assert config["n_mem"] == 16 and config["init"] == str(tmp_path / "c") and config["steps"] == 2
+    assert config["n_mem"] == 16 and config["init"] == str(tmp_path / "c") and config["steps"] == 1
 
     # the generator adapter loads into mlx-lm and gives the same logits as clara's generator role
     from mlx_lm.tuner.utils import load_adapters
@@ -912,7 +1041,7 @@ def start_cli(*args):
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_finishes_the_step_checkpoints_and_resume_continues(tmp_path, tiny_model_folder, signum, code):
-    steps = 200  # far more than run in the moment between reading step 2's line and the signal landing
+    steps = 80  # far more than run in the moment between reading step 2's line and the signal landing
     common = ["--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8,
               "--out", tmp_path / "run", "--save-every", 1000, "--eval-every", 1000, "--steps", steps]
     process = start_cli("sft", *common)
