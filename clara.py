@@ -149,6 +149,7 @@ class WriteFailed(Exception):
 def clean_pdf_text(text):
     """Join words hyphenated across lines, then fold whitespace; paragraph breaks survive as blank lines."""
     text = text.replace("\u00ad", "").replace("\x00", "")  # soft hyphens; NUL is the slot marker's character
+    text = re.sub("[\ud800-\udfff]", "\ufffd", text)  # lone surrogates (broken font maps) cannot be encoded
     text = re.sub(r"(\w)-[ \t]*\n[ \t]*(\w)", r"\1\2", text)
     paragraphs = re.split(r"\n[ \t]*\n", text)
     return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
@@ -192,7 +193,17 @@ def extract_pdf_pages(path, password="", max_pages=0):
     pages = [(n, text) for n, text in pages if text]
     if not pages:
         raise InputError(f"{path}: no text could be extracted from its {read} page(s) (scanned or blank?)")
+    warn_if_unreadable(path, pages)
     return pages
+
+
+def warn_if_unreadable(path, pages):
+    """A damaged PDF (or one whose fonts have no text map) extracts as replacement characters: say how many."""
+    characters = "".join(text for _, text in pages)
+    unreadable = characters.count("\ufffd") / max(1, len(characters))
+    if unreadable > 0.05:
+        warn(f"{path}: {100 * unreadable:.0f}% of the extracted text is replacement characters (a damaged file, "
+             "or fonts without a text map): check the chunks before training on them")
 
 
 def chunk_pages(pages, count_tokens, max_tokens):
@@ -353,9 +364,12 @@ def save_atomically(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # MLX's writers raise RuntimeError, with no errno, on a full disk
         tmp.unlink(missing_ok=True)
-        raise WriteFailed(f"{path}: could not be written ({e.strerror or e}); the previous version is intact") from None
+        reason = getattr(e, "strerror", None) or one_line(e)
+        if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 2**20:
+            reason = f"No space left on device: {reason}"
+        raise WriteFailed(f"{path}: could not be written ({reason}); the previous version is intact") from None
 
 
 def write_jsonl_atomically(path, records):
@@ -451,8 +465,11 @@ def prompt_example(tokenizer, cfg, system, user, n_slot_docs, target):
     ids, slots = encode_prompt(tokenizer, system, user, n_slot_docs, cfg.n_mem)
     target_ids = [] if target is None else tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
     prompt, target_ids = truncate_keep_target(list(zip(ids, slots)), target_ids, cfg.max_len)
+    kept_slots = collections.Counter(s // cfg.n_mem for _, s in prompt if s >= 0)
     return {"ids": [i for i, _ in prompt] + target_ids, "slots": [s for _, s in prompt] + [-1] * len(target_ids),
-            "n_prompt": len(prompt), "n_slot_docs": n_slot_docs, "target_cut": len(target_ids) == cfg.max_len}
+            "n_prompt": len(prompt), "n_slot_docs": n_slot_docs, "target_cut": len(target_ids) == cfg.max_len,
+            # documents that lost some or all of their memory slots to the cut (the first ones go first)
+            "docs_dropped": n_slot_docs - sum(n == cfg.n_mem for n in kept_slots.values())}
 
 
 def build_example(tokenizer, cfg, docs, user, target, system=SYSTEM_ANSWER, context="compressed", question=""):
@@ -838,6 +855,9 @@ def lora_key_names(llm, cfg):
 
 def add_lora(llm, cfg):
     """Wrap the --lora-keys layers of the --lora-layers blocks in place."""
+    hidden = text_model(llm).args.hidden_size
+    if cfg.lora_rank > hidden:  # more than full rank: memory spent on nothing
+        raise InputError(f"--lora-rank {cfg.lora_rank} is above the model's hidden size {hidden}")
     keys = lora_key_names(llm, cfg)
     for layer in lora_blocks(llm, cfg):
         wrapped = dict(layer.named_modules())
@@ -1707,11 +1727,27 @@ def prepare(cfg, trained=None, fresh=(), stage3=False):
     return model, tokenizer
 
 
+def report_prompt_cuts(cfg, examples):
+    """Say how many documents lost their memory slots to --max-len; refuse examples that keep none at all."""
+    hopeless = [i for i, ex in enumerate(examples) if ex["n_slot_docs"] and not ex["target_cut"]
+                and ex["docs_dropped"] == ex["n_slot_docs"]]
+    if hopeless:
+        more = f" (and {len(hopeless) - 1} more)" if len(hopeless) > 1 else ""
+        raise InputError(f"record {hopeless[0] + 1}{more} cannot hold even one document's "
+                         f"{cfg.n_mem} memory slots in --max-len {cfg.max_len}: raise --max-len or "
+                         f"--compression-rate, or give fewer documents per record")
+    dropped, total = sum(ex["docs_dropped"] for ex in examples), sum(ex["n_slot_docs"] for ex in examples)
+    if dropped:
+        warn(f"{dropped} of {total} document(s) lost memory slots: their prompt did not fit --max-len {cfg.max_len} "
+             "and was cut from the start (raise --max-len or --compression-rate, or give fewer documents)")
+
+
 def run_stage(cfg, command, model, tokenizer, examples, val_examples, resume):
     """Shared by the training commands: report what truncation cut, train (checkpointing into --out), plot."""
     if resume:
         check_same_data(resume, examples, command)  # before anything else is said or written
     everything = examples + val_examples
+    report_prompt_cuts(cfg, everything)
     cut_docs, cut_targets = sum(ex["docs_cut"] for ex in everything), sum(ex["target_cut"] for ex in everything)
     if cut_docs:
         warn(f"{cut_docs} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
@@ -2082,6 +2118,9 @@ def validate_config(cfg):
     if cfg.compression_rate > cfg.doc_max_len:
         raise InputError(f"--compression-rate {cfg.compression_rate} is larger than --doc-max-len "
                          f"{cfg.doc_max_len}: no memory vector would be left")
+    if cfg.n_mem > cfg.max_len:
+        raise InputError(f"--doc-max-len {cfg.doc_max_len} / --compression-rate {cfg.compression_rate} gives "
+                         f"{cfg.n_mem} memory slots per document, more than the whole prompt (--max-len {cfg.max_len})")
     return cfg
 
 

@@ -374,6 +374,27 @@ def test_e2e_trains_only_the_generator_and_the_query_reasoner_and_lowers_the_los
     assert any(".adapters.query." in name for name in clara.adapter_arrays(model))  # now saved with the run
 
 
+def test_documents_that_lose_memory_slots_to_max_len_are_counted_and_a_record_with_none_is_refused(tokenizer,
+                                                                                                    capsys):
+    full = clara.sft_examples(tokenizer, tiny_config(), SFT_RECORDS)[0]
+    assert full["docs_dropped"] == 0 and full["n_slot_docs"] == 2
+    seen = set()
+    for max_len in range(8, len(full["ids"]) + 1):
+        cfg = tiny_config(max_len=max_len)
+        ex = clara.sft_examples(tokenizer, cfg, SFT_RECORDS[:1])[0]
+        whole = [d for d in range(2) if all(d * cfg.n_mem + j in ex["slots"] for j in range(cfg.n_mem))]
+        assert ex["docs_dropped"] == 2 - len(whole) and whole == list(range(2 - len(whole), 2))  # first ones go first
+        seen.add(ex["docs_dropped"])
+        if ex["docs_dropped"] == 1:
+            clara.report_prompt_cuts(cfg, [ex, full])
+            assert capsys.readouterr().err.startswith(f"warning: 1 of 4 document(s) lost memory slots: their prompt "
+                                                      f"did not fit --max-len {max_len}")
+        if ex["docs_dropped"] == 2:
+            with pytest.raises(clara.InputError, match="record 2 cannot hold even one document's 4 memory slots"):
+                clara.report_prompt_cuts(cfg, [full, ex])
+    assert seen == {0, 1, 2}
+
+
 # -----------------------------------------------------------------------------
 # training on a tiny model
 
@@ -899,6 +920,17 @@ def test_bad_pdfs_give_one_line_exit_2_and_write_nothing(tmp_path, name, extra, 
     assert_clean_failure(run, message, tmp_path)
 
 
+def test_pdf_text_that_cannot_be_encoded_is_replaced_and_mostly_unreadable_text_is_warned_about(capsys):
+    text = clara.clean_pdf_text("Caf\udce9 au lait, a \ud800 twice")  # lone surrogates from a broken font map
+    assert text.encode("utf-8") and text.count("\ufffd") == 2
+    clara.warn_if_unreadable("few.pdf", [(1, "x" * 40 + text)])  # 2 of 64 characters: 3%, no warning
+    assert capsys.readouterr().err == ""
+    clara.warn_if_unreadable("damaged.pdf", [(1, text), (2, "\ufffd" * 10)])
+    share = round(100 * 12 / (len(text) + 10))
+    assert capsys.readouterr().err == f"warning: damaged.pdf: {share}% of the extracted text is replacement " \
+        "characters (a damaged file, or fonts without a text map): check the chunks before training on them\n"
+
+
 def test_encrypted_pdf_opens_with_its_password_and_max_pages_bounds_the_work(tmp_path):
     write_pdf_variants(tmp_path)
     pages = clara.extract_pdf_pages(tmp_path / "locked.pdf", password="secret")
@@ -946,6 +978,9 @@ def test_bad_jsonl_gives_one_line_naming_file_line_and_field(tmp_path, content, 
     (["--lora-scale", "inf"], "--lora-scale must be a finite number"),
     (["--mse-weight", "inf"], "--mse-weight must be a finite number"),
     (["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+    (["--compression-rate", "1", "--max-len", "100"], "gives 256 memory slots per document, more than the whole"),
+    (["--lora-rank", "100000"], "--lora-rank 100000 is above the model's hidden size 576"),
+    (["--max-len", "40"], "cannot hold even one document's 16 memory slots in --max-len 40"),
 ])
 def test_bad_options_give_one_line_exit_2_and_write_nothing(tmp_path, options, message):
     if "--out" not in options:
@@ -1220,6 +1255,17 @@ def test_resume_refuses_other_data_or_another_command_before_writing_anything(tm
     assert not (tmp_path / "chunks.jsonl").exists() and (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
 
 
+def test_make_installs_openblas_as_root_or_prints_the_command_that_does(tmp_path):
+    # CLARA_NO_BLAS=1 makes clara.py ignore any OpenBLAS; APT=false stands for an apt-get that cannot install
+    run = subprocess.run(["make", "-s", "blas", "APT=false"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "CLARA_NO_BLAS": "1"}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1].endswith("fix it with: sudo apt-get install libopenblas0-pthread "
+                                                        "(Fedora: sudo dnf install openblas)")
+    quiet = subprocess.run(["make", "-s", "blas"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (quiet.stdout == "") == ("reference" not in clara.BLAS)  # nothing to say where OpenBLAS is loaded
+
+
 def test_an_unexpected_error_is_one_line_exit_1_with_the_traceback_in_a_file(monkeypatch, capsys):
     def broken(cfg, args, trained, checkpoint):
         raise RuntimeError("a bug deep inside")
@@ -1299,6 +1345,30 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint_and_whole
     assert [json.loads(line)["step"] for line in lines[:-1]] == [1, 2, 3]
     clara.MetricsLog(tmp_path, keep_until=2)  # a resume drops the torn line instead of crashing
     assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_a_real_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_model_folder):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        common = ["--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate",
+                  8, "--out", disk / "run", "--save-every", 1, "--eval-every", 1000]
+        assert run_cli("sft", *common, "--steps", 1).returncode == 0
+        checkpoint = (disk / "run" / clara.CHECKPOINT).read_bytes()
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * (free - len(checkpoint) // 2))  # room for half a checkpoint
+        run = run_cli("sft", *common, "--steps", 20, "--resume", disk / "run")
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        last = run.stderr.splitlines()[-1]  # after the warning that the sample's documents are cut to 32 tokens
+        assert "checkpoint.safetensors: could not be written (No space left on device" in last, run.stderr
+        assert (disk / "run" / clara.CHECKPOINT).read_bytes() == checkpoint  # the last good one, whole
+        assert not [p.name for p in (disk / "run").iterdir() if ".tmp" in p.name]  # no temp file left behind
+        rows = [json.loads(line) for line in (disk / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if r["kind"] == "train"][:2] == [1, 2]  # whole lines only
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_write_that_dies_halfway_leaves_the_previous_file_whole(tmp_path):
