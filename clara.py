@@ -78,6 +78,7 @@ class Config:
     memory_scale: str = "embedding"  # spliced memory vectors at the token-embedding norm; "none": as they are (Apple)
     top_k: int = 5  # stage 3 and ask --index: documents retrieved per question (Apple: 5)
     temperature: float = 0.02  # stage 3: cosine scores are divided by this before the top-k softmax (Apple: 0.02)
+    retrieval_loss: str = "answer"  # stage 3 trains on the "answer" CE through the top-k, or "contrastive" (below)
     context: str = "compressed"  # sft: "compressed" memory slots, or the baselines "text" (no compression) and "none"
     base: str = "auto"  # frozen base weights: auto (CPU: float32, GPU: as stored), float32, bfloat16, or stored
     pad_to: int = 0  # pad training batches' lengths to a multiple of this (0: auto, 64 on a GPU: fewer compiles)
@@ -576,6 +577,8 @@ def make_batch(examples, n_mem, pad_id, multiple=1):
         batch["candidate_memory"] = examples[0]["bank"][candidates]  # (B, N, n_mem, H)
         batch["candidate_mask"] = mx.array([[i < len(ex["candidates"]) for i in range(n_candidates)]
                                             for ex in examples])  # (B, N): false at padding
+        batch["positive_mask"] = mx.array([[i in ex["positives"] for i in range(n_candidates)]
+                                           for ex in examples])  # (B, N): the marked candidates
         batch["n_tokens"] += sum(len(ex["query_ids"]) + n_mem for ex in examples)
     return batch
 
@@ -1038,18 +1041,33 @@ def differentiable_top_k(logits, k):
     return hard + (soft - mx.stop_gradient(soft))
 
 
-def retrieve_memory(model, batch, top_k, temperature):
-    """Stage 3: the query reasoner encodes each question like a document; cosine scores against its candidates'
-    memories pick top_k of them with the differentiable top-k. -> (selected memory (B * k, n_mem, H), scores (B, N))"""
+def retrieval_logits(model, batch, temperature):
+    """Stage 3: the query reasoner encodes each question like a document; its cosine scores against the
+    candidates' memories, over the temperature. -> logits (B, N) (padding: -1e9), candidates flat (B, N, n_mem * H)"""
     candidates = batch["candidate_memory"]  # (B, N, n_mem, H), compressed beforehand: no gradient
     n_batch, n_candidates, n_mem, hidden = candidates.shape
     query = compress_documents(model, batch["query_ids"], batch["query_lens"], role="query")[0]  # (B, n_mem, H)
     flat = candidates.reshape(n_batch, n_candidates, n_mem * hidden)  # (B, N, n_mem * H)
     scores = cosine_scores(query.reshape(n_batch, n_mem * hidden), flat)  # (B, N)
-    logits = mx.where(batch["candidate_mask"], scores / temperature, -1e9)  # padding is never chosen
+    return mx.where(batch["candidate_mask"], scores / temperature, -1e9), flat  # padding is never chosen
+
+
+def retrieve_memory(model, batch, top_k, temperature):
+    """The top_k candidates' memories, picked with the differentiable top-k. -> (B * k, n_mem, H), in rank order"""
+    logits, flat = retrieval_logits(model, batch, temperature)  # (B, N), (B, N, n_mem * H)
     selection = differentiable_top_k(logits, top_k)  # (B, k, N)
-    selected = selection.astype(flat.dtype) @ flat  # (B, k, n_mem * H), in rank order
-    return selected.reshape(n_batch * top_k, n_mem, hidden), scores
+    selected = selection.astype(flat.dtype) @ flat  # (B, k, n_mem * H)
+    return selected.reshape(-1, *batch["candidate_memory"].shape[2:])
+
+
+def contrastive_retrieval_loss(logits, positive_mask):
+    """Apple's retrieval pretraining (its stage2_pretrain_retrieval): -log(softmax mass on the marked
+    candidates), averaged over the questions that have any. logits, positive_mask (B, N) -> (loss, questions)"""
+    marked = mx.logsumexp(mx.where(positive_mask, logits, -mx.inf), axis=-1)  # (B,)
+    has_positive = positive_mask.any(axis=-1)  # (B,)
+    n = has_positive.sum()
+    per_question = mx.where(has_positive, mx.logsumexp(logits, axis=-1) - marked, 0.0)  # (B,), -inf masked out
+    return per_question.sum() / mx.maximum(n, 1), n
 
 
 def clara_loss(model, batch, cfg):
@@ -1057,12 +1075,16 @@ def clara_loss(model, batch, cfg):
 
     Stages 1-2: the memory is the compressor's, and the CE flows back into the compressor and the memory
     embeddings too (nothing is detached). Stage 3: the memory is what the query reasoner retrieved, and the
-    loss is the CE alone, as in Apple's script. The vocabulary projection (a fifth of SmolLM2's weights)
-    runs only at the positions that have a label.
+    loss is the CE alone, as in Apple's script; or, with --retrieval-loss contrastive, no generator at all.
+    The vocabulary projection (a fifth of SmolLM2's weights) runs only at the positions that have a label.
     """
     memory_states, mse = None, mx.array(0.0)
+    if "candidate_memory" in batch and cfg.retrieval_loss == "contrastive":  # the query reasoner alone
+        logits, _ = retrieval_logits(model, batch, cfg.temperature)
+        loss, n_questions = contrastive_retrieval_loss(logits, batch["positive_mask"])
+        return loss, loss, mse, n_questions  # reported as the ce; "trained" counts questions
     if "candidate_memory" in batch:
-        memory_states = retrieve_memory(model, batch, cfg.top_k, cfg.temperature)[0]
+        memory_states = retrieve_memory(model, batch, cfg.top_k, cfg.temperature)
     elif batch["doc_ids"].shape[0] > 0:
         memory_states, mse = compress_documents(model, batch["doc_ids"], batch["doc_lens"])
     hidden = generator_hidden(model, batch["ids"], batch["slot_index"], memory_states)  # (B, T, H)
@@ -1707,6 +1729,11 @@ def cmd_bench(cfg, args, trained, resume):
 # commands
 
 
+# what stage 3 trains: with the answer loss the generator and the query reasoner (Apple's stage2); with the
+# contrastive loss the query reasoner alone (Apple's stage2_pretrain_retrieval)
+STAGE3_ROLES = {"answer": ("generator", "query"), "contrastive": ("query",)}
+
+
 def prepare(cfg, trained=None, fresh=(), stage3=False):
     """Load the base model and build the CLaRa wrapper (seeded); trained adapters + memory go in when given,
     except the roles in `fresh`, which keep their new initialisation. Stage 3 trains other roles."""
@@ -1716,7 +1743,7 @@ def prepare(cfg, trained=None, fresh=(), stage3=False):
     if trained is not None:
         load_trained(model, trained, fresh)
     if stage3:
-        train_only(model, ("generator", "query"), memory=False)
+        train_only(model, STAGE3_ROLES[cfg.retrieval_loss], memory=False)
     model.eval()  # no dropout outside training steps
     if cfg.grad_checkpoint:
         checkpoint_blocks(llm)
@@ -1827,6 +1854,9 @@ def cmd_e2e(cfg, args, trained, checkpoint):
         raise InputError("e2e trains retrieval on top of stage 2: give --init with the --out folder of an sft run")
     parse = functools.partial(parse_e2e_record, min_candidates=cfg.top_k)
     records, val_records, n_held_out = split_records(cfg, args.data, parse)
+    if cfg.retrieval_loss == "contrastive" and not any(r["positives"] for r in records):
+        raise InputError(f"{args.data}: --retrieval-loss contrastive learns from the marked candidates, and no "
+                         "training record has 'pos_index'")
     model, tokenizer = prepare(cfg, trained, stage3=True)
     texts = sorted({d for r in records + val_records for d in r["docs"]})
     tic = time.perf_counter()
@@ -2000,7 +2030,7 @@ def config_help():
 
 
 CHOICES = {"context": EVAL_CONTEXTS, "base": ("auto", "float32", "bfloat16", "stored"),
-           "memory_scale": ("none", "embedding")}
+           "memory_scale": ("none", "embedding"), "retrieval_loss": tuple(STAGE3_ROLES)}
 
 
 def parse_args(argv):

@@ -395,6 +395,30 @@ def test_documents_that_lose_memory_slots_to_max_len_are_counted_and_a_record_wi
     assert seen == {0, 1, 2}
 
 
+def test_contrastive_retrieval_loss_is_the_log_softmax_mass_of_the_marked_candidates():
+    logits = mx.array([[2.0, 1.0, 0.0, -1e9], [0.0, 3.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0]])  # (3, 4), one padded
+    marked = mx.array([[True, False, False, False], [False, True, False, True], [False, False, False, False]])
+    loss, n = clara.contrastive_retrieval_loss(logits, marked)
+    rows = np.array(logits)
+    expected = [np.log(np.exp(rows[0]).sum()) - 2.0, np.log(np.exp(rows[1]).sum()) - np.log(np.exp(3) + np.exp(2))]
+    assert n.item() == 2 and loss.item() == pytest.approx(np.mean(expected), rel=1e-5)  # row 3: no mark, left out
+    assert clara.contrastive_retrieval_loss(logits, mx.zeros((3, 4), dtype=mx.bool_))[0].item() == 0.0  # never NaN
+
+
+def test_contrastive_stage3_trains_the_query_reasoner_alone_and_lowers_its_loss(tokenizer):
+    cfg = tiny_config(top_k=2, steps=8, retrieval_loss="contrastive")
+    model = tiny_clara(cfg)
+    randomize_adapters(model, "compressor", seed=1)
+    clara.train_only(model, clara.STAGE3_ROLES["contrastive"], memory=False)
+    texts = sorted({d for r in E2E_RECORDS for d in r["docs"]})
+    bank = clara.compress_corpus(model, tokenizer, cfg, texts)
+    examples = clara.e2e_examples(tokenizer, cfg, E2E_RECORDS, bank, {t: i for i, t in enumerate(texts)})
+    before = snapshot(model)
+    history = clara.train(model, examples, cfg, tokenizer.pad_token_id)
+    assert changed_roles(model, before) == {"query"}  # no generator in this loss: it stays as it was
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
 # -----------------------------------------------------------------------------
 # training on a tiny model
 
@@ -829,9 +853,13 @@ def test_cli_compress_sft_ask_end_to_end_write_outputs_mlx_lm_can_load(tmp_path,
     assert "step 2/2 | loss" in run.stdout and "BLAS:" in run.stdout
     chunks = [json.loads(line) for line in (tmp_path / "chunks.jsonl").read_text().splitlines()]
     assert chunks and all(c["text"] and c["pages"] for c in chunks)
-    run = run_cli("sft", "--data", "data/sft.jsonl", "--init", tmp_path / "c", "--steps", 1, "--out", tmp_path / "s")
+    records = [json.loads(line) for line in (ROOT / "data" / "sft.jsonl").read_text().splitlines()]
+    few = [r for r in records if r.get("split") != "eval"][:6] + [r for r in records if r.get("split") == "eval"][:2]
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in few))  # validation in seconds
+    run = run_cli("sft", "--data", tmp_path / "few.jsonl", "--init", tmp_path / "c", "--steps", 1, "--out",
+                  tmp_path / "s")
     assert run.returncode == 0, run.stderr  # one step: the validation loss of step 1 is also the last one's
-    assert "40 training record(s), 10 held out" in run.stdout and run.stdout.count("val_loss") == 1
+    assert "6 training record(s), 2 held out" in run.stdout and run.stdout.count("val_loss") == 1
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     assert config["n_mem"] == 16 and config["init"] == str(tmp_path / "c") and config["steps"] == 1
 
@@ -847,8 +875,7 @@ def test_cli_compress_sft_ask_end_to_end_write_outputs_mlx_lm_can_load(tmp_path,
     clara.set_role(model, "generator")
     assert mx.allclose(plain(ids), model.llm(ids), atol=1e-4)
 
-    records = [json.loads(line) for line in (ROOT / "data" / "sft.jsonl").read_text().splitlines()][:2]
-    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
     run = run_cli("eval", "--adapters", tmp_path / "s", "--data", tmp_path / "qa.jsonl", "--max-new-tokens", 6)
     assert run.returncode == 0, run.stderr
     assert "| compressed (16 vectors / doc) |" in run.stdout and "| no documents |" in run.stdout
@@ -1189,8 +1216,8 @@ def test_e2e_stops_on_a_signal_and_resumes_in_the_folder_it_is_given(tmp_path, t
     assert any(".adapters.query." in name for name in saved)
 
 
-def test_index_and_ask_index_retrieve_each_chunk_by_its_own_text_and_refuse_other_adapters(tmp_path, tiny_sft_run,
-                                                                                            tiny_model_folder):
+def test_ask_index_finds_a_chunk_by_its_text_then_by_a_passage_and_refuses_other_adapters(tmp_path, tiny_sft_run,
+                                                                                          tiny_model_folder):
     run = run_cli("index", "--pdf", "data/sample.pdf", "--adapters", tiny_sft_run, "--out", tmp_path / "index")
     assert run.returncode == 0, run.stderr
     chunks = [json.loads(line) for line in (tmp_path / "index" / "chunks.jsonl").read_text().splitlines()]
@@ -1198,11 +1225,33 @@ def test_index_and_ask_index_retrieve_each_chunk_by_its_own_text_and_refuse_othe
     assert arrays["memory"].shape == (len(chunks), 4, 64) and arrays["keys"].shape == (len(chunks), 4 * 64)
     assert mx.allclose(mx.linalg.norm(arrays["keys"], axis=-1), mx.ones(len(chunks)), atol=1e-5)
     assert all(c["source"] == "sample.pdf" and c["pages"] for c in chunks)
-    for i in (0, len(chunks) // 2, len(chunks) - 1):  # before stage 3 the query reasoner is the compressor
-        run = run_cli("ask", "--index", tmp_path / "index", "--question", chunks[i]["text"], "--max-new-tokens", 2)
+    def first_hit(adapters, question):
+        run = run_cli("ask", "--index", tmp_path / "index", "--adapters", adapters, "--question", question,
+                      "--max-new-tokens", 2)
         assert run.returncode == 0, run.stderr
-        first = next(line for line in run.stdout.splitlines() if line.strip().startswith("[1]"))
-        assert "score 1.000" in first and " ".join(chunks[i]["text"].split()[:6]) in first, run.stdout
+        return next(line for line in run.stdout.splitlines() if line.strip().startswith("[1]"))
+
+    def opening(chunk):
+        return " ".join(chunk["text"].split()[:6])
+
+    middle = len(chunks) // 2  # before stage 3 the query reasoner is the compressor: a chunk's text finds it
+    hit = first_hit(tiny_sft_run, chunks[middle]["text"])
+    assert "score 1.000" in hit and opening(chunks[middle]) in hit
+
+    def passage(chunk):  # the middle half of a chunk's words: a sentence-sized piece copied from it
+        words = chunk["text"].split()
+        return " ".join(words[len(words) // 4: len(words) // 4 + max(4, len(words) // 2)])
+
+    records = [{"question": passage(c), "docs": [d["text"] for d in chunks], "answer": "-", "pos_index": [i]}
+               for i, c in enumerate(chunks)]
+    (tmp_path / "passages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = run_cli("e2e", "--data", tmp_path / "passages.jsonl", "--init", tiny_sft_run, "--retrieval-loss",
+                  "contrastive", "--steps", 60, "--lr", 1e-2, "--batch-size", 8, "--log-every", 60, "--out",
+                  tmp_path / "retrieval")
+    assert run.returncode == 0, run.stderr
+    for i in (0, len(chunks) - 1):  # Apple's retrieval pretraining: a passage now finds its chunk first
+        assert opening(chunks[i]) in first_hit(tmp_path / "retrieval", passage(chunks[i]))
+    # the compressor did not move, so the index stays valid for the retrained query reasoner
     other = run_cli("sft", "--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32,
                     "--compression-rate", 8, "--steps", 1, "--seed", 5, "--out", tmp_path / "other")
     assert other.returncode == 0, other.stderr
