@@ -797,7 +797,7 @@ def train_three_stages(model, tokenizer, cfg):
 
 @pytest.mark.parametrize("family", FAMILY_CONFIGS)
 def test_each_family_trains_all_three_stages_and_each_stage_moves_only_its_roles(tokenizer, family):
-    cfg = tiny_config(steps=3)
+    cfg = tiny_config(steps=2)  # both records in every batch: the second step sees the first one's batch again
     result = train_three_stages(clara.CLaRa(tiny_family_model(family), cfg), tokenizer, cfg)
     assert result["compress"][2] == result["sft"][2] == {"compressor", "generator", None}  # None: the memory
     assert result["e2e"][2] == {"generator", "query"}
@@ -1348,7 +1348,7 @@ def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_p
     common = ["--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8,
               "--out", tmp_path / "run", "--save-every", 1, "--eval-every", 1000, "--steps", 1000]
     model = tiny_clara(tiny_config(doc_max_len=32, compression_rate=8, lora_rank=16, lora_layers=8))
-    for round_ in range(5):
+    for round_ in range(4):
         resume = ["--resume", tmp_path / "run"] if (tmp_path / "run" / clara.CHECKPOINT).exists() else []
         process = start_cli("sft", *common, *resume)
         reports = (line for line in process.stdout if line.startswith("step "))
