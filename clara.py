@@ -1231,20 +1231,47 @@ def report_line(row, cfg):
             f"trained {row['trained_tokens']} tok | peak {row['peak_gb']:.2f} GB")
 
 
-def accumulate_gradients(micro_step, examples, cfg, step, pad_id):
-    """Mean gradients and losses of update `step` over its cfg.grad_accum batches.
-    Returns (grads, [loss, ce, mse], real tokens processed, target tokens trained)."""
-    grads, means, n_real, n_trained = None, [0.0, 0.0, 0.0], 0, 0
+def step_batches(examples, cfg, step, pad_id):
+    """The cfg.grad_accum batches of update `step`: ((arrays for the step, real tokens), ...)."""
     for micro in range(cfg.grad_accum):
         position = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size
         batch = make_batch([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, position)],
                            cfg.n_mem, pad_id, pad_multiple(cfg))
-        (loss, ce, mse, n_tokens), micro_grads = micro_step({k: v for k, v in batch.items() if k != "n_tokens"})
-        grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-        mx.eval(grads, loss, ce, mse)
-        means = [m + v.item() / cfg.grad_accum for m, v in zip(means, (loss, ce, mse))]
-        n_real, n_trained = n_real + batch["n_tokens"], n_trained + n_tokens.item()
-    return tree_map(lambda g: g / cfg.grad_accum, grads), means, n_real, n_trained
+        yield {k: v for k, v in batch.items() if k != "n_tokens"}, batch["n_tokens"]
+
+
+def make_update(model, optimizer, cfg):
+    """One optimizer update in two functions that read nothing back to the host (both compiled with
+    --compile, the model, optimizer and random state as explicit state):
+      micro(batch) -> {"grads", "losses": [loss, ce, mse], "n_trained"} of one batch, summed by the caller;
+      apply(summed, healthy) -> (mean losses, gradient norm, healthy, lr): the mean gradient, clipped, and the
+        AdamW step. `healthy` turns false at the first non-finite loss or gradient and stays false; while it
+        is false the adapters and the optimizer state are selected back to what they were, inside the
+        function, so a bad step never reaches the weights although the loop reads the flag only to report."""
+    loss_and_grad = nn.value_and_grad(model, clara_loss)
+    max_norm = cfg.clip_norm if cfg.clip_norm > 0 else math.inf
+
+    def micro(batch):
+        model.traces += 1  # Python runs this line only when mx.compile traces (once per batch shape), or eagerly
+        (loss, ce, mse, n_trained), grads = loss_and_grad(model, batch, cfg)
+        return {"grads": grads, "losses": mx.stack([loss, ce, mse]), "n_trained": n_trained}
+
+    def apply(summed, healthy):
+        grads, grad_norm = optim.clip_grad_norm(tree_map(lambda g: g / cfg.grad_accum, summed["grads"]), max_norm)
+        losses = summed["losses"] / cfg.grad_accum  # (3,): loss, ce, mse
+        healthy = healthy & mx.isfinite(losses[0]) & mx.isfinite(grad_norm)
+        before = tree_map(lambda a: a, (model.trainable_parameters(), optimizer.state))  # new containers
+        optimizer.update(model, grads)
+        model.update(tree_map(lambda new, old: mx.where(healthy, new, old), model.trainable_parameters(), before[0]))
+        optimizer.state.update(tree_map(lambda new, old: mx.where(healthy, new, old), optimizer.state, before[1]))
+        return losses, grad_norm, healthy, optimizer.learning_rate
+
+    optimizer.init(model.trainable_parameters())
+    model.traces = 0
+    if cfg.compile:  # traced once per batch shape (--pad-to keeps those few)
+        state = [model.state, optimizer.state, mx.random.state]
+        return mx.compile(micro, inputs=state, outputs=state), mx.compile(apply, inputs=state, outputs=state)
+    return micro, apply
 
 
 def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, stop=None, command=""):
@@ -1259,14 +1286,6 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
 
     # Apple's optimiser: AdamW with betas (0.9, 0.95) and no weight decay
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), betas=[0.9, 0.95], weight_decay=0.0)
-    loss_and_grad = nn.value_and_grad(model, clara_loss)
-
-    def micro_step(batch):  # batch: arrays only
-        return loss_and_grad(model, batch, cfg)
-
-    if cfg.compile:  # traced once per batch shape; model weights and the dropout key as explicit state
-        micro_step = mx.compile(micro_step, inputs=[model.state, mx.random.state],
-                                outputs=[model.state, mx.random.state])
     first, best_val, history, trained_tokens = 1, math.inf, [], 0
     data = {"command": command, "n_examples": str(len(examples)), "data_fingerprint": examples_fingerprint(examples)}
     if resume:
@@ -1274,50 +1293,72 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
         restore_checkpoint(resume[0], model, optimizer)
         first, best_val = int(resume[1]["step"]) + 1, float(resume[1]["best_val_loss"])
         trained_tokens = int(resume[1]["trained_tokens"])
+    micro, apply = make_update(model, optimizer, cfg)  # after the restore: compiling captures the state
+    healthy, pending = mx.array(True), []  # pending: updates not yet read back, as arrays
     metrics, out = MetricsLog(out, keep_until=first - 1), out and Path(out)
     bar = tqdm(total=cfg.steps, initial=first - 1, disable=not sys.stderr.isatty(), unit="step", leave=False)
     mx.reset_peak_memory()
+    window = time.perf_counter()
+
+    def read_back():
+        """Rows of the pending updates (one wait for the device); stops at the first non-finite one."""
+        nonlocal trained_tokens, window
+        mx.eval([p[1:] for p in pending])
+        seconds, rows = (time.perf_counter() - window) / len(pending), []
+        for step, losses, n_trained, grad_norm, ok, lr, n_real in pending:
+            (loss, ce, mse), grad_norm = losses.tolist(), grad_norm.item()
+            if not ok.item():  # the update was not applied (nor any after it): the weights are step - 1's
+                saved = out and (out / CHECKPOINT).is_file()  # every checkpoint was finite: none after this
+                advice = (f"the last good checkpoint is {out / CHECKPOINT}; start a new run from it with a lower "
+                          f"--lr (--init {out / CHECKPOINT} --out NEW)" if saved else "nothing was saved; run "
+                          "again with a lower --lr")
+                raise TrainingStopped(f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; {advice}",
+                                      1)
+            trained_tokens += n_trained.item()
+            rows.append({"step": step, "loss": loss, "ce": ce, "mse": mse, "lr": lr.item(), "grad_norm": grad_norm,
+                         "seconds": seconds, "it_per_s": 1 / seconds, "tokens_per_s": n_real / seconds,
+                         "trained_tokens": trained_tokens, "peak_gb": mx.get_peak_memory() / 1e9})
+        pending.clear()
+        window = time.perf_counter()
+        return rows
+
     with contextlib.nullcontext(stop) if stop else stop_on_signals() as stop, bar:
         for step in range(first, cfg.steps + 1):
-            tic = time.perf_counter()
             mx.random.seed(cfg.seed * 1_000_003 + step)  # LoRA dropout's masks: a pure function of the step
             model.train()
-            grads, (loss, ce, mse), n_real, n_trained = accumulate_gradients(micro_step, examples, cfg, step, pad_id)
-            grads, grad_norm = optim.clip_grad_norm(grads, cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):  # checked before the update
-                saved = out and (out / CHECKPOINT).is_file()  # every checkpoint was finite: none is written after this
-                advice = (f"the last good checkpoint is {out / CHECKPOINT}; start a new run from it with a lower --lr "
-                          f"(--init {out / CHECKPOINT} --out NEW)" if saved else "nothing was saved; run again with a "
-                          "lower --lr")
-                raise TrainingStopped(f"step {step}: loss {loss} / gradient norm {grad_norm.item()} is not "
-                                      f"finite; {advice}", 1)
-            lr = optimizer.learning_rate.item()
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state)
-            seconds, trained_tokens = time.perf_counter() - tic, trained_tokens + n_trained
-            row = {"step": step, "loss": loss, "ce": ce, "mse": mse, "lr": lr, "grad_norm": grad_norm.item(),
-                   "seconds": seconds, "it_per_s": 1 / seconds, "tokens_per_s": n_real / seconds,
-                   "trained_tokens": trained_tokens, "peak_gb": mx.get_peak_memory() / 1e9}
-            history.append(row)
+            summed, n_real = None, 0
+            for batch, n_tokens in step_batches(examples, cfg, step, pad_id):  # built while the last step runs
+                parts = micro(batch)
+                summed, n_real = parts if summed is None else tree_map(mx.add, summed, parts), n_real + n_tokens
+                mx.async_eval(summed)
+            losses, grad_norm, healthy, lr = apply(summed, healthy)
+            mx.async_eval(losses, grad_norm, healthy, model.trainable_parameters(), optimizer.state)
+            pending.append((step, losses, summed["n_trained"], grad_norm, healthy, lr, n_real))
             bar.update(1)
+            signum = stop(step)
+            due_val = val_examples and (step == 1 or step % cfg.eval_every == 0 or step == cfg.steps)
+            due_save = out and (step % cfg.save_every == 0 or step == cfg.steps or signum)
+            if step % cfg.log_every == 0 or step == cfg.steps or due_val or due_save:
+                history += read_back()  # the only place the loop waits for the device
             if step % cfg.log_every == 0 or step == cfg.steps:
-                bar.write(report_line(row, cfg), file=sys.stdout)
-                metrics.write({"kind": "train", **row})
-            if val_examples and (step == 1 or step % cfg.eval_every == 0 or step == cfg.steps):
+                bar.write(report_line(history[-1], cfg), file=sys.stdout)
+                metrics.write({"kind": "train", **history[-1]})
+            if due_val:
                 val = validation_loss(model, val_examples, cfg, pad_id)
                 bar.write(f"step {step}/{cfg.steps} | val_loss {val:.4f}", file=sys.stdout)
                 metrics.write({"kind": "val", "step": step, "val_loss": val})
                 if out and val < best_val:
                     best_val = val
                     save_checkpoint(out / BEST, model, optimizer, cfg, step, best_val, trained_tokens, data)
-            signum = stop(step)
-            if out and (step % cfg.save_every == 0 or step == cfg.steps or signum):
+            if due_save:
                 save_checkpoint(out / CHECKPOINT, model, optimizer, cfg, step, best_val, trained_tokens, data)
-                save_outputs(model, cfg, out, {"step": step, "loss": loss})
+                save_outputs(model, cfg, out, {"step": step, "loss": history[-1]["loss"]})
             if signum:
                 saved = f"checkpoint saved to {out / CHECKPOINT}; continue with --resume {out}" if out else ""
                 raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}",
                                       128 + signum)
+    if cfg.compile:
+        print(f"--compile: the step was traced {model.traces} time(s), once per batch shape (--pad-to)")
     model.eval()
     return history
 

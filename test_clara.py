@@ -453,6 +453,7 @@ def test_the_compiled_step_trains_exactly_like_the_eager_one(tokenizer):
         model = tiny_clara(cfg)
         history = clara.train(model, clara.sft_examples(tokenizer, cfg, SFT_RECORDS), cfg, tokenizer.pad_token_id)
         runs.append(([h["loss"] for h in history], tree_flatten(model.trainable_parameters())))
+        assert model.traces == (1 if compiled else 4)  # every batch holds both records: one shape, one trace
     assert runs[0][0] == runs[1][0]
     assert all(mx.array_equal(a, b) for (_, a), (_, b) in zip(runs[0][1], runs[1][1]))
 
@@ -555,6 +556,19 @@ def test_a_non_finite_loss_stops_before_the_update_and_names_the_step(tokenizer)
         clara.train(model, clara.sft_examples(tokenizer, cfg, SFT_RECORDS), cfg, tokenizer.pad_token_id)
     after = dict(tree_flatten(model.trainable_parameters()))
     assert all(mx.array_equal(before[k], after[k], equal_nan=True) for k in before)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_non_finite_update_never_reaches_the_weights_even_when_read_back_later(tokenizer, compiled):
+    cfg = tiny_config(steps=4, lr=1e30, warmup=0.0, log_every=10, compile=compiled)  # step 1 blows the weights up
+    examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
+    one_step = tiny_clara(cfg)
+    clara.train(one_step, examples, replace(cfg, steps=1), tokenizer.pad_token_id)
+    model = tiny_clara(cfg)
+    with pytest.raises(clara.TrainingStopped, match="step 2: loss .* is not finite"):
+        clara.train(model, examples, cfg, tokenizer.pad_token_id)  # read back only at step 4: steps 2-4 ran
+    expected = dict(tree_flatten(one_step.trainable_parameters()))
+    assert all(mx.array_equal(v, expected[k]).item() for k, v in tree_flatten(model.trainable_parameters()))
 
 
 @pytest.mark.parametrize("prediction, gold, em, f1, cover", [
