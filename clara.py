@@ -373,6 +373,13 @@ def save_atomically(path, write):
         raise WriteFailed(f"{path}: could not be written ({reason}); the previous version is intact") from None
 
 
+def write_report(stem, obj, markdown):
+    """stem.json (obj) and stem.md (a table), each written atomically, and a line saying so."""
+    save_atomically(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+    save_atomically(stem.with_suffix(".md"), lambda p: p.write_text(markdown))
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
 def write_jsonl_atomically(path, records):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -910,7 +917,7 @@ class CLaRa(nn.Module):
         train_only(self, ("compressor", "generator"), memory=True)
 
 
-def checkpoint_blocks(llm):
+def recompute_blocks_in_backward(llm):
     """Gradient checkpointing: each transformer block keeps only its input for the backward pass and
     recomputes the rest, trading about a third more compute for activation memory. Each block's class is
     swapped for a subclass, so parameter names (and saved adapters) stay the same."""
@@ -1204,11 +1211,15 @@ def read_checkpoint(path):
     return arrays, metadata
 
 
+def checkpoint_part(arrays, part):
+    """The "model." (adapters and memory) or "optimizer." arrays of a checkpoint, without that prefix."""
+    return {k.removeprefix(part): v for k, v in arrays.items() if k.startswith(part)}
+
+
 def restore_checkpoint(arrays, model, optimizer):
-    load_trained(model, {k.removeprefix("model."): v for k, v in arrays.items() if k.startswith("model.")})
+    load_trained(model, checkpoint_part(arrays, "model."))
     optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten([(k.removeprefix("optimizer."), v) for k, v in arrays.items()
-                                      if k.startswith("optimizer.")])
+    optimizer.state = tree_unflatten(list(checkpoint_part(arrays, "optimizer.").items()))
 
 
 @contextlib.contextmanager
@@ -1274,11 +1285,11 @@ def make_update(model, optimizer, cfg):
     return micro, apply
 
 
-def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, stop=None, command=""):
+def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=None, stop=None, command=""):
     """The loop: for each optimizer update, accumulate gradients, clip, step; report, validate and
     checkpoint on schedule. Returns the history of report rows.
 
-    out: folder for checkpoints and metrics.jsonl (None: keep nothing). resume: (arrays, metadata) of a
+    out: folder for checkpoints and metrics.jsonl (None: keep nothing). checkpoint: (arrays, metadata) of a
     checkpoint, refused if another command or other data wrote it. stop(step) -> signal number or None; by
     default SIGINT/SIGTERM. command: the CLI command, recorded in checkpoints.
     """
@@ -1288,11 +1299,11 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), resume=None, 
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), betas=[0.9, 0.95], weight_decay=0.0)
     first, best_val, history, trained_tokens = 1, math.inf, [], 0
     data = {"command": command, "n_examples": str(len(examples)), "data_fingerprint": examples_fingerprint(examples)}
-    if resume:
-        check_same_data(resume, examples, command)
-        restore_checkpoint(resume[0], model, optimizer)
-        first, best_val = int(resume[1]["step"]) + 1, float(resume[1]["best_val_loss"])
-        trained_tokens = int(resume[1]["trained_tokens"])
+    if checkpoint:  # a resumed run
+        check_same_data(checkpoint, examples, command)
+        restore_checkpoint(checkpoint[0], model, optimizer)
+        first, best_val = int(checkpoint[1]["step"]) + 1, float(checkpoint[1]["best_val_loss"])
+        trained_tokens = int(checkpoint[1]["trained_tokens"])
     micro, apply = make_update(model, optimizer, cfg)  # after the restore: compiling captures the state
     healthy, pending = mx.array(True), []  # pending: updates not yet read back, as arrays
     metrics, out = MetricsLog(out, keep_until=first - 1), out and Path(out)
@@ -1445,8 +1456,7 @@ def read_trained(path):
             raise InputError(f"{path}: its clara.safetensors or config.json is not readable ({one_line(e)[:120]})")
     if path.is_file():
         arrays, metadata = read_checkpoint(path)
-        return json.loads(metadata["config"]), {k.removeprefix("model."): v for k, v in arrays.items()
-                                                if k.startswith("model.")}
+        return json.loads(metadata["config"]), checkpoint_part(arrays, "model.")
     raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
 
 
@@ -1650,14 +1660,20 @@ def eval_table(results, cfg):
 # benchmark: step time of compress and sft, beside mlx-lm's own LoRA trainer and the machine's matmul rate
 
 
-def matmul_rate(dtype, size, repeats=5):
-    """FLOP/s of a large square matmul through MLX: the ceiling a training step is compared against."""
+def matmul_rate(dtype, size, repeats=5, rounds=3):
+    """FLOP/s of a large square matmul through MLX: the ceiling a training step is compared against. The best of
+    a few timed rounds after a warm-up, so that clocks ramping up or a busy moment do not lower the ceiling."""
     a, b = mx.random.normal((size, size)).astype(dtype), mx.random.normal((size, size)).astype(dtype)
-    mx.eval(a @ b)
-    tic = time.perf_counter()
-    for _ in range(repeats):
+    mx.eval(a, b)
+    for _ in range(repeats):  # warm-up: kernels compiled, clocks up
         mx.eval(a @ b)
-    return 2 * size**3 * repeats / (time.perf_counter() - tic)
+    best = math.inf
+    for _ in range(rounds):
+        tic = time.perf_counter()
+        for _ in range(repeats):
+            mx.eval(a @ b)
+        best = min(best, time.perf_counter() - tic)
+    return 2 * size**3 * repeats / best
 
 
 def step_flops(llm, batch, projected):
@@ -1728,7 +1744,7 @@ def bench_row(name, seconds, batch, flops, peak_rate):
             "fraction_of_matmul": flops / step / peak_rate, "peak_gb": mx.get_peak_memory() / 1e9}
 
 
-def cmd_bench(cfg, args, trained, resume):
+def cmd_bench(cfg, args, trained, checkpoint):
     model, tokenizer = prepare(cfg)
     on_cpu = mx.default_device() == mx.cpu
     dtype = mx.float32 if on_cpu else mx.bfloat16
@@ -1761,9 +1777,7 @@ def cmd_bench(cfg, args, trained, resume):
     report = {"device": str(mx.default_device()), "blas": BLAS, "matmul_gflops": peak_rate / 1e9, "rows": rows,
               "text_vs_mlx_lm": ratio, "config": asdict(cfg)}
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    save_atomically(Path(cfg.out) / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    save_atomically(Path(cfg.out) / "bench.md", lambda p: p.write_text("\n".join(lines) + "\n"))
-    print(f"wrote {Path(cfg.out) / 'bench.json'} and bench.md")
+    write_report(Path(cfg.out) / "bench", report, "\n".join(lines) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -1787,7 +1801,7 @@ def prepare(cfg, trained=None, fresh=(), stage3=False):
         train_only(model, STAGE3_ROLES[cfg.retrieval_loss], memory=False)
     model.eval()  # no dropout outside training steps
     if cfg.grad_checkpoint:
-        checkpoint_blocks(llm)
+        recompute_blocks_in_backward(llm)
     n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"model {cfg.model} on {mx.default_device()} | BLAS: {BLAS} | n_mem {cfg.n_mem} | "
@@ -1810,10 +1824,11 @@ def report_prompt_cuts(cfg, examples):
              "and was cut from the start (raise --max-len or --compression-rate, or give fewer documents)")
 
 
-def run_stage(cfg, command, model, tokenizer, examples, val_examples, resume):
-    """Shared by the training commands: report what truncation cut, train (checkpointing into --out), plot."""
-    if resume:
-        check_same_data(resume, examples, command)  # before anything else is said or written
+def run_stage(cfg, command, model, tokenizer, examples, val_examples, checkpoint):
+    """Shared by the training commands: report what truncation cut, train (checkpointing into --out), plot.
+    checkpoint: (arrays, metadata) of the run that --resume continues, or None."""
+    if checkpoint:
+        check_same_data(checkpoint, examples, command)  # before anything else is said or written
     everything = examples + val_examples
     report_prompt_cuts(cfg, everything)
     cut_docs, cut_targets = sum(ex["docs_cut"] for ex in everything), sum(ex["target_cut"] for ex in everything)
@@ -1822,7 +1837,7 @@ def run_stage(cfg, command, model, tokenizer, examples, val_examples, resume):
     if cut_targets:
         warn(f"{cut_targets} target(s) alone exceed --max-len {cfg.max_len}: their prompt is dropped")
     print(f"{len(examples)} training example(s), {len(val_examples)} for validation", flush=True)
-    history = train(model, examples, cfg, tokenizer.pad_token_id, cfg.out, val_examples, resume, command=command)
+    history = train(model, examples, cfg, tokenizer.pad_token_id, cfg.out, val_examples, checkpoint, command=command)
     print(f"saved adapters, memory embeddings, checkpoint and config to {cfg.out}/")
     if cfg.plot:
         plot_losses(cfg.out)
@@ -1839,7 +1854,7 @@ def pdf_chunks(pages, tokenizer, cfg):
     return chunk_pages(pages, lambda text: len(tokenizer.encode(text, add_special_tokens=False)), cfg.doc_max_len)
 
 
-def cmd_compress(cfg, args, trained, resume):
+def cmd_compress(cfg, args, trained, checkpoint):
     if bool(args.pdf) == bool(args.data):
         raise InputError("compress needs exactly one of --pdf FILE or --data FILE.jsonl")
     if args.pdf:  # input is checked before the model loads: a bad file fails in a second
@@ -1854,13 +1869,13 @@ def cmd_compress(cfg, args, trained, resume):
     if not val_records:
         records, val_records = split_validation(records, cfg.val_fraction, cfg.seed)
     examples = compress_examples(tokenizer, cfg, records)
-    if resume:
-        check_same_data(resume, examples, "compress")  # before --chunks-out is written again
+    if checkpoint:
+        check_same_data(checkpoint, examples, "compress")  # before --chunks-out is written again
     if args.pdf:
         write_jsonl_atomically(args.chunks_out, chunks)
         print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {args.chunks_out}")
     return run_stage(cfg, "compress", model, tokenizer, examples, compress_examples(tokenizer, cfg, val_records),
-                     resume)
+                     checkpoint)
 
 
 def split_records(cfg, path, parse):
@@ -2044,10 +2059,7 @@ def cmd_eval(cfg, args, trained, checkpoint):
     table = eval_table(results, cfg)
     print(table, end="")
     where = eval_folder(args)
-    save_atomically(where / "eval.json", lambda p: p.write_text(json.dumps(
-        {"data": str(args.data), "adapters": str(args.adapters), "results": results}, indent=2) + "\n"))
-    save_atomically(where / "eval.md", lambda p: p.write_text(table))
-    print(f"wrote {where / 'eval.json'} and {where / 'eval.md'}")
+    write_report(where / "eval", {"data": str(args.data), "adapters": str(args.adapters), "results": results}, table)
 
 
 def eval_folder(args):
@@ -2074,13 +2086,18 @@ CHOICES = {"context": EVAL_CONTEXTS, "base": ("auto", "float32", "bfloat16", "st
            "memory_scale": ("none", "embedding"), "retrieval_loss": tuple(STAGE3_ROLES)}
 
 
+def option_flag(name):
+    """A Config field's command-line spelling: lora_rank -> --lora-rank."""
+    return "--" + name.replace("_", "-")
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     helps, defaults = config_help(), Config()
     shared = argparse.ArgumentParser(add_help=False)
     for f in fields(Config):  # every default is None here, so that we can tell what was given
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        flag, default = option_flag(f.name), getattr(defaults, f.name)
         if isinstance(default, bool):
             shared.add_argument(flag, action="store_true", default=None, help=helps[f.name])
         elif isinstance(default, tuple):
@@ -2155,10 +2172,10 @@ def resolve_config(args):
     elif "resume" in given:
         checkpoint = read_checkpoint(Path(given["resume"]) / CHECKPOINT)
         saved = json.loads(checkpoint[1]["config"])
-        trained = {k.removeprefix("model."): v for k, v in checkpoint[0].items() if k.startswith("model.")}
+        trained = checkpoint_part(checkpoint[0], "model.")
         ignored = sorted(set(given) - set(RUN_CONTROL))
         if ignored:
-            print(f"note: a resumed run keeps its checkpoint's config; ignoring --{', --'.join(ignored)}")
+            print(f"note: a resumed run keeps its checkpoint's config; ignoring {', '.join(map(option_flag, ignored))}")
         given = {k: v for k, v in given.items() if k in RUN_CONTROL}
         given.setdefault("out", given["resume"])  # continues in the folder it resumes, even a moved or copied one
     elif "init" in given:  # the next stage keeps the earlier run's model and adapter shapes
@@ -2174,16 +2191,16 @@ def validate_config(cfg):
     for name in ("steps", "batch_size", "doc_max_len", "compression_rate", "max_len", "lora_rank", "lora_layers",
                  "log_every", "grad_accum", "eval_every", "save_every", "top_k"):
         if getattr(cfg, name) <= 0 and not (name == "lora_layers" and cfg.lora_layers == -1):
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+            raise InputError(f"{option_flag(name)} must be positive, got {getattr(cfg, name)}")
     for name in ("lr", "min_lr", "mse_weight", "clip_norm", "temperature", "lora_scale"):
         positive = name in ("lr", "temperature")
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise InputError(f"--{name.replace('_', '-')} must be a finite number "
+            raise InputError(f"{option_flag(name)} must be a finite number "
                              f"{'above 0' if positive else 'of at least 0'}, got {value}")
     for name in ("warmup", "val_fraction", "lora_dropout"):
         if not 0 <= getattr(cfg, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} is a fraction: at least 0 and below 1")
+            raise InputError(f"{option_flag(name)} is a fraction: at least 0 and below 1")
     if not 0 <= cfg.seed < 2**32:
         raise InputError(f"--seed must be from 0 to {2**32 - 1}, got {cfg.seed}")
     if cfg.compression_rate > cfg.doc_max_len:

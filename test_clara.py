@@ -47,12 +47,15 @@ def tiny_config(**overrides):
     return clara.Config(**{**settings, **overrides})
 
 
+# the tiny llama of most tests (and of the model folder the CLI tests use), on the real tokenizer's vocabulary
+TINY_ARGS = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 49152,
+             "rope_traditional": True, "tie_word_embeddings": True}
+
+
 def tiny_clara(cfg, vocab_size=49152, seed=0):
     mx.random.seed(seed)
-    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=vocab_size,
-                           rope_traditional=True, tie_word_embeddings=True)
-    return clara.CLaRa(llama.Model(args), cfg)
+    return clara.CLaRa(llama.Model(llama.ModelArgs(**{**TINY_ARGS, "vocab_size": vocab_size})), cfg)
 
 
 SFT_RECORDS = [
@@ -465,7 +468,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
     for checkpointed in (False, True):
         model = tiny_clara(cfg)
         if checkpointed:
-            clara.checkpoint_blocks(model.llm)
+            clara.recompute_blocks_in_backward(model.llm)
         (loss, *_), grads = nn.value_and_grad(model, clara.clara_loss)(model, batch, cfg)
         results.append((loss, dict(tree_flatten(grads))))
     assert type(model.llm.layers[0]).__name__ == "CheckpointedTransformerBlock"
@@ -529,10 +532,10 @@ def test_resume_after_an_interrupt_gives_bitwise_the_same_adapters_and_loss_curv
     checkpoint = clara.read_checkpoint(tmp_path / "b" / clara.CHECKPOINT)
     assert checkpoint[1]["step"] == "3" and checkpoint[1]["data_position"] == "6"
     with pytest.raises(clara.InputError, match=r"trained on other data \(2 examples, this data has 1"):
-        clara.train(tiny_clara(cfg), examples[:1], cfg, tokenizer.pad_token_id, tmp_path / "c", resume=checkpoint)
+        clara.train(tiny_clara(cfg), examples[:1], cfg, tokenizer.pad_token_id, tmp_path / "c", checkpoint=checkpoint)
     resumed = tiny_clara(cfg)  # the same frozen base; adapters and memory moved so they must come from the checkpoint
     resumed.update(tree_map(lambda p: p + 1.0, resumed.trainable_parameters()))
-    clara.train(resumed, examples, cfg, tokenizer.pad_token_id, tmp_path / "b", examples[:1], resume=checkpoint)
+    clara.train(resumed, examples, cfg, tokenizer.pad_token_id, tmp_path / "b", examples[:1], checkpoint=checkpoint)
 
     for (name, a), (_, b) in zip(tree_flatten(straight.trainable_parameters()),
                                  tree_flatten(resumed.trainable_parameters())):
@@ -675,11 +678,6 @@ def test_default_model_answers_the_paris_prompt(default_model):
     assert llm.model.embed_tokens.weight.dtype == mx.float32  # dequantized for the CPU
 
 
-TINY_ARGS = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 49152,
-             "rope_traditional": True, "tie_word_embeddings": True}
-
-
 def save_tiny_mlx_lm_folder(folder, tokenizer, seed=3):
     """A tiny llama saved the way mlx-lm expects a model folder: config.json, weights, tokenizer files."""
     mx.random.seed(seed)
@@ -729,9 +727,8 @@ def test_saved_generator_adapter_loads_with_mlx_lm_load(tmp_path, tokenizer, lor
 # -----------------------------------------------------------------------------
 # model families: tiny random models of each family that takes input embeddings, built as mlx-lm builds them
 
-TINY_FAMILY = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, vocab_size=49152, rope_theta=10000.0,
-                   max_position_embeddings=1024, tie_word_embeddings=True)
+TINY_FAMILY = {**{k: v for k, v in TINY_ARGS.items() if k not in ("model_type", "rope_traditional")},
+               "head_dim": 16, "rope_theta": 10000.0, "max_position_embeddings": 1024}
 MINISTRAL3 = dict(rope_parameters={"rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
                                    "original_max_position_embeddings": 1024})
 FAMILY_CONFIGS = {  # family -> config.json beyond TINY_FAMILY; some with a separate lm_head, as real ones have
@@ -1371,7 +1368,7 @@ def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_p
         process.kill()
         process.wait()
         arrays, metadata = clara.read_checkpoint(tmp_path / "run" / clara.CHECKPOINT)
-        clara.load_trained(model, {k.removeprefix("model."): v for k, v in arrays.items() if k.startswith("model.")})
+        clara.load_trained(model, clara.checkpoint_part(arrays, "model."))
         assert int(metadata["step"]) >= 1
 
 
@@ -1393,7 +1390,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint_and_whole
     monkeypatch.setattr(clara.mx, "save_safetensors", full_disk)
     checkpoint = clara.read_checkpoint(tmp_path / clara.CHECKPOINT)
     with pytest.raises(clara.WriteFailed, match="checkpoint.safetensors: could not be written \\(No space left"):
-        clara.train(tiny_clara(cfg), examples, cfg, tokenizer.pad_token_id, tmp_path, resume=checkpoint)
+        clara.train(tiny_clara(cfg), examples, cfg, tokenizer.pad_token_id, tmp_path, checkpoint=checkpoint)
     monkeypatch.setattr(clara.mx, "save_safetensors", real_save)
     assert (tmp_path / clara.CHECKPOINT).read_bytes() == before  # the last good checkpoint, whole
     assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]  # and no temp file left behind
