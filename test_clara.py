@@ -518,35 +518,54 @@ def train_rows(out):
     return [{k: v for k, v in r.items() if k not in ("seconds", "it_per_s", "tokens_per_s", "peak_gb")} for r in rows]
 
 
-def test_resume_after_an_interrupt_gives_bitwise_the_same_adapters_and_loss_curve(tmp_path, tokenizer):
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, tokenizer):
+    """Three runs of one config: "a" straight through; "b" stopped by SIGINT after step 3 (its checkpoint kept
+    aside), then resumed from that checkpoint into a model whose adapters were moved first."""
+    root = tmp_path_factory.mktemp("resume")
     cfg = tiny_config(steps=6, grad_accum=2, batch_size=1, warmup=0.2, save_every=4, eval_every=2)
     examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
     straight = tiny_clara(cfg)
-    clara.train(straight, examples, cfg, tokenizer.pad_token_id, tmp_path / "a", examples[:1])
-
-    first = tiny_clara(cfg)
+    clara.train(straight, examples, cfg, tokenizer.pad_token_id, root / "a", examples[:1])
     with pytest.raises(clara.TrainingStopped) as stopped:
-        clara.train(first, examples, cfg, tokenizer.pad_token_id, tmp_path / "b", examples[:1],
+        clara.train(tiny_clara(cfg), examples, cfg, tokenizer.pad_token_id, root / "b", examples[:1],
                     stop=lambda step: signal.SIGINT if step == 3 else None)
-    assert stopped.value.exit_code == 130 and "after step 3" in str(stopped.value)
-    checkpoint = clara.read_checkpoint(tmp_path / "b" / clara.CHECKPOINT)
-    assert checkpoint[1]["step"] == "3" and checkpoint[1]["data_position"] == "6"
-    with pytest.raises(clara.InputError, match=r"trained on other data \(2 examples, this data has 1"):
-        clara.train(tiny_clara(cfg), examples[:1], cfg, tokenizer.pad_token_id, tmp_path / "c", checkpoint=checkpoint)
+    checkpoint = clara.read_checkpoint(root / "b" / clara.CHECKPOINT)
     resumed = tiny_clara(cfg)  # the same frozen base; adapters and memory moved so they must come from the checkpoint
     resumed.update(tree_map(lambda p: p + 1.0, resumed.trainable_parameters()))
-    clara.train(resumed, examples, cfg, tokenizer.pad_token_id, tmp_path / "b", examples[:1], checkpoint=checkpoint)
+    clara.train(resumed, examples, cfg, tokenizer.pad_token_id, root / "b", examples[:1], checkpoint=checkpoint)
+    return {"root": root, "cfg": cfg, "examples": examples, "stopped": stopped.value, "checkpoint": checkpoint,
+            "straight": straight, "resumed": resumed}
 
-    for (name, a), (_, b) in zip(tree_flatten(straight.trainable_parameters()),
-                                 tree_flatten(resumed.trainable_parameters())):
+
+def test_a_signal_stops_after_the_step_with_a_checkpoint_of_that_step_and_data_position(interrupted_run):
+    assert interrupted_run["stopped"].exit_code == 130 and "after step 3" in str(interrupted_run["stopped"])
+    metadata = interrupted_run["checkpoint"][1]
+    assert metadata["step"] == "3" and metadata["data_position"] == "6"  # 3 updates x 2 batches x 1 record
+
+
+def test_resume_refuses_a_checkpoint_of_other_data(interrupted_run, tokenizer, tmp_path):
+    cfg, examples = interrupted_run["cfg"], interrupted_run["examples"]
+    with pytest.raises(clara.InputError, match=r"trained on other data \(2 examples, this data has 1"):
+        clara.train(tiny_clara(cfg), examples[:1], cfg, tokenizer.pad_token_id, tmp_path,
+                    checkpoint=interrupted_run["checkpoint"])
+
+
+def test_resume_after_an_interrupt_gives_bitwise_the_same_adapters_and_loss_curve(interrupted_run):
+    for (name, a), (_, b) in zip(tree_flatten(interrupted_run["straight"].trainable_parameters()),
+                                 tree_flatten(interrupted_run["resumed"].trainable_parameters())):
         assert mx.array_equal(a, b), name
-    assert train_rows(tmp_path / "a") == train_rows(tmp_path / "b")
-    kinds = [(r["kind"], r["step"]) for r in train_rows(tmp_path / "a")]
+    root = interrupted_run["root"]
+    assert train_rows(root / "a") == train_rows(root / "b")
+
+
+def test_validation_runs_at_step_1_every_eval_every_and_the_end_and_best_keeps_the_lowest(interrupted_run):
+    root = interrupted_run["root"]
+    kinds = [(r["kind"], r["step"]) for r in train_rows(root / "a")]
     assert [s for k, s in kinds if k == "val"] == [1, 2, 4, 6]
     assert [s for k, s in kinds if k == "train"] == [1, 2, 3, 4, 5, 6]
-    assert (tmp_path / "a" / clara.BEST).is_file()
-    best = clara.read_checkpoint(tmp_path / "a" / clara.BEST)[1]
-    val_rows = [r for r in train_rows(tmp_path / "a") if r["kind"] == "val"]
+    best = clara.read_checkpoint(root / "a" / clara.BEST)[1]
+    val_rows = [r for r in train_rows(root / "a") if r["kind"] == "val"]
     assert float(best["best_val_loss"]) == min(r["val_loss"] for r in val_rows)
 
 
@@ -857,48 +876,68 @@ def run_cli(*args):
                           text=True, cwd=ROOT, timeout=600)
 
 
-def test_cli_compress_sft_ask_end_to_end_write_outputs_mlx_lm_can_load(tmp_path, default_model):
-    run = run_cli("compress", "--pdf", "data/sample.pdf", "--steps", 2, "--out", tmp_path / "c",
-                  "--chunks-out", tmp_path / "chunks.jsonl")
-    assert run.returncode == 0, run.stderr
-    assert "step 2/2 | loss" in run.stdout and "BLAS:" in run.stdout
-    chunks = [json.loads(line) for line in (tmp_path / "chunks.jsonl").read_text().splitlines()]
-    assert chunks and all(c["text"] and c["pages"] for c in chunks)
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """compress --pdf (2 steps), then sft --init it (1 step) on 6 + 2 records, through the CLI, default model."""
+    root = tmp_path_factory.mktemp("cli")
+    compress = run_cli("compress", "--pdf", "data/sample.pdf", "--steps", 2, "--out", root / "c",
+                       "--chunks-out", root / "chunks.jsonl")
     records = [json.loads(line) for line in (ROOT / "data" / "sft.jsonl").read_text().splitlines()]
     few = [r for r in records if r.get("split") != "eval"][:6] + [r for r in records if r.get("split") == "eval"][:2]
-    (tmp_path / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in few))  # validation in seconds
-    run = run_cli("sft", "--data", tmp_path / "few.jsonl", "--init", tmp_path / "c", "--steps", 1, "--out",
-                  tmp_path / "s")
+    (root / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in few))  # validation in seconds
+    sft = run_cli("sft", "--data", root / "few.jsonl", "--init", root / "c", "--steps", 1, "--out", root / "s")
+    return {"root": root, "compress": compress, "sft": sft, "records": records}
+
+
+def test_cli_compress_chunks_the_pdf_with_its_pages_and_trains(cli_runs):
+    run, root = cli_runs["compress"], cli_runs["root"]
+    assert run.returncode == 0, run.stderr
+    assert "step 2/2 | loss" in run.stdout and "BLAS:" in run.stdout
+    chunks = [json.loads(line) for line in (root / "chunks.jsonl").read_text().splitlines()]
+    assert chunks and all(c["text"] and c["pages"] for c in chunks)
+
+
+def test_cli_sft_starts_from_init_and_records_its_config(cli_runs):
+    run, root = cli_runs["sft"], cli_runs["root"]
     assert run.returncode == 0, run.stderr  # one step: the validation loss of step 1 is also the last one's
     assert "6 training record(s), 2 held out" in run.stdout and run.stdout.count("val_loss") == 1
-    config = json.loads((tmp_path / "s" / "config.json").read_text())
-    assert config["n_mem"] == 16 and config["init"] == str(tmp_path / "c") and config["steps"] == 1
+    config = json.loads((root / "s" / "config.json").read_text())
+    assert config["n_mem"] == 16 and config["init"] == str(root / "c") and config["steps"] == 1
 
-    # the generator adapter loads into mlx-lm and gives the same logits as clara's generator role
+
+def test_the_saved_generator_adapter_gives_mlx_lm_the_generators_logits(cli_runs, default_model):
     from mlx_lm.tuner.utils import load_adapters
 
-    llm, tokenizer = default_model
+    assert cli_runs["sft"].returncode == 0, cli_runs["sft"].stderr
+    tokenizer = default_model[1]
     model = clara.CLaRa(clara.load_model("smollm2")[0], clara.Config())
-    clara.load_trained(model, clara.read_trained(tmp_path / "s")[1])
+    clara.load_trained(model, clara.read_trained(cli_runs["root"] / "s")[1])
     assert any(mx.abs(v).max().item() > 0 for k, v in tree_flatten(model.trainable_parameters()) if "lora_b" in k)
-    plain = load_adapters(clara.load_model("smollm2")[0], str(tmp_path / "s"))
+    plain = load_adapters(clara.load_model("smollm2")[0], str(cli_runs["root"] / "s"))
     ids = mx.array([tokenizer.encode("Memory tokens follow each document.", add_special_tokens=False)])
     clara.set_role(model, "generator")
     assert mx.allclose(plain(ids), model.llm(ids), atol=1e-4)
 
-    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
-    run = run_cli("eval", "--adapters", tmp_path / "s", "--data", tmp_path / "qa.jsonl", "--max-new-tokens", 6)
+
+def test_cli_eval_scores_compressed_text_and_none_with_apples_metrics(cli_runs, tmp_path):
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cli_runs["records"][:2]))
+    adapters = tmp_path / "s"
+    shutil.copytree(cli_runs["root"] / "s", adapters)  # eval writes next to the adapters
+    run = run_cli("eval", "--adapters", adapters, "--data", tmp_path / "qa.jsonl", "--max-new-tokens", 6)
     assert run.returncode == 0, run.stderr
     assert "| compressed (16 vectors / doc) |" in run.stdout and "| no documents |" in run.stdout
-    results = json.loads((tmp_path / "s" / "eval.json").read_text())["results"]
+    results = json.loads((adapters / "eval.json").read_text())["results"]
     assert set(results) == {"compressed", "text", "none"}
     for summary in results.values():
         assert summary["records"] == 2 and 0 <= summary["f1"] <= 1 and 0 < summary["ce"] < 20
         assert summary["em"] == sum(clara.exact_match(a["prediction"], a["gold"]) for a in summary["answers"]) / 2
-    assert (tmp_path / "s" / "eval.md").read_text().count("\n") == 5
+    assert (adapters / "eval.md").read_text().count("\n") == 5
 
+
+def test_cli_ask_answers_from_the_documents_it_is_given(cli_runs, tmp_path):
     (tmp_path / "doc.txt").write_text("The alignment loss has a weight of 0.1 in the total loss.")
-    run = run_cli("ask", "--adapters", tmp_path / "s", "--docs", tmp_path / "doc.txt", "--question", "What weight?")
+    run = run_cli("ask", "--adapters", cli_runs["root"] / "s", "--docs", tmp_path / "doc.txt", "--question",
+                  "What weight?")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1].strip()  # an answer line
 
