@@ -136,7 +136,6 @@ class Config:
     save_every: int = 50  # checkpoint every this many steps (and at the end)
     resume: str = ""  # continue the run whose checkpoint is in this folder (same command and data)
     overwrite: bool = False  # let a new run replace the outputs of an earlier run in --out (else refused)
-    plot: bool = False  # write loss.png next to metrics.jsonl at the end (needs matplotlib)
 
     @property
     def n_mem(self):
@@ -754,87 +753,104 @@ def make_update(model, optimizer, cfg):
     model.traces = 0
     if cfg.compile:  # traced once per batch shape (--pad-to keeps those few)
         state = [model.state, optimizer.state, mx.random.state]
-        return mx.compile(micro, inputs=state, outputs=state), mx.compile(apply, inputs=state, outputs=state)
-    return micro, apply
+        micro, apply = mx.compile(micro, inputs=state, outputs=state), mx.compile(apply, inputs=state, outputs=state)
+
+    def update(batches, healthy):
+        """Start one update on the device and return at once. batches: ((arrays, real tokens), ...) of the step.
+        -> {"losses", "n_trained", "grad_norm", "healthy", "lr"} as arrays, and "n_real" tokens"""
+        summed, n_real = None, 0
+        for batch, n_tokens in batches:  # built on the host while the device works on the last update
+            parts = micro(batch)
+            summed, n_real = parts if summed is None else tree_map(mx.add, summed, parts), n_real + n_tokens
+            mx.async_eval(summed)
+        losses, grad_norm, healthy, lr = apply(summed, healthy)
+        mx.async_eval(losses, grad_norm, healthy, model.trainable_parameters(), optimizer.state)
+        return {"losses": losses, "n_trained": summed["n_trained"], "grad_norm": grad_norm, "healthy": healthy,
+                "lr": lr, "n_real": n_real}
+
+    return update
+
+
+def resume_from(checkpoint, model, optimizer, examples, command):
+    """Where a run starts: (first step, best validation loss, trained tokens); a resumed run's checkpoint is
+    checked against the data and command, and its adapters, memory and optimizer state restored."""
+    if not checkpoint:
+        return 1, math.inf, 0
+    check_same_data(checkpoint, examples, command)
+    restore_checkpoint(checkpoint[0], model, optimizer)
+    metadata = checkpoint[1]
+    return int(metadata["step"]) + 1, float(metadata["best_val_loss"]), int(metadata["trained_tokens"])
+
+
+def is_due(step, every, cfg):
+    """A report, validation or save that comes every `every` steps is due at this step (and at the last one)."""
+    return step % every == 0 or step == cfg.steps
+
+
+def read_back(pending, since, trained_tokens, out):
+    """Report rows of the updates started since the last read: one wait for the device. A non-finite update
+    stops the run here, by its number; make_update applied neither it nor any update after it."""
+    mx.eval([[u["losses"], u["n_trained"], u["grad_norm"], u["healthy"], u["lr"]] for u in pending])
+    seconds, rows = (time.perf_counter() - since) / len(pending), []
+    for u in pending:
+        (loss, ce, mse), grad_norm = u["losses"].tolist(), u["grad_norm"].item()
+        if not u["healthy"].item():
+            saved = out and (out / CHECKPOINT).is_file()  # every checkpoint was finite: none is written after this
+            advice = (f"the last good checkpoint is {out / CHECKPOINT}; start a new run from it with a lower --lr "
+                      f"(--init {out / CHECKPOINT} --out NEW)" if saved else "nothing was saved; run again with a "
+                      "lower --lr")
+            raise TrainingStopped(f"step {u['step']}: loss {loss} / gradient norm {grad_norm} is not finite; {advice}",
+                                  1)
+        trained_tokens += u["n_trained"].item()
+        rows.append({"step": u["step"], "loss": loss, "ce": ce, "mse": mse, "lr": u["lr"].item(),
+                     "grad_norm": grad_norm, "seconds": seconds, "it_per_s": 1 / seconds,
+                     "tokens_per_s": u["n_real"] / seconds, "trained_tokens": trained_tokens,
+                     "peak_gb": mx.get_peak_memory() / 1e9})
+    return rows
 
 
 def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=None, stop=None, command=""):
-    """The loop: for each optimizer update, accumulate gradients, clip, step; report, validate and
-    checkpoint on schedule. Returns the history of report rows.
+    """The loop: start each optimizer update (make_update) without waiting for it; read the numbers back only
+    when a report, a validation or a checkpoint is due. Returns the history of report rows.
 
-    out: folder for checkpoints and metrics.jsonl (None: keep nothing). checkpoint: (arrays, metadata) of a
-    checkpoint, refused if another command or other data wrote it. stop(step) -> signal number or None; by
-    default SIGINT/SIGTERM. command: the CLI command, recorded in checkpoints.
+    out: folder for checkpoints and metrics.jsonl (None: keep nothing). checkpoint: (arrays, metadata) of the
+    run this one resumes. stop(step) -> a signal number to stop on, or None (the caller catches the signals).
+    command: the CLI command, recorded in checkpoints.
     """
     from tqdm import tqdm
 
     # Apple's optimiser: AdamW with betas (0.9, 0.95) and no weight decay
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), betas=[0.9, 0.95], weight_decay=0.0)
-    first, best_val, history, trained_tokens = 1, math.inf, [], 0
+    first, best_val, trained_tokens = resume_from(checkpoint, model, optimizer, examples, command)
+    update = make_update(model, optimizer, cfg)  # after the restore: compiling captures the state
     data = {"command": command, "n_examples": str(len(examples)), "data_fingerprint": examples_fingerprint(examples)}
-    if checkpoint:  # a resumed run
-        check_same_data(checkpoint, examples, command)
-        restore_checkpoint(checkpoint[0], model, optimizer)
-        first, best_val = int(checkpoint[1]["step"]) + 1, float(checkpoint[1]["best_val_loss"])
-        trained_tokens = int(checkpoint[1]["trained_tokens"])
-    micro, apply = make_update(model, optimizer, cfg)  # after the restore: compiling captures the state
-    healthy, pending = mx.array(True), []  # pending: updates not yet read back, as arrays
-    metrics, out = MetricsLog(out, keep_until=first - 1), out and Path(out)
-    bar = tqdm(total=cfg.steps, initial=first - 1, disable=not sys.stderr.isatty(), unit="step", leave=False)
+    metrics, out, stop = MetricsLog(out, keep_until=first - 1), out and Path(out), stop or (lambda step: None)
+    history, pending, healthy, since = [], [], mx.array(True), time.perf_counter()
     mx.reset_peak_memory()
-    window = time.perf_counter()
-
-    def read_back():
-        """Rows of the pending updates (one wait for the device); stops at the first non-finite one."""
-        nonlocal trained_tokens, window
-        mx.eval([p[1:] for p in pending])
-        seconds, rows = (time.perf_counter() - window) / len(pending), []
-        for step, losses, n_trained, grad_norm, ok, lr, n_real in pending:
-            (loss, ce, mse), grad_norm = losses.tolist(), grad_norm.item()
-            if not ok.item():  # the update was not applied (nor any after it): the weights are step - 1's
-                saved = out and (out / CHECKPOINT).is_file()  # every checkpoint was finite: none after this
-                advice = (f"the last good checkpoint is {out / CHECKPOINT}; start a new run from it with a lower "
-                          f"--lr (--init {out / CHECKPOINT} --out NEW)" if saved else "nothing was saved; run "
-                          "again with a lower --lr")
-                raise TrainingStopped(f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; {advice}",
-                                      1)
-            trained_tokens += n_trained.item()
-            rows.append({"step": step, "loss": loss, "ce": ce, "mse": mse, "lr": lr.item(), "grad_norm": grad_norm,
-                         "seconds": seconds, "it_per_s": 1 / seconds, "tokens_per_s": n_real / seconds,
-                         "trained_tokens": trained_tokens, "peak_gb": mx.get_peak_memory() / 1e9})
-        pending.clear()
-        window = time.perf_counter()
-        return rows
-
-    with contextlib.nullcontext(stop) if stop else stop_on_signals() as stop, bar:
+    with tqdm(total=cfg.steps, initial=first - 1, disable=not sys.stderr.isatty(), unit="step", leave=False) as bar:
         for step in range(first, cfg.steps + 1):
             mx.random.seed(cfg.seed * 1_000_003 + step)  # LoRA dropout's masks: a pure function of the step
             model.train()
-            summed, n_real = None, 0
-            for batch, n_tokens in step_batches(examples, cfg, step, pad_id):  # built while the last step runs
-                parts = micro(batch)
-                summed, n_real = parts if summed is None else tree_map(mx.add, summed, parts), n_real + n_tokens
-                mx.async_eval(summed)
-            losses, grad_norm, healthy, lr = apply(summed, healthy)
-            mx.async_eval(losses, grad_norm, healthy, model.trainable_parameters(), optimizer.state)
-            pending.append((step, losses, summed["n_trained"], grad_norm, healthy, lr, n_real))
+            pending.append({"step": step, **update(step_batches(examples, cfg, step, pad_id), healthy)})
+            healthy, signum = pending[-1]["healthy"], stop(step)
             bar.update(1)
-            signum = stop(step)
-            due_val = val_examples and (step == 1 or step % cfg.eval_every == 0 or step == cfg.steps)
-            due_save = out and (step % cfg.save_every == 0 or step == cfg.steps or signum)
-            if step % cfg.log_every == 0 or step == cfg.steps or due_val or due_save:
-                history += read_back()  # the only place the loop waits for the device
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            report = is_due(step, cfg.log_every, cfg)
+            validate = bool(val_examples) and (step == 1 or is_due(step, cfg.eval_every, cfg))
+            save = bool(out) and (is_due(step, cfg.save_every, cfg) or bool(signum))
+            if report or validate or save:  # the only place the loop waits for the device
+                history += read_back(pending, since, trained_tokens, out)
+                trained_tokens, pending, since = history[-1]["trained_tokens"], [], time.perf_counter()
+            if report:
                 bar.write(report_line(history[-1], cfg), file=sys.stdout)
                 metrics.write({"kind": "train", **history[-1]})
-            if due_val:
+            if validate:
                 val = validation_loss(model, val_examples, cfg, pad_id)
                 bar.write(f"step {step}/{cfg.steps} | val_loss {val:.4f}", file=sys.stdout)
                 metrics.write({"kind": "val", "step": step, "val_loss": val})
                 if out and val < best_val:
                     best_val = val
                     save_checkpoint(out / BEST, model, optimizer, cfg, step, best_val, trained_tokens, data)
-            if due_save:
+            if save:
                 save_checkpoint(out / CHECKPOINT, model, optimizer, cfg, step, best_val, trained_tokens, data)
                 save_outputs(model, cfg, out, {"step": step, "loss": history[-1]["loss"]})
             if signum:
@@ -1061,7 +1077,7 @@ def report_prompt_cuts(cfg, examples):
 
 
 def run_stage(cfg, command, model, tokenizer, examples, val_examples, checkpoint):
-    """Shared by the training commands: report what truncation cut, train (checkpointing into --out), plot.
+    """Shared by the training commands: report what truncation cut, train (checkpointing into --out).
     checkpoint: (arrays, metadata) of the run that --resume continues, or None."""
     if checkpoint:
         check_same_data(checkpoint, examples, command)  # before anything else is said or written
@@ -1073,10 +1089,9 @@ def run_stage(cfg, command, model, tokenizer, examples, val_examples, checkpoint
     if cut_targets:
         warn(f"{cut_targets} target(s) alone exceed --max-len {cfg.max_len}: their prompt is dropped")
     print(f"{len(examples)} training example(s), {len(val_examples)} for validation", flush=True)
-    history = train(model, examples, cfg, tokenizer.pad_token_id, cfg.out, val_examples, checkpoint, command=command)
+    with stop_on_signals() as stop:  # SIGINT / SIGTERM finish the step and checkpoint it
+        history = train(model, examples, cfg, tokenizer.pad_token_id, cfg.out, val_examples, checkpoint, stop, command)
     print(f"saved adapters, memory embeddings, checkpoint and config to {cfg.out}/")
-    if cfg.plot:
-        plot_losses(cfg.out)
     return history
 
 
@@ -1894,9 +1909,9 @@ def parse_args(argv):
 
 SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys",
                  "memory_scale")
-RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "plot", "resume")  # --resume may change these
+RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "resume")  # --resume may change these
 RUN_OUTPUTS = (CHECKPOINT, BEST, "clara.safetensors", "adapters.safetensors", "adapter_config.json", "config.json",
-               "metrics.jsonl", "eval.json", "eval.md", "loss.png")  # what a training run writes into --out
+               "metrics.jsonl", "eval.json", "eval.md")  # what a training run writes into --out
 
 
 def resolve_config(args):
@@ -2093,28 +2108,6 @@ class MetricsLog:
             raise WriteFailed(f"{self.path}: could not be written ({e.strerror or e})") from None
         finally:
             os.close(fd)
-
-
-def plot_losses(out):
-    """out/loss.png from metrics.jsonl, when matplotlib is installed; never fails the run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: --plot needs matplotlib (pip install matplotlib); no loss.png written")
-        return
-    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    for kind, key in (("train", "loss"), ("val", "val_loss")):
-        points = [(r["step"], r[key]) for r in rows if r["kind"] == kind]
-        if points:
-            plt.plot(*zip(*points), label=key, marker="o" if kind == "val" else None)
-    plt.xlabel("step")
-    plt.ylabel("loss")
-    plt.legend()
-    plt.savefig(Path(out) / "loss.png", dpi=120)
-    print(f"wrote {Path(out) / 'loss.png'}")
 
 
 # -----------------------------------------------------------------------------
