@@ -1,5 +1,7 @@
-"""Properties of clara.py: truncation, masking, guarded divisions, LoRA, padding, the memory path, training,
-the default model and the command line. Tiny models are built inline; the default model is the real one."""
+"""Properties of clara.py, in the module's order: truncation, LoRA, the memory path and padding, masking and
+guarded divisions, stage 3, training and exact resume, the default model and the command line; then the
+plumbing: model families, input reading, reliability, and the evidence experiment. Tiny models are built
+inline; the default model is the real one."""
 
 import json
 import os
@@ -92,61 +94,6 @@ def test_build_example_truncates_the_prompt_from_the_start_and_counts_cut_target
     assert example["n_prompt"] == 24 - len(target) and not example["target_cut"]
     overlong = clara.build_example(tokenizer, cfg, ["doc"], clara.USER_ANSWER, "word " * 100, question="Q")
     assert overlong["target_cut"] and overlong["n_prompt"] == 0 and len(overlong["ids"]) == 24
-
-
-# -----------------------------------------------------------------------------
-# masking and guarded divisions
-
-
-@FAST
-@given(st.integers(1, 3), st.integers(1, 7), st.integers(2, 6), st.data())
-def test_masked_cross_entropy_is_the_mean_over_unmasked_tokens(batch, length, vocab, data):
-    logits = np.array(data.draw(st.lists(st.floats(-5, 5), min_size=batch * length * vocab,
-                                         max_size=batch * length * vocab)), dtype=np.float32)
-    logits = logits.reshape(batch, length, vocab)
-    labels = np.array(data.draw(st.lists(st.sampled_from([clara.IGNORE] + list(range(vocab))),
-                                         min_size=batch * length, max_size=batch * length))).reshape(batch, length)
-    loss, n_tokens = clara.masked_cross_entropy(mx.array(logits), mx.array(labels))
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    picked = [-log_probs[b, t, labels[b, t]]
-              for b in range(batch) for t in range(length) if labels[b, t] != clara.IGNORE]
-    expected = float(np.mean(picked)) if picked else 0.0
-    assert n_tokens.item() == len(picked)
-    assert np.isfinite(loss.item()) and abs(loss.item() - expected) < 1e-4
-
-
-@FAST
-@given(st.integers(0, 2**31 - 1))
-def test_masked_positions_contribute_nothing(seed):
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(2, 6, 5)).astype(np.float32)
-    labels = rng.integers(0, 5, size=(2, 6))
-    labels[rng.random((2, 6)) < 0.5] = clara.IGNORE
-    changed = logits.copy()
-    changed[labels == clara.IGNORE] = rng.normal(size=(int((labels == clara.IGNORE).sum()), 5)) * 100
-    a, _ = clara.masked_cross_entropy(mx.array(logits), mx.array(labels))
-    b, _ = clara.masked_cross_entropy(mx.array(changed), mx.array(labels))
-    assert a.item() == b.item()
-
-
-def test_all_masked_cross_entropy_is_zero_not_nan():
-    loss, n_tokens = clara.masked_cross_entropy(mx.ones((2, 3, 4)), mx.full((2, 3), clara.IGNORE))
-    assert loss.item() == 0.0 and n_tokens.item() == 0
-
-
-@FAST
-@given(st.integers(0, 3), st.integers(0, 3), st.integers(0, 5), st.integers(0, 2**31 - 1))
-def test_alignment_mse_is_finite_and_zero_when_a_side_is_empty(n_docs, n_mem, doc_len, seed):
-    rng = np.random.default_rng(seed)
-    memory = rng.normal(size=(n_docs, n_mem, 4)).astype(np.float32)
-    states = rng.normal(size=(n_docs, doc_len, 4)).astype(np.float32)
-    mask = rng.random((n_docs, doc_len)) < 0.6
-    mse = clara.alignment_mse(mx.array(memory), mx.array(states), mx.array(mask)).item()
-    rows = [((memory[d].mean(0) - states[d][mask[d]].mean(0)) ** 2).mean()
-            for d in range(n_docs) if n_mem > 0 and mask[d].any()]
-    assert np.isfinite(mse)
-    assert abs(mse - (float(np.mean(rows)) if rows else 0.0)) < 1e-5
 
 
 # -----------------------------------------------------------------------------
@@ -288,6 +235,61 @@ def test_padding_lengths_to_a_multiple_changes_no_loss(tokenizer):
     assert padded["label_positions"].size % 64 == 0 and padded["label_positions"].size > plain["label_positions"].size
     for a, b in zip(clara.clara_loss(model, plain, cfg), clara.clara_loss(model, padded, cfg)):
         assert abs(a.item() - b.item()) < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# masking and guarded divisions
+
+
+@FAST
+@given(st.integers(1, 3), st.integers(1, 7), st.integers(2, 6), st.data())
+def test_masked_cross_entropy_is_the_mean_over_unmasked_tokens(batch, length, vocab, data):
+    logits = np.array(data.draw(st.lists(st.floats(-5, 5), min_size=batch * length * vocab,
+                                         max_size=batch * length * vocab)), dtype=np.float32)
+    logits = logits.reshape(batch, length, vocab)
+    labels = np.array(data.draw(st.lists(st.sampled_from([clara.IGNORE] + list(range(vocab))),
+                                         min_size=batch * length, max_size=batch * length))).reshape(batch, length)
+    loss, n_tokens = clara.masked_cross_entropy(mx.array(logits), mx.array(labels))
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    picked = [-log_probs[b, t, labels[b, t]]
+              for b in range(batch) for t in range(length) if labels[b, t] != clara.IGNORE]
+    expected = float(np.mean(picked)) if picked else 0.0
+    assert n_tokens.item() == len(picked)
+    assert np.isfinite(loss.item()) and abs(loss.item() - expected) < 1e-4
+
+
+@FAST
+@given(st.integers(0, 2**31 - 1))
+def test_masked_positions_contribute_nothing(seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(2, 6, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, size=(2, 6))
+    labels[rng.random((2, 6)) < 0.5] = clara.IGNORE
+    changed = logits.copy()
+    changed[labels == clara.IGNORE] = rng.normal(size=(int((labels == clara.IGNORE).sum()), 5)) * 100
+    a, _ = clara.masked_cross_entropy(mx.array(logits), mx.array(labels))
+    b, _ = clara.masked_cross_entropy(mx.array(changed), mx.array(labels))
+    assert a.item() == b.item()
+
+
+def test_all_masked_cross_entropy_is_zero_not_nan():
+    loss, n_tokens = clara.masked_cross_entropy(mx.ones((2, 3, 4)), mx.full((2, 3), clara.IGNORE))
+    assert loss.item() == 0.0 and n_tokens.item() == 0
+
+
+@FAST
+@given(st.integers(0, 3), st.integers(0, 3), st.integers(0, 5), st.integers(0, 2**31 - 1))
+def test_alignment_mse_is_finite_and_zero_when_a_side_is_empty(n_docs, n_mem, doc_len, seed):
+    rng = np.random.default_rng(seed)
+    memory = rng.normal(size=(n_docs, n_mem, 4)).astype(np.float32)
+    states = rng.normal(size=(n_docs, doc_len, 4)).astype(np.float32)
+    mask = rng.random((n_docs, doc_len)) < 0.6
+    mse = clara.alignment_mse(mx.array(memory), mx.array(states), mx.array(mask)).item()
+    rows = [((memory[d].mean(0) - states[d][mask[d]].mean(0)) ** 2).mean()
+            for d in range(n_docs) if n_mem > 0 and mask[d].any()]
+    assert np.isfinite(mse)
+    assert abs(mse - (float(np.mean(rows)) if rows else 0.0)) < 1e-5
 
 
 # -----------------------------------------------------------------------------
@@ -613,77 +615,6 @@ def test_answer_metrics_are_apples_em_f1_and_cover_em(prediction, gold, em, f1, 
 
 
 # -----------------------------------------------------------------------------
-# data: PDF text and JSONL records
-
-
-def test_pdf_extraction_joins_hyphenated_words_and_chunks_fit_the_document_length(tokenizer):
-    pages = clara.extract_pdf_pages(ROOT / "data" / "sample.pdf")
-    text = " ".join(t for _, t in pages)
-    assert len(pages) == 4 and "particular" in text and "part-" not in text and "  " not in text
-    count = lambda s: len(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
-    chunks = clara.chunk_pages(pages, count, 64)
-    assert all(count(c["text"]) <= 64 + 2 for c in chunks)  # sentence-packed; BPE merges may shift a token
-    assert " ".join(c["text"] for c in chunks).split() == text.split()  # nothing lost, nothing reordered
-    assert chunks[0]["pages"] == [1] and chunks[-1]["pages"] == [4]
-
-
-def test_sft_records_accept_claras_field_variants():
-    where = "f.jsonl:1"
-    variants = [{"question": "q", "context": ["d"], "answer": "a"},
-                {"question": "q", "content": "d", "answers": ["a", "b"]},
-                {"question": "q", "docs": ["d"], "golden_answers": ["a"]}]
-    for obj in variants:
-        assert clara.parse_sft_record(obj, where) == {"question": "q", "docs": ["d"], "answer": "a", "gold": "a"}
-    for bad in [{"docs": ["d"], "answer": "a"}, {"question": "q", "docs": [1], "answer": "a"},
-                {"question": "q", "docs": ["d"], "answer": ""}]:
-        with pytest.raises(clara.InputError, match="f.jsonl:1: "):
-            clara.parse_sft_record(bad, where)
-
-
-@pytest.mark.parametrize("fields, target, gold", [
-    ({"answer": "long answer", "gold_answer": "gold"}, "long answer", "gold"),  # Apple's stage 2: both
-    ({"gold_answer": "gold", "answer": "long answer"}, "long answer", "gold"),  # field order does not matter
-    ({"answer": "only"}, "only", "only"),  # no gold: scored against the target
-    ({"gold_answer": "only"}, "only", "only"),  # no target: trained on the gold
-    ({"golden_answers": ["g1", "g2"], "answer": "t"}, "t", "g1"),  # Apple scores golden_answers[0]
-])
-def test_training_reads_the_answer_field_and_scoring_the_gold_field(fields, target, gold):
-    record = clara.parse_sft_record({"question": "q", "docs": ["d"], **fields}, "f.jsonl:1")
-    assert (record["answer"], record["gold"]) == (target, gold)
-
-
-def test_stage1_qa_records_target_the_question_answer_pairs():
-    record = clara.parse_compress_record({"question": ["Q1", "Q2"], "answers": ["A1", "A2"], "docs": ["D"]}, "x")
-    assert record == {"kind": "qa", "doc": "D", "target": "Question: Q1\nAnswer: A1\nQuestion: Q2\nAnswer: A2"}
-    assert clara.parse_compress_record({"data_type": "qa", "question": ["Q1"], "answers": ["A1"], "docs": ["D"]},
-                                       "x") == {"kind": "qa", "doc": "D", "target": "Question: Q1\nAnswer: A1"}
-    assert clara.parse_compress_record({"data_type": "paraphrase", "docs": ["D"], "answers": ["P"]}, "x") == \
-        {"kind": "paraphrase", "doc": "D", "target": "P"}
-    assert clara.parse_compress_record({"text": "T"}, "x") == {"kind": "reconstruct", "doc": "T", "target": "T"}
-    for bad, message in [({"data_type": "summary", "docs": ["D"]}, "'data_type' must be"),
-                         ({"data_type": "qa", "question": ["Q"], "answers": ["A"], "docs": ["D", "E"]}, "one document"),
-                         ({"data_type": "paraphrase", "docs": ["D"]}, "missing field 'answers'")]:
-        with pytest.raises(clara.InputError, match=message):
-            clara.parse_compress_record(bad, "x")
-
-
-def test_stage1_prompts_are_apples_and_paraphrase_requests_are_seeded(tokenizer):
-    cfg = tiny_config(doc_max_len=64, max_len=400)
-    records = [{"kind": "qa", "doc": "D", "target": "Question: q\nAnswer: a"}] + \
-        [{"kind": "paraphrase", "doc": "Doc.", "target": "P"} for i in range(12)]
-    examples = clara.compress_examples(tokenizer, cfg, records)
-    prompts = [tokenizer.decode(ex["ids"][: ex["n_prompt"]]) for ex in examples]
-    assert clara.SYSTEM_QA in prompts[0] and "generate some single questions" in prompts[0]
-    assert all(clara.SYSTEM_PARAPHRASE in p for p in prompts[1:])
-    assert len(set(prompts[1:])) > 3  # the same document, but the request varies from record to record
-    again = clara.compress_examples(tokenizer, cfg, records)
-    assert [ex["ids"] for ex in again] == [ex["ids"] for ex in examples]  # and the same seed draws the same ones
-    other = clara.compress_examples(tokenizer, replace(cfg, seed=1), records)
-    assert [ex["ids"] for ex in other] != [ex["ids"] for ex in examples]
-    assert len(clara.PARAPHRASE_INSTRUCTIONS) == 13 and all("{docs}" in t for t in clara.PARAPHRASE_INSTRUCTIONS)
-
-
-# -----------------------------------------------------------------------------
 # the default model and the command line
 
 
@@ -741,6 +672,11 @@ def test_saved_generator_adapter_loads_with_mlx_lm_load(tmp_path, tokenizer, lor
     clara.set_role(model, "generator")
     assert not mx.allclose(plain(ids), clara.load_model(cfg.model)[0](ids), atol=1e-4)  # the adapter matters
     assert mx.allclose(plain(ids), model.llm(ids), atol=1e-5)
+
+
+# =============================================================================
+# the plumbing, in clara.py's order: model families, input reading, reliability, then the experiment script
+# =============================================================================
 
 
 # -----------------------------------------------------------------------------
@@ -940,6 +876,77 @@ def test_cli_ask_answers_from_the_documents_it_is_given(cli_runs, tmp_path):
                   "What weight?")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1].strip()  # an answer line
+
+
+# -----------------------------------------------------------------------------
+# data: PDF text and JSONL records
+
+
+def test_pdf_extraction_joins_hyphenated_words_and_chunks_fit_the_document_length(tokenizer):
+    pages = clara.extract_pdf_pages(ROOT / "data" / "sample.pdf")
+    text = " ".join(t for _, t in pages)
+    assert len(pages) == 4 and "particular" in text and "part-" not in text and "  " not in text
+    count = lambda s: len(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
+    chunks = clara.chunk_pages(pages, count, 64)
+    assert all(count(c["text"]) <= 64 + 2 for c in chunks)  # sentence-packed; BPE merges may shift a token
+    assert " ".join(c["text"] for c in chunks).split() == text.split()  # nothing lost, nothing reordered
+    assert chunks[0]["pages"] == [1] and chunks[-1]["pages"] == [4]
+
+
+def test_sft_records_accept_claras_field_variants():
+    where = "f.jsonl:1"
+    variants = [{"question": "q", "context": ["d"], "answer": "a"},
+                {"question": "q", "content": "d", "answers": ["a", "b"]},
+                {"question": "q", "docs": ["d"], "golden_answers": ["a"]}]
+    for obj in variants:
+        assert clara.parse_sft_record(obj, where) == {"question": "q", "docs": ["d"], "answer": "a", "gold": "a"}
+    for bad in [{"docs": ["d"], "answer": "a"}, {"question": "q", "docs": [1], "answer": "a"},
+                {"question": "q", "docs": ["d"], "answer": ""}]:
+        with pytest.raises(clara.InputError, match="f.jsonl:1: "):
+            clara.parse_sft_record(bad, where)
+
+
+@pytest.mark.parametrize("fields, target, gold", [
+    ({"answer": "long answer", "gold_answer": "gold"}, "long answer", "gold"),  # Apple's stage 2: both
+    ({"gold_answer": "gold", "answer": "long answer"}, "long answer", "gold"),  # field order does not matter
+    ({"answer": "only"}, "only", "only"),  # no gold: scored against the target
+    ({"gold_answer": "only"}, "only", "only"),  # no target: trained on the gold
+    ({"golden_answers": ["g1", "g2"], "answer": "t"}, "t", "g1"),  # Apple scores golden_answers[0]
+])
+def test_training_reads_the_answer_field_and_scoring_the_gold_field(fields, target, gold):
+    record = clara.parse_sft_record({"question": "q", "docs": ["d"], **fields}, "f.jsonl:1")
+    assert (record["answer"], record["gold"]) == (target, gold)
+
+
+def test_stage1_qa_records_target_the_question_answer_pairs():
+    record = clara.parse_compress_record({"question": ["Q1", "Q2"], "answers": ["A1", "A2"], "docs": ["D"]}, "x")
+    assert record == {"kind": "qa", "doc": "D", "target": "Question: Q1\nAnswer: A1\nQuestion: Q2\nAnswer: A2"}
+    assert clara.parse_compress_record({"data_type": "qa", "question": ["Q1"], "answers": ["A1"], "docs": ["D"]},
+                                       "x") == {"kind": "qa", "doc": "D", "target": "Question: Q1\nAnswer: A1"}
+    assert clara.parse_compress_record({"data_type": "paraphrase", "docs": ["D"], "answers": ["P"]}, "x") == \
+        {"kind": "paraphrase", "doc": "D", "target": "P"}
+    assert clara.parse_compress_record({"text": "T"}, "x") == {"kind": "reconstruct", "doc": "T", "target": "T"}
+    for bad, message in [({"data_type": "summary", "docs": ["D"]}, "'data_type' must be"),
+                         ({"data_type": "qa", "question": ["Q"], "answers": ["A"], "docs": ["D", "E"]}, "one document"),
+                         ({"data_type": "paraphrase", "docs": ["D"]}, "missing field 'answers'")]:
+        with pytest.raises(clara.InputError, match=message):
+            clara.parse_compress_record(bad, "x")
+
+
+def test_stage1_prompts_are_apples_and_paraphrase_requests_are_seeded(tokenizer):
+    cfg = tiny_config(doc_max_len=64, max_len=400)
+    records = [{"kind": "qa", "doc": "D", "target": "Question: q\nAnswer: a"}] + \
+        [{"kind": "paraphrase", "doc": "Doc.", "target": "P"} for i in range(12)]
+    examples = clara.compress_examples(tokenizer, cfg, records)
+    prompts = [tokenizer.decode(ex["ids"][: ex["n_prompt"]]) for ex in examples]
+    assert clara.SYSTEM_QA in prompts[0] and "generate some single questions" in prompts[0]
+    assert all(clara.SYSTEM_PARAPHRASE in p for p in prompts[1:])
+    assert len(set(prompts[1:])) > 3  # the same document, but the request varies from record to record
+    again = clara.compress_examples(tokenizer, cfg, records)
+    assert [ex["ids"] for ex in again] == [ex["ids"] for ex in examples]  # and the same seed draws the same ones
+    other = clara.compress_examples(tokenizer, replace(cfg, seed=1), records)
+    assert [ex["ids"] for ex in other] != [ex["ids"] for ex in examples]
+    assert len(clara.PARAPHRASE_INSTRUCTIONS) == 13 and all("{docs}" in t for t in clara.PARAPHRASE_INSTRUCTIONS)
 
 
 # -----------------------------------------------------------------------------
