@@ -459,6 +459,8 @@ class CLaRa(nn.Module):
         # norm ~57 against ~2.7 for token embeddings, and spliced raw they taught the generator nothing (README)
         self.spliced_norm = mx.linalg.norm(sample.astype(mx.float32), axis=-1).mean().item() \
             if cfg.memory_scale == "embedding" else 0.0
+        # what the text model multiplies its input embeddings by (Gemma: sqrt(H)); Apple's splice divides it out
+        self.embedding_multiplier = embedding_multiplier(llm)
         train_only(self, ("compressor", "generator"), memory=True)
 
 
@@ -524,7 +526,7 @@ def generator_embeddings(model, ids, slot_index, memory_states=None):
     if model.spliced_norm:  # final states are ~20x the norm of token embeddings (SmolLM2: 57 vs 2.7)
         vectors = vectors * (model.spliced_norm / mx.maximum(mx.linalg.norm(vectors, axis=-1, keepdims=True), 1e-6))
     else:  # Apple's splice: the first block sees the final states as they are, also where the text model
-        vectors = vectors / embedding_multiplier(model.llm)  # multiplies its input embeddings (Gemma)
+        vectors = vectors / model.embedding_multiplier  # multiplies its input embeddings (Gemma)
     return splice_slots(embeddings, slot_index, vectors)
 
 
@@ -771,12 +773,12 @@ def make_update(model, optimizer, cfg):
     return update
 
 
-def resume_from(checkpoint, model, optimizer, examples, command):
+def resume_from(checkpoint, model, optimizer, examples, command, fingerprint):
     """Where a run starts: (first step, best validation loss, trained tokens); a resumed run's checkpoint is
     checked against the data and command, and its adapters, memory and optimizer state restored."""
     if not checkpoint:
         return 1, math.inf, 0
-    check_same_data(checkpoint, examples, command)
+    check_same_data(checkpoint, examples, command, fingerprint)
     restore_checkpoint(checkpoint[0], model, optimizer)
     metadata = checkpoint[1]
     return int(metadata["step"]) + 1, float(metadata["best_val_loss"]), int(metadata["trained_tokens"])
@@ -821,9 +823,10 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
 
     # Apple's optimiser: AdamW with betas (0.9, 0.95) and no weight decay
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), betas=[0.9, 0.95], weight_decay=0.0)
-    first, best_val, trained_tokens = resume_from(checkpoint, model, optimizer, examples, command)
-    update = make_update(model, optimizer, cfg)  # after the restore: compiling captures the state
     data = {"command": command, "n_examples": str(len(examples)), "data_fingerprint": examples_fingerprint(examples)}
+    first, best_val, trained_tokens = resume_from(checkpoint, model, optimizer, examples, command,
+                                                  data["data_fingerprint"])
+    update = make_update(model, optimizer, cfg)  # after the restore: compiling captures the state
     metrics, out, stop = MetricsLog(out, keep_until=first - 1), out and Path(out), stop or (lambda step: None)
     history, pending, healthy, since = [], [], mx.array(True), time.perf_counter()
     mx.reset_peak_memory()
@@ -1513,7 +1516,7 @@ def load_model(name, base="auto"):
                              f"{one_line(e)[:100]})") from None
         tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
     family = text_model(llm).model_type
-    check_family(name, family, [llm.__call__, getattr(text_model(llm), "model", None).__call__])
+    check_family(name, family, [llm.__call__, getattr(getattr(text_model(llm), "model", None), "__call__", None)])
     if family not in TESTED_FAMILIES:
         warn(f"--model {name}: the {family} family takes input embeddings but is not among the tested ones "
              f"({', '.join(TESTED_FAMILIES)}): check that answers from memory make sense")
@@ -2018,13 +2021,14 @@ def examples_fingerprint(examples):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def check_same_data(checkpoint, examples, command):
-    """Refuse, before anything is written, to resume a checkpoint of another command or of other data."""
+def check_same_data(checkpoint, examples, command, fingerprint=None):
+    """Refuse, before anything is written, to resume a checkpoint of another command or of other data.
+    fingerprint: examples_fingerprint(examples), when the caller has it already."""
     metadata = checkpoint[1]
     if metadata.get("command", command) != command:
         raise InputError(f"--resume: that checkpoint was written by `{metadata['command']}`, not `{command}`; "
                          "resume it with the command that wrote it")
-    fingerprint = examples_fingerprint(examples)
+    fingerprint = fingerprint or examples_fingerprint(examples)
     if metadata.get("data_fingerprint", fingerprint) != fingerprint or int(metadata["n_examples"]) != len(examples):
         raise InputError(f"--resume: the checkpoint was trained on other data ({metadata['n_examples']} examples, "
                          f"this data has {len(examples)}, or the same count with other contents); resume with the "

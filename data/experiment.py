@@ -136,13 +136,13 @@ def main(argv=None):
             rows.append(row(name, after[context], [out / "x16-stage1", stage2, stage3], seconds / 60))
         rows[-2]["recall"] = after["retrieval"]
         rows[-2]["recall_before_stage3"] = before["retrieval"]
-    code = out / "code-task"
-    seconds = train("sft", code, "--data", data / "code_task.jsonl", "--steps", s2, *common) \
-        if "code" in args.only else 0
-    for context in ("compressed", "none") if "code" in args.only else ():
-        result = score(code, data / "code_task.jsonl", ["compressed", "none"], args)[context]
-        rows.append(row(f"code task: {'memory' if context == 'compressed' else 'no documents'}", result, [code],
-                        seconds / 60))
+    if "code" in args.only:
+        code = out / "code-task"
+        seconds = train("sft", code, "--data", data / "code_task.jsonl", "--steps", s2, *common)
+        for context in ("compressed", "none"):
+            result = score(code, data / "code_task.jsonl", ["compressed", "none"], args)[context]
+            rows.append(row(f"code task: {'memory' if context == 'compressed' else 'no documents'}", result,
+                            [code], seconds / 60))
     write_table(out, rows, args)
 
 
