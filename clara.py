@@ -120,7 +120,7 @@ class Config:
     context: str = "compressed"  # sft: "compressed" memory slots, or the baselines "text" (no compression) and "none"
     base: str = "auto"  # frozen base weights: auto (CPU: float32, GPU: as stored), float32, bfloat16, or stored
     pad_to: int = 0  # pad training batches' lengths to a multiple of this (0: auto, 64 on a GPU: fewer compiles)
-    compile: bool = False  # mx.compile the step; it is traced again for every new batch shape (pays off on a GPU)
+    compile: str = "auto"  # mx.compile the step: "auto" (on a GPU, until the data shows a 5th batch shape), "on", "off"
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more time
     out: str = ""  # output folder (default: runs/<command>)
     init: str = ""  # start from the adapters and memory of an earlier run (its --out folder or a checkpoint)
@@ -140,6 +140,10 @@ class Config:
     @property
     def n_mem(self):
         return self.doc_max_len // self.compression_rate
+
+
+def on_gpu():
+    return mx.default_device() != mx.cpu
 
 
 # -----------------------------------------------------------------------------
@@ -297,20 +301,32 @@ def round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
-def memory_rows(rows, n_mem, pad_id, multiple=1):
+def length_bucket(n, multiple, longest=0):
+    """n rounded up to a length bucket: a multiple of `multiple` and of an eighth of the power of two at or below
+    n, but never past `longest` (the longest row the config allows, rounded up to the multiple). Padding stays
+    under 25% above 8 multiples, and lengths up to 4096 fall into 20 buckets at multiple 64 (not 64 buckets): on
+    a GPU every new shape costs a trace and kernel compilations. Multiple 1 keeps n as it is."""
+    if multiple <= 1:
+        return n
+    bucket = round_up(n, max(multiple, 2 ** (n.bit_length() - 3)))
+    return max(n, min(bucket, round_up(longest, multiple))) if longest else bucket
+
+
+def memory_rows(rows, n_mem, pad_id, multiple=1, longest=0):
     """[token ids] -> ids (R, L + n_mem) with room for the memory after each row, and lens (R,). The width is
-    rounded up to `multiple`: on a GPU every new shape costs a kernel compilation."""
-    width = round_up(max((len(r) for r in rows), default=0) + n_mem, multiple)
+    rounded up to a length bucket of `multiple`."""
+    width = length_bucket(max((len(r) for r in rows), default=0) + n_mem, multiple, longest)
     return (mx.array([r + [pad_id] * (width - len(r)) for r in rows], dtype=mx.int32).reshape(len(rows), width),
             mx.array([len(r) for r in rows], dtype=mx.int32))
 
 
-def make_batch(examples, n_mem, pad_id, multiple=1):
-    """Right-pad a list of examples into arrays, lengths rounded up to `multiple`. Right padding under a causal
-    mask leaves every real token's result unchanged, so padded and unpadded runs agree (test_clara.py proves it)."""
+def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
+    """Right-pad a list of examples into arrays, lengths rounded up to a length bucket of `multiple`. Right padding
+    under a causal mask leaves every real token's result unchanged, so padded and unpadded runs agree (tested).
+    longest: the longest compressor row and generator row the config allows; no bucket goes past them."""
     docs = [d for ex in examples for d in ex["doc_ids"]]
-    doc_ids, doc_lens = memory_rows(docs, n_mem, pad_id, multiple)
-    length = round_up(max(len(ex["ids"]) for ex in examples), multiple)
+    doc_ids, doc_lens = memory_rows(docs, n_mem, pad_id, multiple, longest[0])
+    length = length_bucket(max(len(ex["ids"]) for ex in examples), multiple, longest[1])
     ids, slot_index, labels, offset = [], [], [], 0
     for ex in examples:
         pad = length - len(ex["ids"])
@@ -323,7 +339,7 @@ def make_batch(examples, n_mem, pad_id, multiple=1):
         offset += ex["n_slot_docs"] * n_mem
     positions = [b * length + t for b, row in enumerate(labels) for t, label in enumerate(row) if label != IGNORE]
     # padded with the last position, whose label is always IGNORE (it has no next token): adds nothing to the loss
-    positions += [len(examples) * length - 1] * (round_up(len(positions), multiple) - len(positions))
+    positions += [len(examples) * length - 1] * (length_bucket(len(positions), multiple) - len(positions))
     batch = {"doc_ids": doc_ids,  # (D, L + n_mem)
              "doc_lens": doc_lens,  # (D,)
              "ids": mx.array(ids, dtype=mx.int32),  # (B, T)
@@ -334,7 +350,7 @@ def make_batch(examples, n_mem, pad_id, multiple=1):
     if "query_ids" in examples[0]:  # stage 3: questions for the query reasoner, candidates from the bank
         n_candidates = max(len(ex["candidates"]) for ex in examples)
         batch["query_ids"], batch["query_lens"] = memory_rows([ex["query_ids"] for ex in examples], n_mem, pad_id,
-                                                              multiple)
+                                                              multiple, longest[0])
         candidates = mx.array([ex["candidates"] + [0] * (n_candidates - len(ex["candidates"])) for ex in examples])
         batch["candidate_memory"] = examples[0]["bank"][candidates]  # (B, N, n_mem, H)
         batch["candidate_mask"] = mx.array([[i < len(ex["candidates"]) for i in range(n_candidates)]
@@ -693,16 +709,17 @@ def split_validation(items, fraction, seed):
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def pad_multiple(cfg):
-    """A GPU compiles kernels for every new shape, so its batches come in a few lengths; the CPU needs none."""
-    return cfg.pad_to or (1 if mx.default_device() == mx.cpu else 64)
+def training_batch(examples, cfg, pad_id):
+    """make_batch for training and validation. A GPU compiles kernels for every new shape, so there lengths come
+    in a few buckets (of --pad-to, 64 by default); the CPU needs none."""
+    multiple = cfg.pad_to or (64 if on_gpu() else 1)
+    return make_batch(examples, cfg.n_mem, pad_id, multiple, (cfg.doc_max_len + cfg.n_mem, cfg.max_len))
 
 
 def validation_loss(model, examples, cfg, pad_id):
     """Mean total loss over the validation examples, --batch-size at a time, without gradients or dropout."""
     model.eval()
-    losses = [clara_loss(model, make_batch(examples[i: i + cfg.batch_size], cfg.n_mem, pad_id, pad_multiple(cfg)),
-                         cfg)[0]
+    losses = [clara_loss(model, training_batch(examples[i: i + cfg.batch_size], cfg, pad_id), cfg)[0]
               for i in range(0, len(examples), cfg.batch_size)]
     return sum(loss.item() for loss in losses) / len(losses)
 
@@ -717,58 +734,79 @@ def report_line(row, cfg):
 
 
 def step_batches(examples, cfg, step, pad_id):
-    """The cfg.grad_accum batches of update `step`: ((arrays for the step, real tokens), ...)."""
+    """The cfg.grad_accum batches of update `step`: [(arrays for the step, real tokens), ...]."""
+    batches = []
     for micro in range(cfg.grad_accum):
         position = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size
-        batch = make_batch([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, position)],
-                           cfg.n_mem, pad_id, pad_multiple(cfg))
-        yield {k: v for k, v in batch.items() if k != "n_tokens"}, batch["n_tokens"]
+        batch = training_batch([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, position)],
+                               cfg, pad_id)
+        batches.append(({k: v for k, v in batch.items() if k != "n_tokens"}, batch["n_tokens"]))
+    return batches
+
+
+# --compile auto: a compiled step is traced, and on a GPU its kernels compiled, once per batch shape. On data of
+# fixed shapes that pays many times over; on data whose lengths vary record to record it never does (measured on
+# an H200: README, Performance), so once the data has shown more shapes than this the run goes on eagerly.
+AUTO_COMPILE_SHAPES = 4
 
 
 def make_update(model, optimizer, cfg):
-    """One optimizer update in two functions that read nothing back to the host (both compiled with
-    --compile, the model, optimizer and random state as explicit state):
-      micro(batch) -> {"grads", "losses": [loss, ce, mse], "n_trained"} of one batch, summed by the caller;
-      apply(summed, healthy) -> (mean losses, gradient norm, healthy, lr): the mean gradient, clipped, and the
-        AdamW step. `healthy` turns false at the first non-finite loss or gradient and stays false; while it
-        is false the adapters and the optimizer state are selected back to what they were, inside the
-        function, so a bad step never reaches the weights although the loop reads the flag only to report."""
+    """One optimizer update as one function that reads nothing back to the host, compiled as mlx-lm's trainer
+    compiles its step (the model, optimizer and random state as explicit state):
+      step(batch, summed, last, healthy): one batch's forward and backward pass, added to `summed` (the
+        earlier batches of a --grad-accum update; None for the first); on the `last` batch also the mean
+        gradient, clipping, the finiteness check and the AdamW step, -> (mean losses, gradient norm, healthy,
+        lr, trained tokens). `healthy` turns false at the first non-finite loss or gradient and stays false;
+        while it is false the adapters and the optimizer state are selected back to what they were, inside
+        the step, so a bad update never reaches the weights although the loop reads the flag only to report.
+    With --grad-accum 1 (the default) an update is one call: forward, backward and optimizer fused. Compiled and
+    eager steps give bitwise the same weights (tested), so --compile auto may switch to eager mid-run."""
     loss_and_grad = nn.value_and_grad(model, clara_loss)
     max_norm = cfg.clip_norm if cfg.clip_norm > 0 else math.inf
 
-    def micro(batch):
-        model.traces += 1  # Python runs this line only when mx.compile traces (once per batch shape), or eagerly
+    def step(batch, summed, last, healthy):
         (loss, ce, mse, n_trained), grads = loss_and_grad(model, batch, cfg)
-        return {"grads": grads, "losses": mx.stack([loss, ce, mse]), "n_trained": n_trained}
-
-    def apply(summed, healthy):
-        grads, grad_norm = optim.clip_grad_norm(tree_map(lambda g: g / cfg.grad_accum, summed["grads"]), max_norm)
-        losses = summed["losses"] / cfg.grad_accum  # (3,): loss, ce, mse
+        parts = {"grads": grads, "losses": mx.stack([loss, ce, mse]), "n_trained": n_trained}
+        if summed is not None:
+            parts = tree_map(mx.add, summed, parts)
+        if not last:
+            return parts
+        grads, grad_norm = optim.clip_grad_norm(tree_map(lambda g: g / cfg.grad_accum, parts["grads"]), max_norm)
+        losses = parts["losses"] / cfg.grad_accum  # (3,): loss, ce, mse
         healthy = healthy & mx.isfinite(losses[0]) & mx.isfinite(grad_norm)
         before = tree_map(lambda a: a, (model.trainable_parameters(), optimizer.state))  # new containers
         optimizer.update(model, grads)
         model.update(tree_map(lambda new, old: mx.where(healthy, new, old), model.trainable_parameters(), before[0]))
         optimizer.state.update(tree_map(lambda new, old: mx.where(healthy, new, old), optimizer.state, before[1]))
-        return losses, grad_norm, healthy, optimizer.learning_rate
+        return losses, grad_norm, healthy, optimizer.learning_rate, parts["n_trained"]
+
+    def traced(*args):
+        model.traces += 1  # Python runs this only when mx.compile traces: once per batch shape
+        return step(*args)
 
     optimizer.init(model.trainable_parameters())
     model.traces = 0
-    if cfg.compile:  # traced once per batch shape (--pad-to keeps those few)
-        state = [model.state, optimizer.state, mx.random.state]
-        micro, apply = mx.compile(micro, inputs=state, outputs=state), mx.compile(apply, inputs=state, outputs=state)
+    state = [model.state, optimizer.state, mx.random.state]
+    compiled = mx.compile(traced, inputs=state, outputs=state)
+    current = [compiled if cfg.compile == "on" or (cfg.compile == "auto" and on_gpu()) else step]
 
     def update(batches, healthy):
-        """Start one update on the device and return at once. batches: ((arrays, real tokens), ...) of the step.
-        -> {"losses", "n_trained", "grad_norm", "healthy", "lr"} as arrays, and "n_real" tokens"""
-        summed, n_real = None, 0
-        for batch, n_tokens in batches:  # built on the host while the device works on the last update
-            parts = micro(batch)
-            summed, n_real = parts if summed is None else tree_map(mx.add, summed, parts), n_real + n_tokens
-            mx.async_eval(summed)
-        losses, grad_norm, healthy, lr = apply(summed, healthy)
+        """Start one update on the device and return at once. batches: [(arrays, real tokens), ...] of the
+        update, built beforehand. -> {"losses", "n_trained", "grad_norm", "healthy", "lr"} as arrays, "n_real"."""
+        summed = None
+        for i, (batch, _) in enumerate(batches):
+            summed = current[0](batch, summed, i == len(batches) - 1, healthy)
+            if i < len(batches) - 1:
+                mx.async_eval(summed)
+        losses, grad_norm, healthy, lr, n_trained = summed
         mx.async_eval(losses, grad_norm, healthy, model.trainable_parameters(), optimizer.state)
-        return {"losses": losses, "n_trained": summed["n_trained"], "grad_norm": grad_norm, "healthy": healthy,
-                "lr": lr, "n_real": n_real}
+        shapes = model.traces // min(cfg.grad_accum, 3)  # traces per shape: first, middle and last batch
+        if cfg.compile == "auto" and current[0] is compiled and shapes > AUTO_COMPILE_SHAPES:
+            current[0] = step
+            warn(f"--compile auto: the data has shown {shapes} batch shapes, so the rest of the run is eager "
+                 "(each new shape costs a trace and kernel compilations; --compile on keeps compiling)")
+        return {"losses": losses, "n_trained": n_trained, "grad_norm": grad_norm, "healthy": healthy, "lr": lr,
+                "n_real": sum(n for _, n in batches)}
 
     return update
 
@@ -829,12 +867,15 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
     update = make_update(model, optimizer, cfg)  # after the restore: compiling captures the state
     metrics, out, stop = MetricsLog(out, keep_until=first - 1), out and Path(out), stop or (lambda step: None)
     history, pending, healthy, since = [], [], mx.array(True), time.perf_counter()
+    batches = step_batches(examples, cfg, first, pad_id) if first <= cfg.steps else []
     mx.reset_peak_memory()
     with tqdm(total=cfg.steps, initial=first - 1, disable=not sys.stderr.isatty(), unit="step", leave=False) as bar:
         for step in range(first, cfg.steps + 1):
             mx.random.seed(cfg.seed * 1_000_003 + step)  # LoRA dropout's masks: a pure function of the step
             model.train()
-            pending.append({"step": step, **update(step_batches(examples, cfg, step, pad_id), healthy)})
+            pending.append({"step": step, **update(batches, healthy)})
+            if step < cfg.steps:  # the next update's batches are built while the device works on this one
+                batches = step_batches(examples, cfg, step + 1, pad_id)
             healthy, signum = pending[-1]["healthy"], stop(step)
             bar.update(1)
             report = is_due(step, cfg.log_every, cfg)
@@ -860,7 +901,7 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
                 saved = f"checkpoint saved to {out / CHECKPOINT}; continue with --resume {out}" if out else ""
                 raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}",
                                       128 + signum)
-    if cfg.compile:
+    if model.traces:
         print(f"--compile: the step was traced {model.traces} time(s), once per batch shape (--pad-to)")
     model.eval()
     return history
@@ -1523,7 +1564,7 @@ def load_model(name, base="auto"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if base == "auto":
-        base = "float32" if mx.default_device() == mx.cpu else "stored"
+        base = "stored" if on_gpu() else "float32"
     if base != "stored":
         convert_base(llm, {"float32": mx.float32, "bfloat16": mx.bfloat16}[base])
     return llm, tokenizer
@@ -1842,7 +1883,7 @@ def config_help():
 
 
 CHOICES = {"context": EVAL_CONTEXTS, "base": ("auto", "float32", "bfloat16", "stored"),
-           "memory_scale": ("none", "embedding"), "retrieval_loss": tuple(STAGE3_ROLES)}
+           "memory_scale": ("none", "embedding"), "retrieval_loss": tuple(STAGE3_ROLES), "compile": ("auto", "on", "off")}
 
 
 def option_flag(name):
@@ -1863,9 +1904,9 @@ def parse_args(argv):
             shared.add_argument(flag, nargs="+", help=f"{helps[f.name]} (default: {' '.join(default)})")
         elif f.name == "lora_layers":
             shared.add_argument(flag, type=lambda v: -1 if v == "all" else int(v), help=f"{helps[f.name]} (default: 8)")
-        elif f.name in CHOICES:
-            choices = CHOICES[f.name]
-            shared.add_argument(flag, choices=choices, help=f"{helps[f.name]} (default: {default})")
+        elif f.name in CHOICES:  # --compile alone means --compile on
+            shared.add_argument(flag, choices=CHOICES[f.name], help=f"{helps[f.name]} (default: {default})",
+                                **({"nargs": "?", "const": "on"} if f.name == "compile" else {}))
         else:
             shared.add_argument(flag, type=type(default), help=f"{helps[f.name]} (default: {default!r})")
     compress = commands.add_parser("compress", parents=[shared],
@@ -1887,7 +1928,8 @@ def parse_args(argv):
     compress.add_argument("--chunks-out", help="where the PDF's chunks go (default: data/<pdf name>.chunks.jsonl)")
     index.add_argument("--data", help="JSONL: {\"text\", \"pages\" (optional), \"source\" (optional)} chunks")
     bench = commands.add_parser("bench", parents=[shared], help="time compress and sft steps beside mlx-lm's trainer")
-    bench.add_argument("--bench-steps", type=int, default=5, help="measured steps per row, after 2 warm-up steps")
+    bench.add_argument("--bench-steps", type=int, default=5,
+                       help="timed steps per row, after as many warm-up steps")
     for name, text in (("ask", "answer a question from documents or from an index, with trained adapters"),
                        ("eval", "score answers: compressed vs text vs none, or retrieved vs marked vs none")):
         command = commands.add_parser(name, help=text)
@@ -1941,6 +1983,8 @@ def resolve_config(args):
         init_config, trained = read_trained(given["init"])
         saved = {k: v for k, v in init_config.items() if k in SHAPE_OPTIONS}
     values = {**asdict(Config()), **{k: v for k, v in saved.items() if k in asdict(Config())}, **given}
+    if isinstance(values["compile"], bool):  # a run saved before --compile took auto / on / off
+        values["compile"] = "on" if values["compile"] else "off"
     cfg = Config(**{**values, "lora_keys": tuple(values["lora_keys"])})
     cfg.out = cfg.out or f"runs/{args.command}"
     return cfg, trained, checkpoint
@@ -2003,8 +2047,9 @@ def check_options(cfg, args):
         check_writable(args.chunks_out, "--chunks-out", is_folder=False)
     if args.command in ("compress", "index") and args.max_pages <= 0:
         raise InputError(f"--max-pages must be positive, got {args.max_pages}")
-    if getattr(args, "max_new_tokens", 1) <= 0:
-        raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    for name in ("max_new_tokens", "bench_steps"):
+        if getattr(args, name, 1) <= 0:
+            raise InputError(f"{option_flag(name)} must be positive, got {getattr(args, name)}")
 
 
 # -----------------------------------------------------------------------------
@@ -2257,20 +2302,23 @@ def run_lock(out, overwrite):
 # benchmark: step time of compress and sft, beside mlx-lm's own LoRA trainer and the machine's matmul rate
 
 
-def matmul_rate(dtype, size, repeats=5, rounds=3):
-    """FLOP/s of a large square matmul through MLX: the ceiling a training step is compared against. The best of
-    a few timed rounds after a warm-up, so that clocks ramping up or a busy moment do not lower the ceiling."""
-    a, b = mx.random.normal((size, size)).astype(dtype), mx.random.normal((size, size)).astype(dtype)
-    mx.eval(a, b)
-    for _ in range(repeats):  # warm-up: kernels compiled, clocks up
-        mx.eval(a @ b)
-    best = math.inf
-    for _ in range(rounds):
+def matmul_rate(dtype, sizes, warmup_seconds=1.0, repeats=5, rounds=5):
+    """FLOP/s of large square matmuls through MLX: the ceiling a training step is compared against. The best
+    round over the sizes, each after a second of warm-up (kernels compiled, clocks up), so that a slow start or
+    a busy moment does not lower the ceiling. Each round queues `repeats` products and waits once."""
+    best = 0.0
+    for size in sizes:
+        a, b = mx.random.normal((size, size)).astype(dtype), mx.random.normal((size, size)).astype(dtype)
+        mx.eval(a, b)
         tic = time.perf_counter()
-        for _ in range(repeats):
+        while time.perf_counter() - tic < warmup_seconds:
             mx.eval(a @ b)
-        best = min(best, time.perf_counter() - tic)
-    return 2 * size**3 * repeats / best
+        for _ in range(rounds):
+            tic = time.perf_counter()
+            mx.eval([a @ b for _ in range(repeats)])
+            best = max(best, 2 * size**3 * repeats / (time.perf_counter() - tic))
+        del a, b
+    return best
 
 
 def step_flops(llm, batch, projected):
@@ -2298,11 +2346,11 @@ def bench_examples(tokenizer, cfg, context):
     return sft_examples(tokenizer, replace(cfg, context=context), [record] * cfg.batch_size)
 
 
-def mlx_lm_step_seconds(cfg, example, steps):
+def mlx_lm_step_seconds(cfg, example, window):
     """mlx-lm's own trainer (mlx_lm.tuner.trainer.train) on the same base, LoRA targets, rank and tokens:
-    plain next-token training with the loss on the answer tokens. Returns the seconds of each step."""
-    import contextlib
-    import io
+    plain next-token training with the loss on the answer tokens, its step compiled as mlx-lm compiles it.
+    Runs two report windows of `window` steps; returns the seconds per step of the second, by mlx-lm's own
+    timer (which leaves out building its batches)."""
     import tempfile
 
     from mlx_lm.tuner.trainer import TrainingArgs
@@ -2312,7 +2360,7 @@ def mlx_lm_step_seconds(cfg, example, steps):
     llm, _ = load_model(cfg.model, cfg.base)
     llm.freeze()
     linear_to_lora_layers(llm, cfg.lora_layers, {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": 0.0,
-                                                 "keys": list(cfg.lora_keys)})
+                                                 "keys": lora_key_names(llm, cfg)})
     seconds = []
 
     class Timer:
@@ -2324,55 +2372,65 @@ def mlx_lm_step_seconds(cfg, example, steps):
 
     dataset = [(example["ids"], example["n_prompt"])] * cfg.batch_size
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
-        args = TrainingArgs(batch_size=cfg.batch_size, iters=steps, steps_per_report=1, steps_per_save=10**9,
-                            max_seq_length=cfg.max_len + 1, adapter_file=f"{folder}/adapters.safetensors")
+        args = TrainingArgs(batch_size=cfg.batch_size, iters=2 * window, steps_per_report=window,
+                            steps_per_save=10**9, max_seq_length=cfg.max_len + 1,
+                            adapter_file=f"{folder}/adapters.safetensors")
         mlx_lm_train(llm, optim.AdamW(learning_rate=cfg.lr), dataset, args=args, training_callback=Timer())
-    return seconds
+    return seconds[-1]
 
 
 BENCH_STEPS = {"compress": "compress", "compressed": "sft (compressed)", "text": "sft (text context)",
                "mlx-lm": "mlx-lm trainer (sft text)"}
 
 
-def bench_row(name, seconds, batch, flops, peak_rate):
-    step = statistics.median(seconds)
+def bench_row(name, step, batch, flops, peak_rate, traces=0):
     return {"step": BENCH_STEPS[name], "seconds": step, "tokens": batch["n_tokens"],
             "tokens_per_s": batch["n_tokens"] / step, "gflop": flops / 1e9, "achieved_gflops": flops / step / 1e9,
-            "fraction_of_matmul": flops / step / peak_rate, "peak_gb": mx.get_peak_memory() / 1e9}
+            "fraction_of_matmul": flops / step / peak_rate, "peak_gb": mx.get_peak_memory() / 1e9, "traces": traces}
+
+
+def bench_options(cfg):
+    """The options that differ from the defaults, as flags: what a bench figure was measured with."""
+    defaults = asdict(Config())
+    given = [(option_flag(k), v) for k, v in asdict(cfg).items() if v != defaults[k] and k != "out"]
+    return " ".join(flag if v is True else f"{flag} {' '.join(v) if isinstance(v, tuple) else v}"
+                    for flag, v in given) or "(defaults)"
 
 
 def cmd_bench(cfg, args, trained, checkpoint):
+    """Each row trains 2 x --bench-steps steps on fixed shapes and reads back once per --bench-steps: the first
+    window warms up (traces, kernel compilations), the second is timed, wall clock, batches built as in training.
+    mlx-lm's trainer gets the same two windows on the same tokens."""
     model, tokenizer = prepare(cfg)
-    on_cpu = mx.default_device() == mx.cpu
-    dtype = mx.float32 if on_cpu else mx.bfloat16
-    peak_rate, warmup, rows = matmul_rate(dtype, 2048 if on_cpu else 8192), 2, []
+    dtype = mx.bfloat16 if on_gpu() else mx.float32
+    peak_rate, window, rows = matmul_rate(dtype, (8192, 16384) if on_gpu() else (2048,)), args.bench_steps, []
     for name in ("compress", "compressed", "text"):
         examples = bench_examples(tokenizer, cfg, name)
         batch = make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
         mx.reset_peak_memory()
         with contextlib.redirect_stdout(io.StringIO()):
-            history = train(model, examples, replace(cfg, steps=warmup + args.bench_steps, warmup=0.0),
+            history = train(model, examples, replace(cfg, steps=2 * window, log_every=window, warmup=0.0),
                             tokenizer.pad_token_id)
         flops = step_flops(model.llm, batch, batch["label_positions"].size)
-        rows.append(bench_row(name, [r["seconds"] for r in history[warmup:]], batch, flops, peak_rate))
+        rows.append(bench_row(name, history[-1]["seconds"], batch, flops, peak_rate, model.traces))
     text_batch, flops = batch, step_flops(model.llm, batch, batch["ids"].size)  # mlx-lm projects every position
     del model, history  # one copy of the base weights at a time
     mx.clear_cache()
     mx.reset_peak_memory()
-    seconds = mlx_lm_step_seconds(cfg, examples[0], warmup + args.bench_steps)[warmup:]
-    rows.append(bench_row("mlx-lm", seconds, text_batch, flops, peak_rate))
+    rows.append(bench_row("mlx-lm", mlx_lm_step_seconds(cfg, examples[0], window), text_batch, flops, peak_rate))
     ratio = rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"]
-    lines = [f"{mx.default_device()} | BLAS: {BLAS} | {dtype} matmul {peak_rate / 1e9:.0f} GFLOP/s | batch "
-             f"{cfg.batch_size}, documents of {cfg.doc_max_len} tokens, compression {cfg.compression_rate} | "
-             f"median of {args.bench_steps} steps after {warmup}",
+    lines = [f"{mx.default_device()} | BLAS: {BLAS} | {dtype} matmul {peak_rate / 1e9:.0f} GFLOP/s | "
+             f"options: {bench_options(cfg)} | {window} steps timed after {window}",
              "| step | s/step | tokens | tok/s | GFLOP | GFLOP/s | of matmul | peak GB |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['seconds']:.3f} | {r['tokens']} | {r['tokens_per_s']:.0f} | {r['gflop']:.1f} | "
               f"{r['achieved_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | {r['peak_gb']:.2f} |" for r in rows]
     lines.append(f"sft (text context) / mlx-lm trainer on the same tokens: {ratio:.2f}x")
+    if any(r["traces"] for r in rows):
+        lines.append(f"--compile: traces per row {', '.join(str(r['traces']) for r in rows[:3])}")
     print("\n".join(lines))
     report = {"device": str(mx.default_device()), "blas": BLAS, "matmul_gflops": peak_rate / 1e9, "rows": rows,
-              "text_vs_mlx_lm": ratio, "config": asdict(cfg)}
+              "text_vs_mlx_lm": ratio, "options": bench_options(cfg), "config": asdict(cfg)}
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_report(Path(cfg.out) / "bench", report, "\n".join(lines) + "\n")
 

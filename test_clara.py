@@ -237,6 +237,24 @@ def test_padding_lengths_to_a_multiple_changes_no_loss(tokenizer):
         assert abs(a.item() - b.item()) < 1e-5
 
 
+@FAST
+@given(st.integers(0, 20000), st.sampled_from([1, 2, 8, 64]), st.integers(0, 20000))
+def test_length_buckets_hold_the_length_pad_under_a_quarter_and_never_pass_the_longest_row(n, multiple, longest):
+    bucket = clara.length_bucket(n, multiple, longest)
+    assert bucket >= n and (multiple == 1 and bucket == n or bucket % multiple == 0 or bucket == n)
+    if multiple > 1 and n > 8 * multiple:
+        assert bucket <= 1.25 * n  # an eighth of the power of two at or below n is at most a quarter of n
+    if multiple > 1 and longest >= n:
+        assert bucket <= clara.round_up(longest, multiple)
+    assert clara.length_bucket(n + 1, multiple) >= clara.length_bucket(n, multiple)  # monotone: a ladder
+
+
+def test_lengths_up_to_4096_fall_into_20_buckets_at_multiple_64_and_a_full_document_row_is_not_padded():
+    assert len({clara.length_bucket(n, 64) for n in range(1, 4097)}) == 20
+    cfg = tiny_config(doc_max_len=1024, compression_rate=16)  # a full document and its memory: 1088, not 1280
+    assert clara.length_bucket(cfg.doc_max_len + cfg.n_mem, 64, cfg.doc_max_len + cfg.n_mem) == 1088
+
+
 # -----------------------------------------------------------------------------
 # masking and guarded divisions
 
@@ -451,15 +469,32 @@ def test_a_few_steps_on_a_tiny_model_lower_the_loss(tokenizer, stage, capsys):
     assert f"step {cfg.steps}/{cfg.steps} | loss" in capsys.readouterr().out
 
 
-def test_the_compiled_step_trains_exactly_like_the_eager_one(tokenizer):
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_the_compiled_step_trains_exactly_like_the_eager_one(tokenizer, grad_accum):
     runs = []
-    for compiled in (False, True):
-        cfg = tiny_config(steps=4, compile=compiled)
+    for compiled in ("off", "on"):
+        cfg = tiny_config(steps=4, compile=compiled, grad_accum=grad_accum)
         model = tiny_clara(cfg)
         history = clara.train(model, clara.sft_examples(tokenizer, cfg, SFT_RECORDS), cfg, tokenizer.pad_token_id)
         runs.append(([h["loss"] for h in history], tree_flatten(model.trainable_parameters())))
-        assert model.traces == (1 if compiled else 4)  # every batch holds both records: one shape, one trace
+        # every batch holds both records: one shape, traced once per place in the update (first, middle, last)
+        assert model.traces == (min(grad_accum, 3) if compiled == "on" else 0)
     assert runs[0][0] == runs[1][0]
+    assert all(mx.array_equal(a, b) for (_, a), (_, b) in zip(runs[0][1], runs[1][1]))
+
+
+def test_compile_auto_turns_eager_after_the_fifth_batch_shape_and_trains_bitwise_the_same(tokenizer, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.setattr(clara, "on_gpu", lambda: True)  # auto compiles on a GPU; this machine has none
+    records = [{**SFT_RECORDS[i % 2], "question": "Why? " * i + SFT_RECORDS[i % 2]["question"]} for i in range(8)]
+    runs = []
+    for compiled in ("off", "auto"):
+        cfg = tiny_config(steps=8, batch_size=1, pad_to=1, compile=compiled)  # every record its own length
+        model = tiny_clara(cfg)
+        clara.train(model, clara.sft_examples(tokenizer, cfg, records), cfg, tokenizer.pad_token_id)
+        runs.append((model.traces, tree_flatten(model.trainable_parameters())))
+    assert runs[0][0] == 0 and runs[1][0] == clara.AUTO_COMPILE_SHAPES + 1  # then no trace more
+    assert "--compile auto: the data has shown 5 batch shapes, so the rest of the run is eager" in capsys.readouterr().err
     assert all(mx.array_equal(a, b) for (_, a), (_, b) in zip(runs[0][1], runs[1][1]))
 
 
@@ -582,7 +617,7 @@ def test_a_non_finite_loss_stops_before_the_update_and_names_the_step(tokenizer)
     assert all(mx.array_equal(before[k], after[k], equal_nan=True) for k in before)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", ["off", "on"])
 def test_a_non_finite_update_never_reaches_the_weights_even_when_read_back_later(tokenizer, compiled):
     cfg = tiny_config(steps=4, lr=1e30, warmup=0.0, log_every=10, compile=compiled)  # step 1 blows the weights up
     examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
@@ -876,6 +911,42 @@ def test_cli_ask_answers_from_the_documents_it_is_given(cli_runs, tmp_path):
                   "What weight?")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1].strip()  # an answer line
+
+
+BENCH_OPTIONS = {"doc_max_len": 32, "compression_rate": 8, "max_len": 160, "lora_rank": 4, "lora_layers": 2}
+
+
+def test_bench_times_every_step_beside_mlx_lm_on_the_same_tokens_and_names_its_options(tmp_path, tiny_model_folder,
+                                                                                       tokenizer):
+    flags = [x for k, v in BENCH_OPTIONS.items() for x in (clara.option_flag(k), v)]
+    run = run_cli("bench", "--model", tiny_model_folder, *flags, "--bench-steps", 1, "--out", tmp_path)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    cfg = clara.Config(model=str(tiny_model_folder), **BENCH_OPTIONS)
+    tokens = [clara.make_batch(clara.bench_examples(tokenizer, cfg, name), cfg.n_mem, tokenizer.pad_token_id)["n_tokens"]
+              for name in ("compress", "compressed", "text")]
+    rows = report["rows"]
+    assert [r["tokens"] for r in rows] == tokens + tokens[2:]  # mlx-lm trains the text row's tokens
+    assert all(r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"]) for r in rows)
+    assert report["text_vs_mlx_lm"] == pytest.approx(rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"])
+    assert report["options"] == f"--model {tiny_model_folder} " + " ".join(map(str, flags))
+    assert report["options"] in (tmp_path / "bench.md").read_text() and report["matmul_gflops"] > 0
+
+
+def test_the_gpu_recipes_shapes_are_the_real_models_and_its_records_vary_in_length(tmp_path, tokenizer):
+    sys.path.insert(0, str(ROOT / "data"))
+    import gpu_bench
+
+    counts = {name: sum(v.size for _, v in tree_flatten(llama.Model(llama.ModelArgs.from_dict(shape)).parameters()))
+              for name, shape in gpu_bench.SHAPES.items()}
+    assert counts == {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400}  # the released models' counts
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    gpu_bench.write_varlen(tmp_path / "tok", 40, tmp_path / "varlen.jsonl")
+    records = [clara.parse_sft_record(json.loads(line), "varlen")
+               for line in (tmp_path / "varlen.jsonl").read_text().splitlines()]
+    lengths = [len(tokenizer.encode(d, add_special_tokens=False)) for r in records for d in r["docs"]]
+    assert len(records) == 40 and {len(r["docs"]) for r in records} == {1, 2, 3, 4, 5}
+    assert min(lengths) < 64 and max(lengths) > 512
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""The GPU benchmark's recipe: model folders of real shapes with random weights, PyTorch+PEFT's step on the
+same shapes, and training data whose lengths vary record to record. The README's GPU tables come from it.
+
+    python data/gpu_bench.py tokenizer --out TOK            # the default model's tokenizer, saved (needs clara.py's
+                                                            # packaged GGUF: run it where `make test` ran)
+    python data/gpu_bench.py model --shape llama-3.2-1b --tokenizer TOK --out models/llama-1b
+    python clara.py bench --model models/llama-1b --base bfloat16 --batch-size 4 --doc-max-len 1024 --max-len 4096
+    python data/gpu_bench.py torch --model models/llama-1b --batch-size 4 --length 3001 [--compile]
+    python data/gpu_bench.py varlen --tokenizer TOK --records 2000 --out varlen.jsonl
+    python clara.py sft --data varlen.jsonl --model models/smollm2 --base bfloat16 --batch-size 4 ...
+
+Step times do not depend on the weights' values, so random weights of a model's exact shape give its step
+time. The PyTorch reference trains what mlx-lm's trainer trains in `clara.py bench` (the sft text row): the
+same LoRA targets, rank, scale and blocks, AdamW with the same betas, gradient clipping to 1.0, bf16 base,
+SDPA attention, the loss on the last `--answer` tokens of each row; its rows are the same length.
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+# the shapes benchmarked (Hugging Face config.json fields, which mlx-lm's llama reads too)
+SHAPES = {
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "rms_norm_eps": 1e-5,
+                     "rope_theta": 100000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192},
+    "llama-3.2-1b": {"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+                     "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
+                     "max_position_embeddings": 131072,
+                     "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+}
+
+
+def save_tokenizer(out):
+    sys.path.insert(0, str(HERE.parent))
+    import clara
+
+    clara.load_model("smollm2")[1].save_pretrained(str(out))
+
+
+def save_model(shape, tokenizer, out, seed=0):
+    """A model folder mlx-lm loads: config.json, random bf16 weights of the shape, the tokenizer's files."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    config = SHAPES[shape]
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.astype(mx.bfloat16) for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}, indent=1) + "\n")
+    for f in Path(tokenizer).iterdir():
+        shutil.copy(f, out / f.name)
+    print(f"wrote {out}: {shape}, {sum(v.size for v in weights.values()) / 1e6:.0f}M parameters")
+
+
+def torch_step(model, batch_size, length, answer, steps, compiled, lora_layers=8, rank=16, scale=2.0):
+    """PyTorch+PEFT's LoRA step (q and v of the last `lora_layers` blocks) on random tokens of the shape.
+    Returns (seconds per step, peak GB): the median of `steps` timed steps after 3 warm-up steps."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = SHAPES.get(model) or json.loads((Path(model) / "config.json").read_text())
+    config = LlamaConfig.from_dict({k: v for k, v in shape.items() if k not in ("model_type", "torch_dtype")})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    layers = config.num_hidden_layers
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank * scale, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj"],
+                                             layers_to_transform=list(range(layers - lora_layers, layers))))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    ids = torch.randint(0, config.vocab_size, (batch_size, length), device="cuda")
+    labels = torch.full_like(ids, -100)
+    labels[:, -answer:] = ids[:, -answer:]
+    forward = torch.compile(model) if compiled else model
+
+    def step():
+        loss = forward(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1000)
+    return sorted(seconds)[len(seconds) // 2], torch.cuda.max_memory_allocated() / 1e9
+
+
+def write_varlen(tokenizer, records, out, seed=0, doc_max_len=1024):
+    """sft records whose lengths vary record to record, as real QA data does: 1 to 5 documents each, their
+    lengths log-uniform from 32 to doc_max_len tokens of data/sample.pdf's text, questions and answers of
+    varying length. For wall time per step on such data; the content teaches nothing."""
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(HERE.parent))
+    import clara
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    text = " ".join(t for _, t in clara.extract_pdf_pages(HERE / "sample.pdf"))
+    ids = tok.encode(text * 8, add_special_tokens=False)
+    draw = random.Random(seed)
+
+    def piece(n):
+        start = draw.randrange(0, len(ids) - n)
+        return tok.decode(ids[start: start + n]).strip() or "none"
+
+    def length(low, high):
+        return int(math.exp(draw.uniform(math.log(low), math.log(high))))
+
+    with open(out, "w") as f:
+        for _ in range(records):
+            docs = [piece(length(32, doc_max_len)) for _ in range(draw.randint(1, 5))]
+            f.write(json.dumps({"question": piece(length(8, 40)) + "?", "docs": docs,
+                                "answer": piece(length(1, 40))}) + "\n")
+    print(f"wrote {out}: {records} records")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("tokenizer").add_argument("--out", type=Path, required=True)
+    model = commands.add_parser("model")
+    model.add_argument("--shape", choices=SHAPES, required=True)
+    model.add_argument("--tokenizer", type=Path, required=True)
+    model.add_argument("--out", type=Path, required=True)
+    torch_ = commands.add_parser("torch")
+    torch_.add_argument("--model", required=True, help="a folder written by the model command, or a shape's name")
+    torch_.add_argument("--batch-size", type=int, default=4)
+    torch_.add_argument("--length", type=int, default=3017, help="tokens per row (bench's sft text rows: 3017)")
+    torch_.add_argument("--answer", type=int, default=8, help="trained tokens at the end of each row")
+    torch_.add_argument("--steps", type=int, default=10)
+    torch_.add_argument("--compile", action="store_true", help="torch.compile the model")
+    torch_.add_argument("--out", type=Path, help="append the result as a JSON line here")
+    varlen = commands.add_parser("varlen")
+    varlen.add_argument("--tokenizer", type=Path, required=True)
+    varlen.add_argument("--records", type=int, default=2000)
+    varlen.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.command == "tokenizer":
+        save_tokenizer(args.out)
+    elif args.command == "model":
+        save_model(args.shape, args.tokenizer, args.out)
+    elif args.command == "varlen":
+        write_varlen(args.tokenizer, args.records, args.out)
+    else:
+        tic = time.perf_counter()
+        seconds, peak = torch_step(args.model, args.batch_size, args.length, args.answer, args.steps, args.compile)
+        tokens = args.batch_size * args.length
+        row = {"model": args.model, "compile": args.compile, "batch_size": args.batch_size, "length": args.length,
+               "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_gb": peak,
+               "wall_s": time.perf_counter() - tic}
+        print(f"PyTorch+PEFT {'torch.compile' if args.compile else 'eager'} | {args.model} | {tokens} tok | "
+              f"{seconds:.4f} s/step | {tokens / seconds:.0f} tok/s | peak {peak:.2f} GB")
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
