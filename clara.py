@@ -119,8 +119,8 @@ class Config:
     retrieval_loss: str = "answer"  # stage 3 trains on the "answer" CE through the top-k, or "contrastive" (below)
     context: str = "compressed"  # sft: "compressed" memory slots, or the baselines "text" (no compression) and "none"
     base: str = "auto"  # frozen base weights: auto (CPU: float32, GPU: as stored), float32, bfloat16, or stored
-    pad_to: int = 0  # pad training batches' lengths to a multiple of this (0: auto, 64 on a GPU: fewer compiles)
-    compile: str = "auto"  # mx.compile the step: "auto" (on a GPU, until the data shows a 5th batch shape), "on", "off"
+    pad_to: int = 0  # length buckets of training batches: multiples of this, then quarter octaves (0: 64 on a GPU)
+    compile: str = "auto"  # mx.compile the step: "auto" (until the data shows a 5th batch shape, then eager), on, off
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more time
     out: str = ""  # output folder (default: runs/<command>)
     init: str = ""  # start from the adapters and memory of an earlier run (its --out folder or a checkpoint)
@@ -788,7 +788,7 @@ def make_update(model, optimizer, cfg):
     model.traces = 0
     state = [model.state, optimizer.state, mx.random.state]
     compiled = mx.compile(traced, inputs=state, outputs=state)
-    current = [compiled if cfg.compile == "on" or (cfg.compile == "auto" and on_gpu()) else step]
+    current = [step if cfg.compile == "off" else compiled]
 
     def update(batches, healthy):
         """Start one update on the device and return at once. batches: [(arrays, real tokens), ...] of the
@@ -1883,7 +1883,8 @@ def config_help():
 
 
 CHOICES = {"context": EVAL_CONTEXTS, "base": ("auto", "float32", "bfloat16", "stored"),
-           "memory_scale": ("none", "embedding"), "retrieval_loss": tuple(STAGE3_ROLES), "compile": ("auto", "on", "off")}
+           "memory_scale": ("none", "embedding"), "retrieval_loss": tuple(STAGE3_ROLES),
+           "compile": ("auto", "on", "off")}
 
 
 def option_flag(name):
