@@ -48,7 +48,6 @@ import random
 import re
 import shutil
 import signal
-import statistics
 import string
 import sys
 import time
