@@ -2419,8 +2419,9 @@ def cmd_bench(cfg, args, trained, checkpoint):
     mx.reset_peak_memory()
     rows.append(bench_row("mlx-lm", mlx_lm_step_seconds(cfg, examples[0], window), text_batch, flops, peak_rate))
     ratio = rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"]
+    options = bench_options(cfg)
     lines = [f"{mx.default_device()} | BLAS: {BLAS} | {dtype} matmul {peak_rate / 1e9:.0f} GFLOP/s | "
-             f"options: {bench_options(cfg)} | {window} steps timed after {window}",
+             f"options: {options} | {window} steps timed after {window}",
              "| step | s/step | tokens | tok/s | GFLOP | GFLOP/s | of matmul | peak GB |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['seconds']:.3f} | {r['tokens']} | {r['tokens_per_s']:.0f} | {r['gflop']:.1f} | "
@@ -2430,7 +2431,7 @@ def cmd_bench(cfg, args, trained, checkpoint):
         lines.append(f"--compile: traces per row {', '.join(str(r['traces']) for r in rows[:3])}")
     print("\n".join(lines))
     report = {"device": str(mx.default_device()), "blas": BLAS, "matmul_gflops": peak_rate / 1e9, "rows": rows,
-              "text_vs_mlx_lm": ratio, "options": bench_options(cfg), "config": asdict(cfg)}
+              "text_vs_mlx_lm": ratio, "options": options, "config": asdict(cfg)}
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_report(Path(cfg.out) / "bench", report, "\n".join(lines) + "\n")
 

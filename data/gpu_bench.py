@@ -39,11 +39,16 @@ SHAPES = {
 }
 
 
-def save_tokenizer(out):
+def import_clara():
+    """clara.py, imported only where MLX is needed: the torch command runs where MLX may not be installed."""
     sys.path.insert(0, str(HERE.parent))
     import clara
 
-    clara.load_model("smollm2")[1].save_pretrained(str(out))
+    return clara
+
+
+def save_tokenizer(out):
+    import_clara().load_model("smollm2")[1].save_pretrained(str(out))
 
 
 def save_model(shape, tokenizer, out, seed=0):
@@ -118,11 +123,8 @@ def write_varlen(tokenizer, records, out, seed=0, doc_max_len=1024):
     varying length. For wall time per step on such data; the content teaches nothing."""
     from transformers import AutoTokenizer
 
-    sys.path.insert(0, str(HERE.parent))
-    import clara
-
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    text = " ".join(t for _, t in clara.extract_pdf_pages(HERE / "sample.pdf"))
+    text = " ".join(t for _, t in import_clara().extract_pdf_pages(HERE / "sample.pdf"))
     ids = tok.encode(text * 8, add_special_tokens=False)
     draw = random.Random(seed)
 
