@@ -118,7 +118,7 @@ class Config:
     retrieval_loss: str = "answer"  # stage 3 trains on the "answer" CE through the top-k, or "contrastive" (below)
     context: str = "compressed"  # sft: "compressed" memory slots, or the baselines "text" (no compression) and "none"
     base: str = "auto"  # frozen base weights: auto (CPU: float32, GPU: as stored), float32, bfloat16, or stored
-    pad_to: int = 0  # length buckets of training batches: multiples of this, then quarter octaves (0: 64 on a GPU)
+    pad_to: int = 0  # length buckets of training batches: multiples of this, then quarter octaves (0: 128 on a GPU)
     compile: str = "auto"  # mx.compile the step: "auto" (until the data shows a 5th batch shape, then eager), on, off
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more time
     out: str = ""  # output folder (default: runs/<command>)
@@ -301,10 +301,10 @@ def round_up(n, multiple):
 
 
 def length_bucket(n, multiple, longest=0):
-    """n rounded up to a length bucket: a multiple of `multiple` and of an eighth of the power of two at or below
+    """n rounded up to a length bucket: a multiple of `multiple` and of a quarter of the power of two at or below
     n, but never past `longest` (the longest row the config allows, rounded up to the multiple). Padding stays
-    under 25% above 8 multiples, and lengths up to 4096 fall into 20 buckets at multiple 64 (not 64 buckets): on
-    a GPU every new shape costs a trace and kernel compilations. Multiple 1 keeps n as it is."""
+    under 25% above 8 multiples, and lengths up to 4096 fall into 16 buckets at multiple 128 (not 32): on a GPU
+    every new shape costs a trace and kernel compilations. Multiple 1 keeps n as it is."""
     if multiple <= 1:
         return n
     bucket = round_up(n, max(multiple, 2 ** (n.bit_length() - 3)))
@@ -708,10 +708,16 @@ def split_validation(items, fraction, seed):
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
+# MLX's CUDA backend runs attention's backward pass as one fused cuDNN kernel only when the sequence length is a
+# multiple of 128 (ScaledDotProductAttentionVJP::use_fallback in mlx/backend/cuda/scaled_dot_product_attention.cpp);
+# at any other length it rebuilds attention from matmuls and a softmax over the whole (T, T) score matrix.
+GPU_LENGTH_MULTIPLE = 128
+
+
 def training_batch(examples, cfg, pad_id):
     """make_batch for training and validation. A GPU compiles kernels for every new shape, so there lengths come
-    in a few buckets (of --pad-to, 64 by default); the CPU needs none."""
-    multiple = cfg.pad_to or (64 if on_gpu() else 1)
+    in a few buckets, all multiples of 128 by default (above); the CPU needs none."""
+    multiple = cfg.pad_to or (GPU_LENGTH_MULTIPLE if on_gpu() else 1)
     return make_batch(examples, cfg.n_mem, pad_id, multiple, (cfg.doc_max_len + cfg.n_mem, cfg.max_len))
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -244,16 +245,36 @@ def test_length_buckets_hold_the_length_pad_under_a_quarter_and_never_pass_the_l
     bucket = clara.length_bucket(n, multiple, longest)
     assert bucket >= n and (bucket % multiple == 0 or bucket == n)
     if multiple > 1 and n > 8 * multiple:
-        assert bucket <= 1.25 * n  # an eighth of the power of two at or below n is at most a quarter of n
+        assert bucket <= 1.25 * n  # a quarter of the power of two at or below n is at most a quarter of n
     if multiple > 1 and longest >= n:
         assert bucket <= clara.round_up(longest, multiple)
     assert clara.length_bucket(n + 1, multiple) >= clara.length_bucket(n, multiple)  # monotone: a ladder
 
 
-def test_lengths_up_to_4096_fall_into_20_buckets_at_multiple_64_and_a_full_document_row_is_not_padded():
-    assert len({clara.length_bucket(n, 64) for n in range(1, 4097)}) == 20
-    cfg = tiny_config(doc_max_len=1024, compression_rate=16)  # a full document and its memory: 1088, not 1280
-    assert clara.length_bucket(cfg.doc_max_len + cfg.n_mem, 64, cfg.doc_max_len + cfg.n_mem) == 1088
+def test_lengths_up_to_4096_fall_into_16_buckets_at_multiple_128_and_a_full_document_row_is_padded_least():
+    assert len({clara.length_bucket(n, 128) for n in range(1, 4097)}) == 16
+    cfg = tiny_config(doc_max_len=1024, compression_rate=16)  # a full document and its memory: 1088 -> 1152, not 1280
+    assert clara.length_bucket(cfg.doc_max_len + cfg.n_mem, 128, cfg.doc_max_len + cfg.n_mem) == 1152
+
+
+@FAST
+@given(st.lists(st.lists(st.integers(1, 1300), min_size=1, max_size=3), min_size=1, max_size=3),
+       st.integers(0, 600))
+def test_on_a_gpu_every_training_row_is_a_multiple_of_128_where_attention_backward_is_fused(tokenizer, doc_words,
+                                                                                              answer_words):
+    cfg = tiny_config(doc_max_len=1024, compression_rate=16, max_len=4096)
+    records = [{"question": "Which words?", "docs": ["word " * n for n in docs], "answer": "yes " * answer_words}
+               for docs in doc_words]
+    examples = clara.sft_examples(tokenizer, cfg, records)
+    with mock.patch.object(clara, "on_gpu", lambda: True):
+        batch = clara.training_batch(examples, cfg, tokenizer.pad_token_id)
+    longest_doc = max(len(d) for ex in examples for d in ex["doc_ids"])
+    assert batch["doc_ids"].shape[1] % 128 == 0 and batch["doc_ids"].shape[1] >= longest_doc + cfg.n_mem
+    assert batch["doc_ids"].shape[1] <= 1152  # the longest row the config allows (1024 + 64), rounded up
+    assert batch["ids"].shape[1] % 128 == 0 and batch["ids"].shape[1] >= max(len(ex["ids"]) for ex in examples)
+    cpu_batch = clara.training_batch(examples, cfg, tokenizer.pad_token_id)  # the CPU pads to the longest row only
+    assert cpu_batch["ids"].shape[1] == max(len(ex["ids"]) for ex in examples)
+    assert cpu_batch["doc_ids"].shape[1] == longest_doc + cfg.n_mem
 
 
 # -----------------------------------------------------------------------------
