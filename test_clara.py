@@ -970,6 +970,23 @@ def test_the_gpu_recipes_shapes_are_the_real_models_and_its_records_vary_in_leng
     assert min(lengths) < 64 and max(lengths) > 512
 
 
+def test_the_gpu_recipes_pieces_time_every_row_at_the_widths_training_buckets_it_to(tiny_model_folder, tokenizer):
+    sys.path.insert(0, str(ROOT / "data"))
+    import gpu_bench
+
+    sizes = {"batch_size": 2, "doc_max_len": 32, "max_len": 160}
+    results = gpu_bench.time_pieces(tiny_model_folder, pad_to=64, repeats=1, **sizes)
+    cfg = clara.Config(model=str(tiny_model_folder), **sizes)
+    for row in ("compress", "compressed", "text"):
+        batch = clara.make_batch(clara.bench_examples(tokenizer, cfg, row), cfg.n_mem, tokenizer.pad_token_id)
+        widths = (clara.length_bucket(batch["doc_ids"].shape[1], 64, 32 + cfg.n_mem),
+                  clara.length_bucket(batch["ids"].shape[1], 64, 160))
+        assert tuple(results[row]["widths"]) == widths and results[row]["tokens"] == batch["n_tokens"]
+        assert all(results[row][k] > 0 for k in ("forward", "forward_backward", "update_compile_on",
+                                                 "update_compile_off"))
+    assert results["compress"]["widths"][0] == 64  # 32 document tokens + 4 memory slots, in a bucket of 64
+
+
 # -----------------------------------------------------------------------------
 # data: PDF text and JSONL records
 

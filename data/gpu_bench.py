@@ -1,11 +1,13 @@
 """The GPU benchmark's recipe: model folders of real shapes with random weights, PyTorch+PEFT's step on the
-same shapes, and training data whose lengths vary record to record. The README's GPU tables come from it.
+same shapes, each piece of clara's step timed alone, and training data whose lengths vary record to record.
+The README's GPU tables come from it.
 
     python data/gpu_bench.py tokenizer --out TOK            # the default model's tokenizer, saved (needs clara.py's
                                                             # packaged GGUF: run it where `make test` ran)
     python data/gpu_bench.py model --shape llama-3.2-1b --tokenizer TOK --out models/llama-1b
     python clara.py bench --model models/llama-1b --base bfloat16 --batch-size 4 --doc-max-len 1024 --max-len 4096
     python data/gpu_bench.py torch --model models/llama-1b --batch-size 4 --length 3001 [--compile]
+    python data/gpu_bench.py pieces --model models/llama-1b [--pad-to 64]   # each piece of clara's step alone
     python data/gpu_bench.py varlen --tokenizer TOK --records 2000 --out varlen.jsonl
     python clara.py sft --data varlen.jsonl --model models/smollm2 --base bfloat16 --batch-size 4 ...
 
@@ -117,6 +119,54 @@ def torch_step(model, batch_size, length, answer, steps, compiled, lora_layers=8
     return sorted(seconds)[len(seconds) // 2], torch.cuda.max_memory_allocated() / 1e9
 
 
+def time_pieces(model_name, pad_to=0, repeats=10, batch_size=4, doc_max_len=1024, max_len=4096):
+    """Each piece of clara's training step timed alone on `clara.py bench`'s fixed shapes, bucketed as training
+    buckets them (--pad-to; 0: the default), every call waited for: the loss's forward pass and the forward and
+    backward pass (both compiled), and the whole update of make_update, compiled and eager.
+    -> {row: {"widths": (compressor, generator), "tokens", and the seconds of each piece: median of `repeats`}}"""
+    import statistics
+    from dataclasses import replace
+
+    clara = import_clara()  # first: on a CPU it loads the system OpenBLAS before MLX starts
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    cfg = clara.Config(model=str(model_name), base="bfloat16" if clara.on_gpu() else "float32",
+                       batch_size=batch_size, doc_max_len=doc_max_len, max_len=max_len, pad_to=pad_to)
+    llm, tokenizer = clara.load_model(cfg.model, cfg.base)
+    model = clara.CLaRa(llm, cfg)
+    loss_and_grad = nn.value_and_grad(model, clara.clara_loss)
+    forward = mx.compile(lambda batch: clara.clara_loss(model, batch, cfg)[0])
+    forward_backward = mx.compile(lambda batch: loss_and_grad(model, batch, cfg))
+
+    def median_seconds(run, warmup=2):
+        for _ in range(warmup):
+            mx.eval(run())
+        seconds = []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            mx.eval(run())
+            seconds.append(time.perf_counter() - tic)
+        return statistics.median(seconds)
+
+    results = {}
+    for row in ("compress", "compressed", "text"):
+        batch = clara.training_batch(clara.bench_examples(tokenizer, cfg, row), cfg, tokenizer.pad_token_id)
+        arrays = [({k: v for k, v in batch.items() if k != "n_tokens"}, batch["n_tokens"])]
+        pieces = {"widths": (batch["doc_ids"].shape[1], batch["ids"].shape[1]), "tokens": batch["n_tokens"],
+                  "forward": median_seconds(lambda: forward(arrays[0][0])),
+                  "forward_backward": median_seconds(lambda: forward_backward(arrays[0][0]))}
+        for compiled in ("on", "off"):
+            optimizer = optim.AdamW(learning_rate=1e-4, betas=[0.9, 0.95], weight_decay=0.0)
+            update = clara.make_update(model, optimizer, replace(cfg, compile=compiled))
+            pieces[f"update_compile_{compiled}"] = median_seconds(
+                lambda: [update(arrays, mx.array(True))["losses"], model.trainable_parameters()])
+        results[row] = pieces
+    return results
+
+
 def write_varlen(tokenizer, records, out, seed=0, doc_max_len=1024):
     """sft records whose lengths vary record to record, as real QA data does: 1 to 5 documents each, their
     lengths log-uniform from 32 to doc_max_len tokens of data/sample.pdf's text, questions and answers of
@@ -159,6 +209,14 @@ def main():
     torch_.add_argument("--steps", type=int, default=10)
     torch_.add_argument("--compile", action="store_true", help="torch.compile the model")
     torch_.add_argument("--out", type=Path, help="append the result as a JSON line here")
+    pieces = commands.add_parser("pieces")
+    pieces.add_argument("--model", required=True, help="a folder written by the model command, or clara's --model")
+    pieces.add_argument("--pad-to", type=int, default=0, help="clara's --pad-to (0: 128 on a GPU, none on a CPU)")
+    pieces.add_argument("--repeats", type=int, default=10, help="timed calls per piece, after 2 warm-up calls")
+    pieces.add_argument("--batch-size", type=int, default=4)
+    pieces.add_argument("--doc-max-len", type=int, default=1024)
+    pieces.add_argument("--max-len", type=int, default=4096)
+    pieces.add_argument("--out", type=Path, help="append the result as a JSON line here")
     varlen = commands.add_parser("varlen")
     varlen.add_argument("--tokenizer", type=Path, required=True)
     varlen.add_argument("--records", type=int, default=2000)
@@ -170,6 +228,19 @@ def main():
         save_model(args.shape, args.tokenizer, args.out)
     elif args.command == "varlen":
         write_varlen(args.tokenizer, args.records, args.out)
+    elif args.command == "pieces":
+        results = time_pieces(args.model, args.pad_to, args.repeats, args.batch_size, args.doc_max_len, args.max_len)
+        print(f"{args.model} | --pad-to {args.pad_to} --batch-size {args.batch_size} --doc-max-len {args.doc_max_len} "
+              f"--max-len {args.max_len} | ms, median of {args.repeats}, each call waited for")
+        print("| row | widths (compressor, generator) | tokens | forward | forward+backward | update compiled | eager |")
+        print("|---|---|---|---|---|---|---|")
+        for row, r in results.items():
+            print(f"| {row} | {r['widths']} | {r['tokens']} | " + " | ".join(
+                f"{1000 * r[k]:.1f}" for k in ("forward", "forward_backward", "update_compile_on",
+                                                "update_compile_off")) + " |")
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({**vars(args), "out": str(args.out), "rows": results}) + "\n")
     else:
         tic = time.perf_counter()
         seconds, peak = torch_step(args.model, args.batch_size, args.length, args.answer, args.steps, args.compile)
