@@ -751,8 +751,23 @@ def step_batches(examples, cfg, step, pad_id):
 
 # --compile auto: a compiled step is traced, and on a GPU its kernels compiled, once per batch shape. On data of
 # fixed shapes that pays many times over; on data whose lengths vary record to record it never does (measured on
-# an H200: README, Performance), so once the data has shown more shapes than this the run goes on eagerly.
+# an H200: README, Performance). So auto looks at the batches of the first updates: more shapes than this and the
+# step runs eagerly from the start; otherwise it is compiled, and goes eager if more shapes come later.
 AUTO_COMPILE_SHAPES = 4
+AUTO_LOOKAHEAD_UPDATES = 32
+
+
+def auto_compile(examples, cfg, first, pad_id):
+    """--compile auto's first decision: "off" when the batches of the next AUTO_LOOKAHEAD_UPDATES updates come in
+    more than AUTO_COMPILE_SHAPES shapes (they are built here and dropped: a few milliseconds each), else "auto"."""
+    last = min(cfg.steps, first + AUTO_LOOKAHEAD_UPDATES - 1)
+    shapes = {tuple(v.shape for v in batch.values()) for step in range(first, last + 1)
+              for batch, _ in step_batches(examples, cfg, step, pad_id)}
+    if len(shapes) <= AUTO_COMPILE_SHAPES:
+        return "auto"
+    warn(f"--compile auto: the batches of the first {last - first + 1} updates come in {len(shapes)} shapes, so the "
+         "step runs eagerly (each new shape costs a trace and kernel compilations; --compile on compiles anyway)")
+    return "off"
 
 
 def make_update(model, optimizer, cfg):
@@ -869,7 +884,9 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
     data = {"command": command, "n_examples": str(len(examples)), "data_fingerprint": examples_fingerprint(examples)}
     first, best_val, trained_tokens = resume_from(checkpoint, model, optimizer, examples, command,
                                                   data["data_fingerprint"])
-    update = make_update(model, optimizer, cfg)  # after the restore: compiling captures the state
+    compile_mode = auto_compile(examples, cfg, first, pad_id) if cfg.compile == "auto" else cfg.compile
+    # after the restore: compiling captures the state
+    update = make_update(model, optimizer, replace(cfg, compile=compile_mode))
     metrics, out, stop = MetricsLog(out, keep_until=first - 1), out and Path(out), stop or (lambda step: None)
     history, pending, healthy, since = [], [], mx.array(True), time.perf_counter()
     batches = step_batches(examples, cfg, first, pad_id) if first <= cfg.steps else []

@@ -505,13 +505,30 @@ def test_the_compiled_step_trains_exactly_like_the_eager_one(tokenizer, grad_acc
     assert all(mx.array_equal(a, b) for (_, a), (_, b) in zip(runs[0][1], runs[1][1]))
 
 
-def test_compile_auto_turns_eager_after_the_fifth_batch_shape_and_trains_bitwise_the_same(tokenizer, capsys):
-    records = [{**SFT_RECORDS[i % 2], "question": "Why? " * i + SFT_RECORDS[i % 2]["question"]} for i in range(8)]
+VARIED_RECORDS = [{**SFT_RECORDS[i % 2], "question": "Why? " * i + SFT_RECORDS[i % 2]["question"]} for i in range(8)]
+
+
+def test_compile_auto_runs_eagerly_from_the_start_when_the_first_updates_show_more_than_four_shapes(tokenizer, capsys):
+    cfg = tiny_config(steps=8, batch_size=1, pad_to=1, compile="auto")  # every record its own length
+    model = tiny_clara(cfg)
+    clara.train(model, clara.sft_examples(tokenizer, cfg, VARIED_RECORDS), cfg, tokenizer.pad_token_id)
+    assert model.traces == 0  # no shape compiled in vain
+    assert "--compile auto: the batches of the first 8 updates come in 8 shapes, so the step runs eagerly" in \
+        capsys.readouterr().err
+    fixed = tiny_config(steps=8, compile="auto")  # every batch holds both records: one shape, compiled
+    model = tiny_clara(fixed)
+    clara.train(model, clara.sft_examples(tokenizer, fixed, SFT_RECORDS), fixed, tokenizer.pad_token_id)
+    assert model.traces == 1 and "--compile auto" not in capsys.readouterr().err
+
+
+def test_compile_auto_turns_eager_after_the_fifth_batch_shape_and_trains_bitwise_the_same(tokenizer, capsys,
+                                                                                           monkeypatch):
+    monkeypatch.setattr(clara, "AUTO_LOOKAHEAD_UPDATES", 1)  # the first update alone: one shape, so compiled
     runs = []
     for compiled in ("off", "auto"):
         cfg = tiny_config(steps=8, batch_size=1, pad_to=1, compile=compiled)  # every record its own length
         model = tiny_clara(cfg)
-        clara.train(model, clara.sft_examples(tokenizer, cfg, records), cfg, tokenizer.pad_token_id)
+        clara.train(model, clara.sft_examples(tokenizer, cfg, VARIED_RECORDS), cfg, tokenizer.pad_token_id)
         runs.append((model.traces, tree_flatten(model.trainable_parameters())))
     assert runs[0][0] == 0 and runs[1][0] == clara.AUTO_COMPILE_SHAPES + 1  # then no trace more
     warning = "--compile auto: the data has shown 5 batch shapes, so the rest of the run is eager"
