@@ -119,7 +119,7 @@ class Config:
     context: str = "compressed"  # sft: "compressed" memory slots, or the baselines "text" (no compression) and "none"
     base: str = "auto"  # frozen base weights: auto (CPU: float32, GPU: as stored), float32, bfloat16, or stored
     pad_to: int = 0  # length buckets of training batches: multiples of this, then quarter octaves (0: 128 on a GPU)
-    compile: str = "auto"  # mx.compile the step: "auto" (until the data shows a 5th batch shape, then eager), on, off
+    compile: str = "auto"  # mx.compile the step: "auto" (unless the batches come in more than 4 shapes), on, off
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more time
     out: str = ""  # output folder (default: runs/<command>)
     init: str = ""  # start from the adapters and memory of an earlier run (its --out folder or a checkpoint)
