@@ -971,10 +971,15 @@ def test_bench_times_every_step_beside_mlx_lm_on_the_same_tokens_and_names_its_o
     assert report["options"] in (tmp_path / "bench.md").read_text() and report["matmul_gflops"] > 0
 
 
-def test_the_gpu_recipes_shapes_are_the_real_models_and_its_records_vary_in_length(tmp_path, tokenizer):
+@pytest.fixture(scope="module")
+def gpu_bench():
     sys.path.insert(0, str(ROOT / "data"))
     import gpu_bench
 
+    return gpu_bench
+
+
+def test_the_gpu_recipes_shapes_are_the_real_models_and_its_records_vary_in_length(tmp_path, tokenizer, gpu_bench):
     counts = {name: sum(v.size for _, v in tree_flatten(llama.Model(llama.ModelArgs.from_dict(shape)).parameters()))
               for name, shape in gpu_bench.SHAPES.items()}
     assert counts == {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400}  # the released models' counts
@@ -987,10 +992,8 @@ def test_the_gpu_recipes_shapes_are_the_real_models_and_its_records_vary_in_leng
     assert min(lengths) < 64 and max(lengths) > 512
 
 
-def test_the_gpu_recipes_pieces_time_every_row_at_the_widths_training_buckets_it_to(tiny_model_folder, tokenizer):
-    sys.path.insert(0, str(ROOT / "data"))
-    import gpu_bench
-
+def test_the_gpu_recipes_pieces_time_every_row_at_the_widths_training_buckets_it_to(tiny_model_folder, tokenizer,
+                                                                                   gpu_bench):
     sizes = {"batch_size": 2, "doc_max_len": 32, "max_len": 160}
     results = gpu_bench.time_pieces(tiny_model_folder, pad_to=64, repeats=1, **sizes)
     cfg = clara.Config(model=str(tiny_model_folder), **sizes)

@@ -153,16 +153,16 @@ def time_pieces(model_name, pad_to=0, repeats=10, batch_size=4, doc_max_len=1024
 
     results = {}
     for row in ("compress", "compressed", "text"):
-        batch = clara.training_batch(clara.bench_examples(tokenizer, cfg, row), cfg, tokenizer.pad_token_id)
-        arrays = [({k: v for k, v in batch.items() if k != "n_tokens"}, batch["n_tokens"])]
-        pieces = {"widths": (batch["doc_ids"].shape[1], batch["ids"].shape[1]), "tokens": batch["n_tokens"],
-                  "forward": median_seconds(lambda: forward(arrays[0][0])),
-                  "forward_backward": median_seconds(lambda: forward_backward(arrays[0][0]))}
+        batches = clara.step_batches(clara.bench_examples(tokenizer, cfg, row), cfg, 1, tokenizer.pad_token_id)
+        (batch, tokens), = batches  # one batch per update (--grad-accum 1), as training builds it
+        pieces = {"widths": (batch["doc_ids"].shape[1], batch["ids"].shape[1]), "tokens": tokens,
+                  "forward": median_seconds(lambda: forward(batch)),
+                  "forward_backward": median_seconds(lambda: forward_backward(batch))}
         for compiled in ("on", "off"):
             optimizer = optim.AdamW(learning_rate=1e-4, betas=[0.9, 0.95], weight_decay=0.0)
             update = clara.make_update(model, optimizer, replace(cfg, compile=compiled))
             pieces[f"update_compile_{compiled}"] = median_seconds(
-                lambda: [update(arrays, mx.array(True))["losses"], model.trainable_parameters()])
+                lambda: [update(batches, mx.array(True))["losses"], model.trainable_parameters()])
         results[row] = pieces
     return results
 
