@@ -1,5 +1,6 @@
 """The GPU benchmark's recipe: model folders of real shapes with random weights, PyTorch+PEFT's step on the
-same shapes, each piece of clara's step timed alone, and training data whose lengths vary record to record.
+same shapes, each piece of clara's step timed alone, each of its speed choices undone alone, its GPU kernels by
+time, and training data whose lengths vary record to record.
 The README's GPU tables come from it.
 
     python data/gpu_bench.py tokenizer --out TOK            # the default model's tokenizer, saved (needs clara.py's
@@ -8,6 +9,8 @@ The README's GPU tables come from it.
     python clara.py bench --model models/llama-1b --base bfloat16 --batch-size 4 --doc-max-len 1024 --max-len 4096
     python data/gpu_bench.py torch --model models/llama-1b --batch-size 4 --length 3001 [--compile]
     python data/gpu_bench.py pieces --model models/llama-1b [--pad-to 64]   # each piece of clara's step alone
+    python data/gpu_bench.py variants --model models/llama-1b   # each speed choice of the step undone alone
+    python data/gpu_bench.py kernels --model models/llama-1b    # the step's GPU kernels by time (needs torch)
     python data/gpu_bench.py varlen --tokenizer TOK --records 2000 --out varlen.jsonl
     python clara.py sft --data varlen.jsonl --model models/smollm2 --base bfloat16 --batch-size 4 ...
 
@@ -18,6 +21,7 @@ SDPA attention, the loss on the last `--answer` tokens of each row; its rows are
 """
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -124,47 +128,139 @@ def time_pieces(model_name, pad_to=0, repeats=10, batch_size=4, doc_max_len=1024
     buckets them (--pad-to; 0: the default), every call waited for: the loss's forward pass and the forward and
     backward pass (both compiled), and the whole update of make_update, compiled and eager.
     -> {row: {"widths": (compressor, generator), "tokens", and the seconds of each piece: median of `repeats`}}"""
-    import statistics
     from dataclasses import replace
-
-    clara = import_clara()  # first: on a CPU it loads the system OpenBLAS before MLX starts
 
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
 
-    cfg = clara.Config(model=str(model_name), base="bfloat16" if clara.on_gpu() else "float32",
-                       batch_size=batch_size, doc_max_len=doc_max_len, max_len=max_len, pad_to=pad_to)
-    llm, tokenizer = clara.load_model(cfg.model, cfg.base)
-    model = clara.CLaRa(llm, cfg)
+    clara, cfg, model, tokenizer = bench_model(model_name, pad_to, batch_size, doc_max_len, max_len)
     loss_and_grad = nn.value_and_grad(model, clara.clara_loss)
     forward = mx.compile(lambda batch: clara.clara_loss(model, batch, cfg)[0])
     forward_backward = mx.compile(lambda batch: loss_and_grad(model, batch, cfg))
-
-    def median_seconds(run, warmup=2):
-        for _ in range(warmup):
-            mx.eval(run())
-        seconds = []
-        for _ in range(repeats):
-            tic = time.perf_counter()
-            mx.eval(run())
-            seconds.append(time.perf_counter() - tic)
-        return statistics.median(seconds)
-
     results = {}
     for row in ("compress", "compressed", "text"):
         batches = clara.step_batches(clara.bench_examples(tokenizer, cfg, row), cfg, 1, tokenizer.pad_token_id)
         (batch, tokens), = batches  # one batch per update (--grad-accum 1), as training builds it
         pieces = {"widths": (batch["doc_ids"].shape[1], batch["ids"].shape[1]), "tokens": tokens,
-                  "forward": median_seconds(lambda: forward(batch)),
-                  "forward_backward": median_seconds(lambda: forward_backward(batch))}
+                  "forward": median_seconds(lambda: forward(batch), repeats),
+                  "forward_backward": median_seconds(lambda: forward_backward(batch), repeats)}
         for compiled in ("on", "off"):
             optimizer = optim.AdamW(learning_rate=1e-4, betas=[0.9, 0.95], weight_decay=0.0)
             update = clara.make_update(model, optimizer, replace(cfg, compile=compiled))
             pieces[f"update_compile_{compiled}"] = median_seconds(
-                lambda: [update(batches, mx.array(True))["losses"], model.trainable_parameters()])
+                lambda: [update(batches, mx.array(True))["losses"], model.trainable_parameters()], repeats)
         results[row] = pieces
     return results
+
+
+# the choices that clara's step made for speed, each undone alone: what `variants` times against today's code
+VARIANTS = ("today", "quarter octaves", "float32 adapters", "float32 logits", "float32 adapters and logits")
+
+
+@contextlib.contextmanager
+def undone(clara, variant):
+    """clara as it was before one of its speed choices: length buckets of a quarter octave, not an eighth; the
+    adapters' update computed in float32, not in the input's dtype; a float32 copy of the logits before the
+    cross-entropy. Everything is put back on leaving."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    def quarter_octaves(n, multiple, longest=0):
+        if multiple <= 1:
+            return n
+        bucket = clara.round_up(n, max(multiple, 2 ** (n.bit_length() - 3)))
+        return max(n, min(bucket, clara.round_up(longest, multiple))) if longest else bucket
+
+    def float32_adapters(self, x):
+        adapter = self.adapters[self.role]
+        y = self.linear(x)
+        return y + (self.scale * (self.dropout(x) @ adapter.lora_a) @ adapter.lora_b).astype(y.dtype)
+
+    def float32_logits(logits, labels):
+        mask = labels != clara.IGNORE
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(mask, labels, 0)) * mask
+        n_tokens = mask.sum()
+        return ce.sum() / mx.maximum(n_tokens, 1), n_tokens
+
+    saved = clara.length_bucket, clara.LoRALinear.__call__, clara.masked_cross_entropy
+    if variant == "quarter octaves":
+        clara.length_bucket = quarter_octaves
+    if "adapters" in variant:
+        clara.LoRALinear.__call__ = float32_adapters
+    if "logits" in variant:
+        clara.masked_cross_entropy = float32_logits
+    try:
+        yield
+    finally:
+        clara.length_bucket, clara.LoRALinear.__call__, clara.masked_cross_entropy = saved
+
+
+def bench_model(model_name, pad_to, batch_size, doc_max_len, max_len):
+    """clara, its config for the bench's shapes (bfloat16 base on a GPU), the model and the tokenizer."""
+    clara = import_clara()  # first: on a CPU it loads the system OpenBLAS before MLX starts
+    cfg = clara.Config(model=str(model_name), base="bfloat16" if clara.on_gpu() else "float32",
+                       batch_size=batch_size, doc_max_len=doc_max_len, max_len=max_len, pad_to=pad_to)
+    llm, tokenizer = clara.load_model(cfg.model, cfg.base)
+    return clara, cfg, clara.CLaRa(llm, cfg), tokenizer
+
+
+def median_seconds(run, repeats, warmup=2):
+    """The median wall time of `repeats` calls of run(), each evaluated and waited for, after `warmup` calls."""
+    import statistics
+
+    import mlx.core as mx
+
+    for _ in range(warmup):
+        mx.eval(run())
+    seconds = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        mx.eval(run())
+        seconds.append(time.perf_counter() - tic)
+    return statistics.median(seconds)
+
+
+def time_variants(model_name, rows=("compress", "compressed", "text"), variants=VARIANTS, repeats=10, pad_to=0,
+                  batch_size=4, doc_max_len=1024, max_len=4096):
+    """The compiled forward and backward pass of each bench row with each speed choice undone alone (VARIANTS).
+    -> {row: {variant: {"widths": (compressor, generator), "labelled": positions projected, "seconds"}}}"""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    clara, cfg, model, tokenizer = bench_model(model_name, pad_to, batch_size, doc_max_len, max_len)
+    results = {}
+    for row in rows:
+        examples = clara.bench_examples(tokenizer, cfg, row)
+        for variant in variants:
+            with undone(clara, variant):
+                (batch, _), = clara.step_batches(examples, cfg, 1, tokenizer.pad_token_id)
+                loss_and_grad = nn.value_and_grad(model, clara.clara_loss)
+                forward_backward = mx.compile(lambda b: loss_and_grad(model, b, cfg))  # traced anew per variant
+                seconds = median_seconds(lambda: forward_backward(batch), repeats)
+            results.setdefault(row, {})[variant] = {
+                "widths": (batch["doc_ids"].shape[1], batch["ids"].shape[1]),
+                "labelled": batch["label_positions"].size, "seconds": seconds}
+    return results
+
+
+def kernel_table(model_name, row="compress", rows_shown=40, batch_size=4, doc_max_len=1024, max_len=4096):
+    """The GPU kernels of one row's compiled forward and backward pass (3 calls), by total time: torch's CUPTI
+    profiler records every kernel of the process, MLX's included. Needs torch (the GPU machine's image has it)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    clara, cfg, model, tokenizer = bench_model(model_name, 0, batch_size, doc_max_len, max_len)
+    (batch, _), = clara.step_batches(clara.bench_examples(tokenizer, cfg, row), cfg, 1, tokenizer.pad_token_id)
+    forward_backward = mx.compile(lambda b: nn.value_and_grad(model, clara.clara_loss)(model, b, cfg))
+    torch.cuda.init()
+    median_seconds(lambda: forward_backward(batch), 1)
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        for _ in range(3):
+            mx.eval(forward_backward(batch))
+    return trace.key_averages().table(sort_by="cuda_time_total", row_limit=rows_shown, max_name_column_width=90)
 
 
 def write_varlen(tokenizer, records, out, seed=0, doc_max_len=1024):
@@ -193,6 +289,12 @@ def write_varlen(tokenizer, records, out, seed=0, doc_max_len=1024):
     print(f"wrote {out}: {records} records")
 
 
+def append_json_line(path, obj):
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -209,19 +311,27 @@ def main():
     torch_.add_argument("--steps", type=int, default=10)
     torch_.add_argument("--compile", action="store_true", help="torch.compile the model")
     torch_.add_argument("--out", type=Path, help="append the result as a JSON line here")
-    pieces = commands.add_parser("pieces")
-    pieces.add_argument("--model", required=True, help="a folder written by the model command, or clara's --model")
-    pieces.add_argument("--pad-to", type=int, default=0, help="clara's --pad-to (0: 128 on a GPU, none on a CPU)")
-    pieces.add_argument("--repeats", type=int, default=10, help="timed calls per piece, after 2 warm-up calls")
-    pieces.add_argument("--batch-size", type=int, default=4)
-    pieces.add_argument("--doc-max-len", type=int, default=1024)
-    pieces.add_argument("--max-len", type=int, default=4096)
-    pieces.add_argument("--out", type=Path, help="append the result as a JSON line here")
+    timed = {"pieces": commands.add_parser("pieces"), "variants": commands.add_parser("variants"),
+             "kernels": commands.add_parser("kernels")}
+    for name, sub in timed.items():  # clara's step on the bench's shapes
+        sub.add_argument("--model", required=True, help="a folder written by the model command, or clara's --model")
+        sub.add_argument("--batch-size", type=int, default=4)
+        sub.add_argument("--doc-max-len", type=int, default=1024)
+        sub.add_argument("--max-len", type=int, default=4096)
+        if name != "kernels":
+            sub.add_argument("--pad-to", type=int, default=0, help="clara's --pad-to (0: 128 on a GPU, none on a CPU)")
+            sub.add_argument("--repeats", type=int, default=10, help="timed calls, after 2 warm-up calls")
+            sub.add_argument("--out", type=Path, help="append the result as a JSON line here")
+    timed["variants"].add_argument("--rows", default="compress,compressed,text")
+    timed["kernels"].add_argument("--row", default="compress", choices=("compress", "compressed", "text"))
     varlen = commands.add_parser("varlen")
     varlen.add_argument("--tokenizer", type=Path, required=True)
     varlen.add_argument("--records", type=int, default=2000)
     varlen.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    shape = {"batch_size": args.batch_size, "doc_max_len": args.doc_max_len, "max_len": args.max_len} \
+        if args.command in timed else {}
+    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shape.items())
     if args.command == "tokenizer":
         save_tokenizer(args.out)
     elif args.command == "model":
@@ -229,18 +339,27 @@ def main():
     elif args.command == "varlen":
         write_varlen(args.tokenizer, args.records, args.out)
     elif args.command == "pieces":
-        results = time_pieces(args.model, args.pad_to, args.repeats, args.batch_size, args.doc_max_len, args.max_len)
-        print(f"{args.model} | --pad-to {args.pad_to} --batch-size {args.batch_size} --doc-max-len {args.doc_max_len} "
-              f"--max-len {args.max_len} | ms, median of {args.repeats}, each call waited for")
+        results = time_pieces(args.model, args.pad_to, args.repeats, **shape)
+        print(f"{args.model} | --pad-to {args.pad_to} {options} | ms, median of {args.repeats}, each call waited for")
         print("| row | widths (compressor, generator) | tokens | forward | forward+backward | update compiled | eager |")
         print("|---|---|---|---|---|---|---|")
         for row, r in results.items():
             print(f"| {row} | {r['widths']} | {r['tokens']} | " + " | ".join(
                 f"{1000 * r[k]:.1f}" for k in ("forward", "forward_backward", "update_compile_on",
                                                 "update_compile_off")) + " |")
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps({**vars(args), "out": str(args.out), "rows": results}) + "\n")
+        append_json_line(args.out, {**vars(args), "out": str(args.out), "rows": results})
+    elif args.command == "variants":
+        results = time_variants(args.model, args.rows.split(","), VARIANTS, args.repeats, args.pad_to, **shape)
+        print(f"{args.model} | --pad-to {args.pad_to} {options} | compiled forward+backward, ms, median of "
+              f"{args.repeats}, each call waited for")
+        print("| row | variant | widths (compressor, generator) | labelled positions | ms |")
+        print("|---|---|---|---|---|")
+        for row, variants in results.items():
+            for variant, r in variants.items():
+                print(f"| {row} | {variant} | {r['widths']} | {r['labelled']} | {1000 * r['seconds']:.1f} |")
+        append_json_line(args.out, {**vars(args), "out": str(args.out), "rows": results})
+    elif args.command == "kernels":
+        print(kernel_table(args.model, args.row, **shape))
     else:
         tic = time.perf_counter()
         seconds, peak = torch_step(args.model, args.batch_size, args.length, args.answer, args.steps, args.compile)
@@ -250,9 +369,7 @@ def main():
                "wall_s": time.perf_counter() - tic}
         print(f"PyTorch+PEFT {'torch.compile' if args.compile else 'eager'} | {args.model} | {tokens} tok | "
               f"{seconds:.4f} s/step | {tokens / seconds:.0f} tok/s | peak {peak:.2f} GB")
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_json_line(args.out, row)
 
 
 if __name__ == "__main__":
