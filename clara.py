@@ -300,14 +300,17 @@ def round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
+BUCKETS_PER_OCTAVE = 8  # 4 made the compress row's 1133-token generator rows 1280 wide, not 1152 (README)
+
+
 def length_bucket(n, multiple, longest=0):
-    """n rounded up to a length bucket: a multiple of `multiple` and of an eighth of the power of two at or below
-    n, but never past `longest` (the longest row the config allows, rounded up to the multiple). Padding stays
-    under 12.5% above 8 multiples, and lengths up to 4096 fall into 24 buckets at multiple 128 (not 32): on a GPU
-    every new shape costs a trace and kernel compilations. Multiple 1 keeps n as it is."""
+    """n rounded up to a length bucket: a multiple of `multiple` and of an eighth (BUCKETS_PER_OCTAVE) of the power
+    of two at or below n, but never past `longest` (the longest row the config allows, rounded up to the multiple).
+    Padding stays under 12.5% above 8 multiples, and lengths up to 4096 fall into 24 buckets at multiple 128 (not
+    32): on a GPU every new shape costs a trace and kernel compilations. Multiple 1 keeps n as it is."""
     if multiple <= 1:
         return n
-    bucket = round_up(n, max(multiple, 2 ** (n.bit_length() - 4)))
+    bucket = round_up(n, max(multiple, (1 << max(n.bit_length() - 1, 0)) // BUCKETS_PER_OCTAVE))
     return max(n, min(bucket, round_up(longest, multiple))) if longest else bucket
 
 

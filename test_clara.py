@@ -1027,10 +1027,10 @@ def test_the_gpu_recipes_pieces_time_every_row_at_the_widths_training_buckets_it
 
 def test_the_gpu_recipes_variants_undo_one_speed_choice_each_and_put_clara_back(tiny_model_folder, tokenizer,
                                                                                gpu_bench):
-    saved = clara.length_bucket, clara.LoRALinear.__call__, clara.masked_cross_entropy
+    saved = clara.BUCKETS_PER_OCTAVE, clara.LoRALinear.__call__, clara.masked_cross_entropy
     sizes = {"batch_size": 2, "doc_max_len": 32, "max_len": 160}
     results = gpu_bench.time_variants(tiny_model_folder, ("compress",), repeats=1, pad_to=8, **sizes)["compress"]
-    assert (clara.length_bucket, clara.LoRALinear.__call__, clara.masked_cross_entropy) == saved
+    assert (clara.BUCKETS_PER_OCTAVE, clara.LoRALinear.__call__, clara.masked_cross_entropy) == saved
     assert list(results) == list(gpu_bench.VARIANTS) and all(r["seconds"] > 0 for r in results.values())
     cfg = clara.Config(model=str(tiny_model_folder), pad_to=8, **sizes)
     batch = clara.make_batch(clara.bench_examples(tokenizer, cfg, "compress"), cfg.n_mem, tokenizer.pad_token_id)

@@ -131,13 +131,11 @@ def time_pieces(model_name, pad_to=0, repeats=10, batch_size=4, doc_max_len=1024
     from dataclasses import replace
 
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
 
     clara, cfg, model, tokenizer = bench_model(model_name, pad_to, batch_size, doc_max_len, max_len)
-    loss_and_grad = nn.value_and_grad(model, clara.clara_loss)
     forward = mx.compile(lambda batch: clara.clara_loss(model, batch, cfg)[0])
-    forward_backward = mx.compile(lambda batch: loss_and_grad(model, batch, cfg))
+    forward_backward = compiled_forward_backward(clara, model, cfg)
     results = {}
     for row in ("compress", "compressed", "text"):
         batches = clara.step_batches(clara.bench_examples(tokenizer, cfg, row), cfg, 1, tokenizer.pad_token_id)
@@ -166,12 +164,6 @@ def undone(clara, variant):
     import mlx.core as mx
     import mlx.nn as nn
 
-    def quarter_octaves(n, multiple, longest=0):
-        if multiple <= 1:
-            return n
-        bucket = clara.round_up(n, max(multiple, 2 ** (n.bit_length() - 3)))
-        return max(n, min(bucket, clara.round_up(longest, multiple))) if longest else bucket
-
     def float32_adapters(self, x):
         adapter = self.adapters[self.role]
         y = self.linear(x)
@@ -183,9 +175,9 @@ def undone(clara, variant):
         n_tokens = mask.sum()
         return ce.sum() / mx.maximum(n_tokens, 1), n_tokens
 
-    saved = clara.length_bucket, clara.LoRALinear.__call__, clara.masked_cross_entropy
+    saved = clara.BUCKETS_PER_OCTAVE, clara.LoRALinear.__call__, clara.masked_cross_entropy
     if variant == "quarter octaves":
-        clara.length_bucket = quarter_octaves
+        clara.BUCKETS_PER_OCTAVE = 4
     if "adapters" in variant:
         clara.LoRALinear.__call__ = float32_adapters
     if "logits" in variant:
@@ -193,7 +185,7 @@ def undone(clara, variant):
     try:
         yield
     finally:
-        clara.length_bucket, clara.LoRALinear.__call__, clara.masked_cross_entropy = saved
+        clara.BUCKETS_PER_OCTAVE, clara.LoRALinear.__call__, clara.masked_cross_entropy = saved
 
 
 def bench_model(model_name, pad_to, batch_size, doc_max_len, max_len):
@@ -203,6 +195,15 @@ def bench_model(model_name, pad_to, batch_size, doc_max_len, max_len):
                        batch_size=batch_size, doc_max_len=doc_max_len, max_len=max_len, pad_to=pad_to)
     llm, tokenizer = clara.load_model(cfg.model, cfg.base)
     return clara, cfg, clara.CLaRa(llm, cfg), tokenizer
+
+
+def compiled_forward_backward(clara, model, cfg):
+    """clara's loss and its gradients as one compiled function of a batch, traced on its first call."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    loss_and_grad = nn.value_and_grad(model, clara.clara_loss)
+    return mx.compile(lambda batch: loss_and_grad(model, batch, cfg))
 
 
 def median_seconds(run, repeats, warmup=2):
@@ -225,9 +226,6 @@ def time_variants(model_name, rows=("compress", "compressed", "text"), variants=
                   batch_size=4, doc_max_len=1024, max_len=4096):
     """The compiled forward and backward pass of each bench row with each speed choice undone alone (VARIANTS).
     -> {row: {variant: {"widths": (compressor, generator), "labelled": positions projected, "seconds"}}}"""
-    import mlx.core as mx
-    import mlx.nn as nn
-
     clara, cfg, model, tokenizer = bench_model(model_name, pad_to, batch_size, doc_max_len, max_len)
     results = {}
     for row in rows:
@@ -235,8 +233,7 @@ def time_variants(model_name, rows=("compress", "compressed", "text"), variants=
         for variant in variants:
             with undone(clara, variant):
                 (batch, _), = clara.step_batches(examples, cfg, 1, tokenizer.pad_token_id)
-                loss_and_grad = nn.value_and_grad(model, clara.clara_loss)
-                forward_backward = mx.compile(lambda b: loss_and_grad(model, b, cfg))  # traced anew per variant
+                forward_backward = compiled_forward_backward(clara, model, cfg)  # traced anew per variant
                 seconds = median_seconds(lambda: forward_backward(batch), repeats)
             results.setdefault(row, {})[variant] = {
                 "widths": (batch["doc_ids"].shape[1], batch["ids"].shape[1]),
@@ -248,13 +245,12 @@ def kernel_table(model_name, row="compress", rows_shown=40, batch_size=4, doc_ma
     """The GPU kernels of one row's compiled forward and backward pass (3 calls), by total time: torch's CUPTI
     profiler records every kernel of the process, MLX's included. Needs torch (the GPU machine's image has it)."""
     import mlx.core as mx
-    import mlx.nn as nn
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     clara, cfg, model, tokenizer = bench_model(model_name, 0, batch_size, doc_max_len, max_len)
     (batch, _), = clara.step_batches(clara.bench_examples(tokenizer, cfg, row), cfg, 1, tokenizer.pad_token_id)
-    forward_backward = mx.compile(lambda b: nn.value_and_grad(model, clara.clara_loss)(model, b, cfg))
+    forward_backward = compiled_forward_backward(clara, model, cfg)
     torch.cuda.init()
     median_seconds(lambda: forward_backward(batch), 1)
     with profile(activities=[ProfilerActivity.CUDA]) as trace:
