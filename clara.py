@@ -192,16 +192,16 @@ def slot_marks(n_docs):
     return "\n".join(SLOT_MARK for _ in range(n_docs))
 
 
-def truncate_keep_target(prompt, target, max_len):
-    """Fit prompt + target into max_len by dropping prompt items from the start; target tokens are kept.
+def truncate_prompt_and_target(prompt, target, max_len):
+    """Fit prompt + target into max_len: the prompt loses items from its start, but keeps at least half of
+    max_len (all of it, if shorter); the target is cut at its end to what is left.
 
-    If the target alone is longer than max_len, the whole prompt is dropped and the target keeps its first
-    max_len tokens: such an example teaches nothing about the documents, so callers count and report it.
+    So a long prompt (many documents, or their text) is cut on the input side and the answer stays whole, while a
+    long target (a stage-1 QA list or paraphrase) keeps the prompt and its memory slots and is cut at its end, as
+    Apple's right-side truncation cuts it. Callers count what was cut and report it.
     """
-    if len(target) >= max_len:
-        return prompt[:0], target[:max_len]
-    keep = max_len - len(target)
-    return prompt[max(0, len(prompt) - keep):], target
+    keep = min(len(prompt), max(max_len - len(target), max_len // 2))
+    return prompt[len(prompt) - keep:], target[: max_len - keep]
 
 
 def encode_prompt(tokenizer, system, user, slot_docs, n_mem):
@@ -227,13 +227,13 @@ def encode_prompt(tokenizer, system, user, slot_docs, n_mem):
 
 def prompt_example(tokenizer, cfg, system, user, n_slot_docs, target):
     """The generator's side of an example: the chat prompt (n_slot_docs SLOT_MARKs in `user` become memory
-    slots) followed by the target, cut to cfg.max_len from the prompt's start."""
+    slots) followed by the target, both cut to fit cfg.max_len (truncate_prompt_and_target)."""
     ids, slots = encode_prompt(tokenizer, system, user, n_slot_docs, cfg.n_mem)
     target_ids = [] if target is None else tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
-    prompt, target_ids = truncate_keep_target(list(zip(ids, slots)), target_ids, cfg.max_len)
+    prompt, kept_target = truncate_prompt_and_target(list(zip(ids, slots)), target_ids, cfg.max_len)
     kept_slots = collections.Counter(s // cfg.n_mem for _, s in prompt if s >= 0)
-    return {"ids": [i for i, _ in prompt] + target_ids, "slots": [s for _, s in prompt] + [-1] * len(target_ids),
-            "n_prompt": len(prompt), "n_slot_docs": n_slot_docs, "target_cut": len(target_ids) == cfg.max_len,
+    return {"ids": [i for i, _ in prompt] + kept_target, "slots": [s for _, s in prompt] + [-1] * len(kept_target),
+            "n_prompt": len(prompt), "n_slot_docs": n_slot_docs, "target_cut": len(kept_target) < len(target_ids),
             # documents that lost some or all of their memory slots to the cut (the first ones go first)
             "docs_dropped": n_slot_docs - sum(n == cfg.n_mem for n in kept_slots.values())}
 
@@ -467,6 +467,16 @@ def train_only(model, roles, memory):
     model.trained_roles = frozenset(roles)  # a frozenset is a plain attribute, not part of the parameter tree
 
 
+def mean_resized_rows(embeddings, n):
+    """n new rows for an embedding table (V, H) as Apple's added <MEM_i> tokens get them: Hugging Face's
+    resize_token_embeddings (mean_resizing, the default in the transformers Apple pins) starts each at the mean
+    row plus a draw from N(0, 1e-9 x the rows' covariance), so they start all but equal. -> (n, H)
+    A draw with covariance C^T C / V, C the centred rows, is z @ C / sqrt(V) for z ~ N(0, I): no Cholesky."""
+    mean = embeddings.mean(0)  # (H,)
+    centred = embeddings - mean  # (V, H)
+    return mean + math.sqrt(1e-9 / embeddings.shape[0]) * (mx.random.normal((n, embeddings.shape[0])) @ centred)
+
+
 class CLaRa(nn.Module):
     """The frozen LLM, its LoRA adapters and the n_mem learned memory embeddings: all that training touches."""
 
@@ -475,13 +485,13 @@ class CLaRa(nn.Module):
         add_lora(llm, cfg)
         self.llm = llm
         vocab_size = text_model(llm).model.embed_tokens.weight.shape[0]
-        sample = token_embeddings(llm, mx.arange(min(4096, vocab_size)))  # (V', H)
-        # memory slots start as random vectors with the statistics of real token embeddings
-        self.memory = sample.mean(0) + sample.std() * mx.random.normal((cfg.n_mem, sample.shape[-1]))  # (n_mem, H)
+        # every k-th row, at most 16384 of them: the table's statistics without a float32 copy of all of it
+        sample = token_embeddings(llm, mx.arange(0, vocab_size, -(-vocab_size // 16384))).astype(mx.float32)  # (V', H)
+        self.memory = mean_resized_rows(sample, cfg.n_mem)  # (n_mem, H), as Apple's <MEM_i> vocabulary rows start
         # --memory-scale embedding: spliced memory vectors get the mean norm of token embeddings (a float, not a
         # parameter); "none" leaves them as they are, as Apple's code does. Why: SmolLM2's final states have
         # norm ~57 against ~2.7 for token embeddings, and spliced raw they taught the generator nothing (README)
-        self.spliced_norm = mx.linalg.norm(sample.astype(mx.float32), axis=-1).mean().item() \
+        self.spliced_norm = mx.linalg.norm(sample, axis=-1).mean().item() \
             if cfg.memory_scale == "embedding" else 0.0
         # what the text model multiplies its input embeddings by (Gemma: sqrt(H)); Apple's splice divides it out
         self.embedding_multiplier = embedding_multiplier(llm)
@@ -644,11 +654,13 @@ def retrieve_memory(model, batch, top_k, temperature):
 def contrastive_retrieval_loss(logits, positive_mask):
     """Apple's retrieval pretraining (its stage2_pretrain_retrieval): -log(softmax mass on the marked
     candidates), averaged over the questions that have any. logits, positive_mask (B, N) -> (loss, questions)"""
-    marked = mx.logsumexp(mx.where(positive_mask, logits, -mx.inf), axis=-1)  # (B,)
     has_positive = positive_mask.any(axis=-1)  # (B,)
+    # a row with no marked candidate is all -inf: its logsumexp is finite but its gradient NaN, and a NaN times
+    # the 0 that masks it is still NaN; so such rows are masked before the logsumexp, not after
+    marked_logits = mx.where(positive_mask | ~has_positive[:, None], logits, -mx.inf)  # (B, N)
+    per_question = mx.logsumexp(logits, axis=-1) - mx.logsumexp(marked_logits, axis=-1)  # (B,)
     n = has_positive.sum()
-    per_question = mx.where(has_positive, mx.logsumexp(logits, axis=-1) - marked, 0.0)  # (B,), -inf masked out
-    return per_question.sum() / mx.maximum(n, 1), n
+    return mx.where(has_positive, per_question, 0.0).sum() / mx.maximum(n, 1), n
 
 
 def clara_loss(model, batch, cfg):
@@ -891,8 +903,8 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
     """
     from tqdm import tqdm
 
-    # Apple's optimiser: AdamW with betas (0.9, 0.95) and no weight decay
-    optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), betas=[0.9, 0.95], weight_decay=0.0)
+    # Apple's optimiser (DeepSpeed's FusedAdam in AdamW mode): betas (0.9, 0.95), no weight decay, bias-corrected
+    optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), betas=[0.9, 0.95], weight_decay=0.0, bias_correction=True)
     data = {"command": command, "n_examples": str(len(examples)), "data_fingerprint": examples_fingerprint(examples)}
     first, best_val, trained_tokens = resume_from(checkpoint, model, optimizer, examples, command,
                                                   data["data_fingerprint"])
@@ -1062,7 +1074,9 @@ def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens):
 
 
 def evaluate(model, tokenizer, cfg, records, max_new_tokens, contexts=EVAL_CONTEXTS):
-    """Stages 1-2: greedy answers from compressed documents, document text and none. Returns {context: summary}."""
+    """Stages 1-2: greedy answers from compressed documents, document text and none. Returns {context: summary}.
+    Each record's first cfg.top_k documents are read, as Apple's evaluate.py reads docs[:5]."""
+    records = [{**r, "docs": r["docs"][: cfg.top_k]} for r in records]
     results = {}
     for context in contexts:
         inputs = [(question_example(tokenizer, cfg, r, context, r["gold"]), None) for r in records]
@@ -1139,36 +1153,42 @@ def prepare(cfg, trained=None, fresh=(), stage3=False):
     return model, tokenizer
 
 
-def report_prompt_cuts(cfg, examples):
-    """Say how many documents lost their memory slots to --max-len; refuse examples that keep none at all."""
-    hopeless = [i for i, ex in enumerate(examples) if ex["n_slot_docs"] and not ex["target_cut"]
-                and ex["docs_dropped"] == ex["n_slot_docs"]]
-    if hopeless:
-        more = f" (and {len(hopeless) - 1} more)" if len(hopeless) > 1 else ""
-        raise InputError(f"record {hopeless[0] + 1}{more} cannot hold even one document's "
-                         f"{cfg.n_mem} memory slots in --max-len {cfg.max_len}: raise --max-len or "
-                         f"--compression-rate, or give fewer documents per record")
+def keeps_memory(example):
+    """False for an example whose documents all lost memory slots to --max-len: it would train an answer
+    without its documents."""
+    return not example["n_slot_docs"] or example["docs_dropped"] < example["n_slot_docs"]
+
+
+def report_cuts(cfg, examples):
+    """Say what truncation cut, in one warning per kind (the examples that keep no memory are left out)."""
     dropped, total = sum(ex["docs_dropped"] for ex in examples), sum(ex["n_slot_docs"] for ex in examples)
+    left_out = sum(not keeps_memory(ex) for ex in examples)
+    cut_docs, cut_targets = sum(ex["docs_cut"] for ex in examples), sum(ex["target_cut"] for ex in examples)
     if dropped:
         warn(f"{dropped} of {total} document(s) lost memory slots: their prompt did not fit --max-len {cfg.max_len} "
              "and was cut from the start (raise --max-len or --compression-rate, or give fewer documents)")
+    if left_out:
+        warn(f"{left_out} of {len(examples)} record(s) kept none of their documents' memory slots and are left out")
+    if cut_docs:
+        warn(f"{cut_docs} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
+    if cut_targets:
+        warn(f"{cut_targets} target(s) were cut at their end to fit --max-len {cfg.max_len}; prompts and memory kept")
 
 
 def run_stage(cfg, command, model, tokenizer, examples, val_examples, checkpoint):
     """Shared by the training commands: report what truncation cut, train (checkpointing into --out).
     checkpoint: (arrays, metadata) of the run that --resume continues, or None."""
+    kept = [ex for ex in examples if keeps_memory(ex)]
+    if not kept:  # no record of the file fits: the options, not the data, are wrong
+        raise InputError(f"no record can hold even one document's {cfg.n_mem} memory slots in --max-len "
+                         f"{cfg.max_len}: raise --max-len or --compression-rate, or give fewer documents per record")
     if checkpoint:
-        check_same_data(checkpoint, examples, command)  # before anything else is said or written
-    everything = examples + val_examples
-    report_prompt_cuts(cfg, everything)
-    cut_docs, cut_targets = sum(ex["docs_cut"] for ex in everything), sum(ex["target_cut"] for ex in everything)
-    if cut_docs:
-        warn(f"{cut_docs} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
-    if cut_targets:
-        warn(f"{cut_targets} target(s) alone exceed --max-len {cfg.max_len}: their prompt is dropped")
-    print(f"{len(examples)} training example(s), {len(val_examples)} for validation", flush=True)
+        check_same_data(checkpoint, kept, command)  # before anything else is said or written
+    report_cuts(cfg, examples + val_examples)
+    val_examples = [ex for ex in val_examples if keeps_memory(ex)]
+    print(f"{len(kept)} training example(s), {len(val_examples)} for validation", flush=True)
     with stop_on_signals() as stop:  # SIGINT / SIGTERM finish the step and checkpoint it
-        history = train(model, examples, cfg, tokenizer.pad_token_id, cfg.out, val_examples, checkpoint, stop, command)
+        history = train(model, kept, cfg, tokenizer.pad_token_id, cfg.out, val_examples, checkpoint, stop, command)
     print(f"saved adapters, memory embeddings, checkpoint and config to {cfg.out}/")
     return history
 
@@ -1188,18 +1208,18 @@ def cmd_compress(cfg, args, trained, checkpoint):
         raise InputError("compress needs exactly one of --pdf FILE or --data FILE.jsonl")
     if args.pdf:  # input is checked before the model loads: a bad file fails in a second
         pages = extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages)
+        val_records = [r for _, r in read_records(cfg.val_data, parse_compress_record)] if cfg.val_data else []
     else:
-        records = [record for _, record in read_records(args.data, parse_compress_record)]
-    val_records = [r for _, r in read_records(cfg.val_data, parse_compress_record)] if cfg.val_data else []
+        records, val_records, _ = split_records(cfg, args.data, parse_compress_record)
     model, tokenizer = prepare(cfg, trained)
     if args.pdf:
         chunks = pdf_chunks(pages, tokenizer, cfg)
         records = [{"kind": "reconstruct", "doc": c["text"], "target": c["text"]} for c in chunks]
-    if not val_records:
-        records, val_records = split_validation(records, cfg.val_fraction, cfg.seed)
+        if not cfg.val_data:
+            records, val_records = split_validation(records, cfg.val_fraction, cfg.seed)
     examples = compress_examples(tokenizer, cfg, records)
-    if checkpoint:
-        check_same_data(checkpoint, examples, "compress")  # before --chunks-out is written again
+    if checkpoint:  # before --chunks-out is written again
+        check_same_data(checkpoint, [ex for ex in examples if keeps_memory(ex)], "compress")
     if args.pdf:
         write_jsonl_atomically(args.chunks_out, chunks)
         print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {args.chunks_out}")
@@ -1208,7 +1228,7 @@ def cmd_compress(cfg, args, trained, checkpoint):
 
 
 def split_records(cfg, path, parse):
-    """(training records, validation records, held-out count) of a stage 2 or 3 file. Validation: --val-data,
+    """(training records, validation records, held-out count) of a JSONL file of any stage. Validation: --val-data,
     else --val-fraction of the training records, else the records marked "split": "eval"."""
     rows = read_records(path, parse)
     records = [record for split, record in rows if split != "eval"]
@@ -1239,9 +1259,13 @@ def cmd_e2e(cfg, args, trained, checkpoint):
         raise InputError("e2e trains retrieval on top of stage 2: give --init with the --out folder of an sft run")
     parse = functools.partial(parse_e2e_record, min_candidates=cfg.top_k)
     records, val_records, n_held_out = split_records(cfg, args.data, parse)
-    if cfg.retrieval_loss == "contrastive" and not any(r["positives"] for r in records):
+    unmarked = sum(not r["positives"] for r in records)
+    if cfg.retrieval_loss == "contrastive" and unmarked == len(records):
         raise InputError(f"{args.data}: --retrieval-loss contrastive learns from the marked candidates, and no "
                          "training record has 'pos_index'")
+    if cfg.retrieval_loss == "contrastive" and unmarked:
+        warn(f"{args.data}: {unmarked} of {len(records)} training record(s) have no 'pos_index'; --retrieval-loss "
+             "contrastive learns nothing from them")
     model, tokenizer = prepare(cfg, trained, stage3=True)
     texts = sorted({d for r in records + val_records for d in r["docs"]})
     tic = time.perf_counter()
@@ -1381,6 +1405,10 @@ def cmd_eval(cfg, args, trained, checkpoint):
     if wrong:
         raise InputError(f"--contexts {' '.join(sorted(wrong))}: not for {'stage 3' if retrieval else 'stage 2'} "
                          f"records; choose from {' '.join(allowed)}")
+    n_many = 0 if retrieval else sum(len(r["docs"]) > cfg.top_k for r in records)
+    if n_many:
+        print(f"note: {n_many} record(s) have more than --top-k {cfg.top_k} documents; their first {cfg.top_k} are "
+              "read, as Apple's evaluate.py does")
     model, tokenizer = prepare(cfg, trained)
     print(f"{args.data}: scoring {len(records)} record(s) ({which}) in {len(contexts)} context(s)", flush=True)
     evaluation = evaluate_retrieval if retrieval else evaluate
@@ -1968,8 +1996,7 @@ def parse_args(argv):
     for name, text in (("ask", "answer a question from documents or from an index, with trained adapters"),
                        ("eval", "score answers: compressed vs text vs none, or retrieved vs marked vs none")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--max-new-tokens", type=int, default=64 if name == "ask" else 32,
-                             help="longest answer in tokens")
+        command.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (Apple: 64)")
         command.add_argument("--top-k", type=int, help="documents retrieved per question (default: the run's)")
     ask, evaluate_ = commands.choices["ask"], commands.choices["eval"]
     ask.add_argument("--adapters", help="output folder of a run, or a checkpoint file (with --index: the index's)")

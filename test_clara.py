@@ -4,6 +4,7 @@ plumbing: model families, input reading, reliability, and the evidence experimen
 inline; the default model is the real one."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -76,26 +77,34 @@ SFT_RECORDS = [
 
 @FAST
 @given(st.lists(st.integers(0, 9), max_size=40), st.lists(st.integers(0, 9), max_size=40), st.integers(1, 60))
-def test_truncation_keeps_every_target_token_and_a_suffix_of_the_prompt(prompt, target, max_len):
-    kept_prompt, kept_target = clara.truncate_keep_target(prompt, target, max_len)
-    assert len(kept_prompt) + len(kept_target) <= max_len
+def test_truncation_cuts_the_prompt_at_its_start_and_the_target_at_its_end_and_never_needlessly(prompt, target,
+                                                                                                 max_len):
+    kept_prompt, kept_target = clara.truncate_prompt_and_target(prompt, target, max_len)
+    assert len(kept_prompt) + len(kept_target) == min(len(prompt) + len(target), max_len)  # nothing cut needlessly
     assert kept_prompt == prompt[len(prompt) - len(kept_prompt):]  # a suffix: dropped from the start only
-    if len(target) < max_len:
-        assert kept_target == target
-        assert len(kept_prompt) == min(len(prompt), max_len - len(target))  # nothing dropped needlessly
-    else:  # the defined overflow: no prompt, the target's first max_len tokens
-        assert kept_prompt == [] and kept_target == target[:max_len]
+    assert kept_target == target[: len(kept_target)]  # a prefix: cut at its end only
+    if len(kept_target) < len(target):  # a target is cut only for a prompt that is whole or half of max_len
+        assert len(kept_prompt) in (len(prompt), max_len // 2)
+    if len(kept_prompt) < len(prompt):  # a prompt loses tokens only to a target that is whole or half of max_len
+        assert len(kept_target) in (len(target), max_len - max_len // 2)
 
 
-def test_build_example_truncates_the_prompt_from_the_start_and_counts_cut_targets(tokenizer):
+def test_a_long_prompt_loses_its_start_and_a_long_target_its_end_keeping_the_memory(tokenizer):
     cfg = tiny_config(max_len=24)
     example = clara.build_example(tokenizer, cfg, ["one two three " * 20], clara.USER_ANSWER, "because",
                                   question="why {docs}?")  # a placeholder inside the question stays text
     target = tokenizer.encode("because", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert len(example["ids"]) == 24 and example["ids"][-len(target):] == target
     assert example["n_prompt"] == 24 - len(target) and not example["target_cut"]
-    overlong = clara.build_example(tokenizer, cfg, ["doc"], clara.USER_ANSWER, "word " * 100, question="Q")
-    assert overlong["target_cut"] and overlong["n_prompt"] == 0 and len(overlong["ids"]) == 24
+    cfg = tiny_config(max_len=120)  # a stage-1 target longer than max_len: Apple cuts it at its end
+    long_target = "Question: who?\nAnswer: a village. " * 40
+    overlong = clara.compress_examples(tokenizer, cfg, [{"kind": "qa", "doc": "doc", "target": long_target}])[0]
+    prompt = clara.encode_prompt(tokenizer, clara.SYSTEM_QA, clara.fill(clara.USER_QA, docs=clara.slot_marks(1)), 1,
+                                 cfg.n_mem)[0]
+    assert overlong["target_cut"] and overlong["docs_dropped"] == 0 and len(overlong["ids"]) == 120
+    assert overlong["ids"][: overlong["n_prompt"]] == prompt  # the whole prompt, memory slots and all
+    assert overlong["ids"][overlong["n_prompt"]:] == tokenizer.encode(long_target, add_special_tokens=False)[
+        : 120 - len(prompt)]
 
 
 # -----------------------------------------------------------------------------
@@ -142,6 +151,17 @@ def test_only_adapters_and_memory_are_trainable_with_the_exact_count():
     assert all(".adapters." in n or n == "memory" for n in names)
 
 
+def test_memory_embeddings_start_as_apples_added_vocabulary_rows_at_the_mean_embedding_with_almost_no_spread():
+    cfg = tiny_config()
+    model = tiny_clara(cfg)
+    table = np.array(model.llm.model.embed_tokens.weight, dtype=np.float64)  # (V, H)
+    memory = np.array(model.memory, dtype=np.float64)  # (n_mem, H)
+    assert memory.shape == (cfg.n_mem, table.shape[1]) and model.memory.dtype == mx.float32
+    assert np.abs(memory.mean(0) - table.mean(0)).max() < 0.05 * table.std()  # the mean row (of a strided sample)
+    spread = np.abs(memory - memory.mean(0)).max()
+    assert 0 < spread < 1e-3 * table.std()  # distinct, but all but equal: N(0, 1e-9 x covariance)
+
+
 # -----------------------------------------------------------------------------
 # the memory path and padding
 
@@ -171,12 +191,12 @@ def test_spliced_memory_has_the_token_embedding_norm_or_is_left_as_it_is(tokeniz
     spliced = clara.generator_embeddings(model, batch["ids"], batch["slot_index"], memory_states)
     slots = np.array(batch["slot_index"])
     b, t = np.argwhere(slots == 5)[0]
-    embeddings = model.llm.model.embed_tokens(mx.arange(4096))
+    embeddings = model.llm.model.embed_tokens.weight  # (V, H): the norm is that of a sample of its rows
     if scale == "none":  # Apple's splice: the final states as they are
         assert mx.array_equal(spliced[b, t], memory_states.reshape(-1, 64)[5])
     else:  # the direction kept, the norm that of an average token embedding
         assert mx.linalg.norm(spliced[b, t]).item() == pytest.approx(mx.linalg.norm(embeddings, axis=-1).mean().item(),
-                                                                     rel=1e-4)
+                                                                     rel=1e-2)
         cosine = clara.cosine_scores(spliced[b, t][None], memory_states.reshape(1, -1, 64)[:, 5:6])[0, 0].item()
         assert cosine == pytest.approx(1.0, abs=1e-5)
     b, t = np.argwhere(slots < 0)[0]
@@ -419,8 +439,8 @@ def test_e2e_trains_only_the_generator_and_the_query_reasoner_and_lowers_the_los
     assert any(".adapters.query." in name for name in clara.adapter_arrays(model))  # now saved with the run
 
 
-def test_documents_that_lose_memory_slots_to_max_len_are_counted_and_a_record_with_none_is_refused(tokenizer,
-                                                                                                    capsys):
+def test_documents_that_lose_memory_slots_to_max_len_are_counted_and_a_record_with_none_is_left_out(tokenizer,
+                                                                                                     capsys):
     full = clara.sft_examples(tokenizer, tiny_config(), SFT_RECORDS)[0]
     assert full["docs_dropped"] == 0 and full["n_slot_docs"] == 2
     seen = set()
@@ -429,14 +449,14 @@ def test_documents_that_lose_memory_slots_to_max_len_are_counted_and_a_record_wi
         ex = clara.sft_examples(tokenizer, cfg, SFT_RECORDS[:1])[0]
         whole = [d for d in range(2) if all(d * cfg.n_mem + j in ex["slots"] for j in range(cfg.n_mem))]
         assert ex["docs_dropped"] == 2 - len(whole) and whole == list(range(2 - len(whole), 2))  # first ones go first
+        assert clara.keeps_memory(ex) == (ex["docs_dropped"] < 2)
         seen.add(ex["docs_dropped"])
-        if ex["docs_dropped"] == 1:
-            clara.report_prompt_cuts(cfg, [ex, full])
-            assert capsys.readouterr().err.startswith(f"warning: 1 of 4 document(s) lost memory slots: their prompt "
-                                                      f"did not fit --max-len {max_len}")
-        if ex["docs_dropped"] == 2:
-            with pytest.raises(clara.InputError, match="record 2 cannot hold even one document's 4 memory slots"):
-                clara.report_prompt_cuts(cfg, [full, ex])
+        clara.report_cuts(cfg, [ex, full])
+        err = capsys.readouterr().err
+        assert (f"warning: {ex['docs_dropped']} of 4 document(s) lost memory slots: their prompt did not fit --max-len "
+                f"{max_len}" in err) == (ex["docs_dropped"] > 0)
+        assert ("warning: 1 of 2 record(s) kept none of their documents' memory slots and are left out" in err) == \
+            (ex["docs_dropped"] == 2)
     assert seen == {0, 1, 2}
 
 
@@ -450,17 +470,37 @@ def test_contrastive_retrieval_loss_is_the_log_softmax_mass_of_the_marked_candid
     assert clara.contrastive_retrieval_loss(logits, mx.zeros((3, 4), dtype=mx.bool_))[0].item() == 0.0  # never NaN
 
 
-def test_contrastive_stage3_trains_the_query_reasoner_alone_and_lowers_its_loss(tokenizer):
+@FAST
+@given(st.integers(1, 4), st.integers(1, 6), st.randoms(use_true_random=False))
+def test_contrastive_retrieval_gradient_is_finite_and_zero_on_questions_without_marks(n_batch, n_candidates, rng):
+    logits = mx.array([[rng.uniform(-50, 50) for _ in range(n_candidates)] for _ in range(n_batch)])  # (B, N)
+    marked = mx.array([[rng.random() < 0.4 for _ in range(n_candidates)] for _ in range(n_batch)])  # some rows none
+    grad = np.array(mx.grad(lambda x: clara.contrastive_retrieval_loss(x, marked)[0])(logits))
+    rows, mask = np.array(logits, dtype=np.float64), np.array(marked)
+    n_valid = max(mask.any(axis=1).sum(), 1)
+    for b in range(n_batch):  # d(-log softmax mass)/d logits = softmax - softmax over the marked, per valid row
+        if not mask[b].any():
+            assert np.all(grad[b] == 0.0)
+            continue
+        softmax = np.exp(rows[b] - rows[b].max()) / np.exp(rows[b] - rows[b].max()).sum()
+        marked_softmax = np.where(mask[b], np.exp(rows[b] - rows[b][mask[b]].max()), 0.0)
+        expected = (softmax - marked_softmax / marked_softmax.sum()) / n_valid
+        np.testing.assert_allclose(grad[b], expected, atol=1e-5)
+
+
+def test_contrastive_stage3_trains_the_query_reasoner_alone_on_mixed_batches_and_lowers_its_loss(tokenizer):
     cfg = tiny_config(top_k=2, steps=8, retrieval_loss="contrastive")
     model = tiny_clara(cfg)
     randomize_adapters(model, "compressor", seed=1)
     clara.train_only(model, clara.STAGE3_ROLES["contrastive"], memory=False)
-    texts = sorted({d for r in E2E_RECORDS for d in r["docs"]})
+    records = E2E_RECORDS + [{**E2E_RECORDS[0], "question": "Which colour?", "positives": []}]  # one without marks
+    texts = sorted({d for r in records for d in r["docs"]})
     bank = clara.compress_corpus(model, tokenizer, cfg, texts)
-    examples = clara.e2e_examples(tokenizer, cfg, E2E_RECORDS, bank, {t: i for i, t in enumerate(texts)})
+    examples = clara.e2e_examples(tokenizer, cfg, records, bank, {t: i for i, t in enumerate(texts)})
     before = snapshot(model)
-    history = clara.train(model, examples, cfg, tokenizer.pad_token_id)
+    history = clara.train(model, examples, cfg, tokenizer.pad_token_id)  # batches of 2 out of 3: mixed ones too
     assert changed_roles(model, before) == {"query"}  # no generator in this loss: it stays as it was
+    assert all(math.isfinite(row["grad_norm"]) for row in history)
     assert history[-1]["loss"] < history[0]["loss"]
 
 
@@ -592,6 +632,18 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(values[10:], values[11:]))  # then never rising
     assert values[55] == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-3)  # cosine: halfway at half the decay
     assert values[100] == pytest.approx(1e-5)
+
+
+def test_the_first_update_moves_every_trained_weight_by_the_whole_learning_rate_as_bias_corrected_adam(tokenizer):
+    cfg = tiny_config(steps=1, warmup=0.0, clip_norm=0.0, lr=1e-3)
+    model = tiny_clara(cfg)
+    before = snapshot(model)
+    clara.train(model, clara.sft_examples(tokenizer, cfg, SFT_RECORDS), cfg, tokenizer.pad_token_id)
+    moved = np.concatenate([np.abs(np.array(v) - before[name]).ravel()
+                            for name, v in tree_flatten(model.trainable_parameters())])
+    moved = moved[moved > 0]  # A matrices get no gradient while B = 0
+    assert moved.size > 1000 and moved.max() < 1.001 * cfg.lr
+    assert np.median(moved) == pytest.approx(cfg.lr, rel=1e-2)  # Adam without bias correction: 0.45 x lr
 
 
 @FAST
@@ -1233,7 +1285,7 @@ def test_bad_jsonl_gives_one_line_naming_file_line_and_field(tmp_path, content, 
     (["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
     (["--compression-rate", "1", "--max-len", "100"], "gives 256 memory slots per document, more than the whole"),
     (["--lora-rank", "100000"], "--lora-rank 100000 is above the model's hidden size 576"),
-    (["--max-len", "40"], "cannot hold even one document's 16 memory slots in --max-len 40"),
+    (["--max-len", "24"], "no record can hold even one document's 16 memory slots in --max-len 24"),
 ])
 def test_bad_options_give_one_line_exit_2_and_write_nothing(tmp_path, options, message):
     if "--out" not in options:
@@ -1391,11 +1443,17 @@ def test_apples_stage1_file_format_trains_through_compress_data(tmp_path, tiny_m
                 "docs": ["The lighthouse on Kell Point is kept by Ada Morrow. Its lamp shines green."]},
                {"data_type": "paraphrase", "docs": ["Snow fell on Tarn for nine days."],
                 "answers": ["For nine days, snow came down on Tarn."]}]
+    villages = [f"Village {i}" for i in range(60)]  # one record lists dozens of villages, a question each
+    records.append({"data_type": "qa", "question": [f"Which river runs past {v}?" for v in villages],
+                    "answers": [f"The Orv, as for every village of {v}'s valley." for v in villages],
+                    "docs": ["The Orv runs past sixty villages."]})
     (tmp_path / "stage1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     run = run_cli("compress", "--data", tmp_path / "stage1.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32,
-                  "--compression-rate", 8, "--steps", 2, "--out", tmp_path / "run")
+                  "--compression-rate", 8, "--steps", 2, "--max-len", 512, "--out", tmp_path / "run")
     assert run.returncode == 0, run.stderr
-    assert "2 training example(s)" in run.stdout and "step 2/2 | loss" in run.stdout
+    assert "3 training example(s)" in run.stdout and "step 2/2 | loss" in run.stdout  # the long record trains too
+    assert "warning: 1 target(s) were cut at their end to fit --max-len 512; prompts and memory kept" in run.stderr
+    assert "lost memory slots" not in run.stderr
 
 
 def test_e2e_needs_an_earlier_run_to_start_from(tmp_path):
@@ -1678,8 +1736,10 @@ def test_fictional_documents_hold_their_answers_and_evaluation_documents_are_nev
 
     make_facts.write_all(tmp_path, train_docs=30, eval_docs=25, code_docs=40, code_eval=5)
     read = lambda name: [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
-    stage1, stage2, stage3, code = (read(f"{n}.jsonl") for n in ("stage1", "stage2", "stage3", "code_task"))
-    trained_docs = {r["docs"][0] for r in stage1}
+    stage1, stage2, stage3, code, names = (read(f"{n}.jsonl") for n in ("stage1", "stage2", "stage3", "code_task",
+                                                                         "name_task"))
+    trained_docs = {r["docs"][0] for r in stage1 if r.get("split") != "eval"}
+    assert len(trained_docs) == 30 and len(stage1) == 2 * (30 + 25)
     for r in stage2 + stage3:
         relevant = r["docs"][r["pos_index"][0]] if "pos_index" in r else next(d for d in r["docs"] if r["answer"] in d)
         assert r["answer"] in relevant  # every answer is a span of its document
@@ -1690,6 +1750,9 @@ def test_fictional_documents_hold_their_answers_and_evaluation_documents_are_nev
     assert all(r["answer"] in r["docs"][0] for r in code)
     assert not {r["docs"][0] for r in code if r.get("split") == "eval"} & \
         {r["docs"][0] for r in code if r.get("split") != "eval"}
+    assert {r["question"] for r in names} == {make_facts.NAME_QUESTION} and len(names) == 30 + 25
+    assert all(r["answer"] in r["docs"][0] and r["answer"] not in r["question"] for r in names)
+    assert all((r["docs"][0] in trained_docs) == (r.get("split") != "eval") for r in names)
     make_facts.write_all(tmp_path / "again", train_docs=30, eval_docs=25, code_docs=40, code_eval=5)
     assert (tmp_path / "again" / "stage3.jsonl").read_bytes() == (tmp_path / "stage3.jsonl").read_bytes()
 

@@ -60,7 +60,7 @@ def score(adapters, data, contexts, args):
     kept = adapters / f"eval-{data.stem}-{'-'.join(contexts)}.json"
     if not kept.exists():
         clara("eval", "--adapters", adapters, "--data", data, "--contexts", *contexts,
-              "--max-records", args.eval_records, "--max-new-tokens", 24)
+              "--max-records", args.eval_records)  # up to 64 new tokens, as Apple's evaluate.py
         (adapters / "eval.json").rename(kept)
     return json.loads(kept.read_text())["results"]
 

@@ -12,11 +12,14 @@ draws, so no document can be inferred from another. The paraphrase of a document
 with other sentence templates, in another order.
 
 Files written into --out (JSON Lines):
-  stage1.jsonl     training documents only: a "qa" record and a "paraphrase" record per document
+  stage1.jsonl     a "qa" record and a "paraphrase" record per document (eval documents': "split": "eval", so
+                   compress validates on them and never trains on them)
   stage2.jsonl     question + the relevant document among D distractors (eval records: "split": "eval")
   stage3.jsonl     question + N candidates, the relevant one in "pos_index" (same split marking)
   code_task.jsonl  filler documents that state a code; every record asks the same question, so the
                    answer can only come from the document (the last --code-eval records are "eval")
+  name_task.jsonl  every fact document once, asked the same question: the invented name of its entity, which
+                   only the document can give (the evaluation documents' records are "eval")
 Training and evaluation documents are disjoint, and distractors/candidates come from the record's own pool.
 The output depends only on the options: every random draw comes from a random.Random seeded with a string
 (hashed with SHA-512, unlike the salted hash()), never from the global random module.
@@ -177,6 +180,7 @@ FILLER = [  # sentences that carry no answer (no names, numbers or colours)
 ]
 
 CODE_QUESTION = "What is the code in the background?"
+NAME_QUESTION = "What is the name of the subject of the background?"
 CODE_SENTENCES = ["The code is {c}.", "A note on the door says that the code is {c}.",
                   "The code is {c}, written in chalk."]
 CODE_FILLER = [  # neutral sentences about invented things, without digits, for the code task
@@ -300,17 +304,18 @@ def write_jsonl(path, records):
 
 def write_all(out, train_docs=2000, eval_docs=200, seed=0, distractors=2, candidates=20, code_docs=2000,
               code_eval=100):
-    """Writes the four files into `out`; returns one summary line per file."""
+    """Writes the five files into `out`; returns one summary line per file."""
     check_options(train_docs, eval_docs, distractors, candidates, code_docs, code_eval)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train = make_documents(train_docs, seed)
     evaluation = make_documents(eval_docs, seed, start=train_docs)  # the indices after train: unseen names
     stage1 = []
-    for d in train:
-        stage1.append({"data_type": "qa", "question": [q for q, _ in d["qa"]], "answers": [a for _, a in d["qa"]],
-                       "docs": [d["text"]]})
-        stage1.append({"data_type": "paraphrase", "docs": [d["text"]], "answers": [d["paraphrase"]]})
+    for pool, split in ((train, {}), (evaluation, {"split": "eval"})):
+        for d in pool:
+            stage1.append({"data_type": "qa", "question": [q for q, _ in d["qa"]],
+                           "answers": [a for _, a in d["qa"]], "docs": [d["text"]], **split})
+            stage1.append({"data_type": "paraphrase", "docs": [d["text"]], "answers": [d["paraphrase"]], **split})
     stage2, stage3 = [], []
     rng2, rng3 = random.Random(f"{seed}-stage2"), random.Random(f"{seed}-stage3")
     for pool, split in ((train, {}), (evaluation, {"split": "eval"})):
@@ -324,11 +329,14 @@ def write_all(out, train_docs=2000, eval_docs=200, seed=0, distractors=2, candid
             for text, answer in make_code_documents(code_docs, seed)]
     for record in code[len(code) - code_eval:]:
         record["split"] = "eval"
+    names = [{"question": NAME_QUESTION, "docs": [d["text"]], "answer": d["entity"], **split}
+             for pool, split in ((train, {}), (evaluation, {"split": "eval"})) for d in pool]
     n_docs = train_docs + eval_docs
-    return [f"{out / 'stage1.jsonl'}: {write_jsonl(out / 'stage1.jsonl', stage1)} records, {train_docs} documents",
+    return [f"{out / 'stage1.jsonl'}: {write_jsonl(out / 'stage1.jsonl', stage1)} records, {n_docs} documents",
             f"{out / 'stage2.jsonl'}: {write_jsonl(out / 'stage2.jsonl', stage2)} records, {n_docs} documents",
             f"{out / 'stage3.jsonl'}: {write_jsonl(out / 'stage3.jsonl', stage3)} records, {n_docs} documents",
-            f"{out / 'code_task.jsonl'}: {write_jsonl(out / 'code_task.jsonl', code)} records, {code_docs} documents"]
+            f"{out / 'code_task.jsonl'}: {write_jsonl(out / 'code_task.jsonl', code)} records, {code_docs} documents",
+            f"{out / 'name_task.jsonl'}: {write_jsonl(out / 'name_task.jsonl', names)} records, {n_docs} documents"]
 
 
 def main(argv=None):
