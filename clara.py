@@ -204,6 +204,13 @@ def truncate_prompt_and_target(prompt, target, max_len):
     return prompt[len(prompt) - keep:], target[: max_len - keep]
 
 
+@functools.lru_cache(maxsize=1 << 15)
+def token_ids(tokenizer, text):
+    """text's token ids, without special tokens, as a tuple. Memoised: a document recurs in many records (one
+    record's distractors are other records' documents), and every prompt shares its template's pieces."""
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
 def encode_prompt(tokenizer, system, user, slot_docs, n_mem):
     """Token ids of a chat prompt in which each SLOT_MARK in `user` becomes n_mem memory slots.
 
@@ -216,7 +223,7 @@ def encode_prompt(tokenizer, system, user, slot_docs, n_mem):
     assert len(pieces) == slot_docs + 1, "the user text must hold one SLOT_MARK per document"
     ids, slots = [], []
     for d, piece in enumerate(pieces):
-        piece_ids = tokenizer.encode(piece, add_special_tokens=False)
+        piece_ids = token_ids(tokenizer, piece)
         ids += piece_ids
         slots += [-1] * len(piece_ids)
         if d < slot_docs:
@@ -229,7 +236,7 @@ def prompt_example(tokenizer, cfg, system, user, n_slot_docs, target):
     """The generator's side of an example: the chat prompt (n_slot_docs SLOT_MARKs in `user` become memory
     slots) followed by the target, both cut to fit cfg.max_len (truncate_prompt_and_target)."""
     ids, slots = encode_prompt(tokenizer, system, user, n_slot_docs, cfg.n_mem)
-    target_ids = [] if target is None else tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
+    target_ids = [] if target is None else [*token_ids(tokenizer, target), tokenizer.eos_token_id]
     prompt, kept_target = truncate_prompt_and_target(list(zip(ids, slots)), target_ids, cfg.max_len)
     kept_slots = collections.Counter(s // cfg.n_mem for _, s in prompt if s >= 0)
     return {"ids": [i for i, _ in prompt] + kept_target, "slots": [s for _, s in prompt] + [-1] * len(kept_target),
@@ -245,7 +252,7 @@ def build_example(tokenizer, cfg, docs, user, target, system=SYSTEM_ANSWER, cont
     "{question}" where the question goes). Compressed context gives each document n_mem memory slots there;
     text context writes the (equally truncated) document text there instead and compresses nothing.
     """
-    full_doc_ids = [tokenizer.encode(d, add_special_tokens=False) for d in docs]
+    full_doc_ids = [list(token_ids(tokenizer, d)) for d in docs]
     doc_ids = [ids[: cfg.doc_max_len] for ids in full_doc_ids]
     if context == "text":
         user, doc_ids = fill(user, docs="\n\n".join(tokenizer.decode(ids) for ids in doc_ids), question=question), []
@@ -1246,9 +1253,15 @@ def cmd_sft(cfg, args, trained, checkpoint):
     records, val_records, n_held_out = split_records(cfg, args.data, parse_sft_record)
     # Apple's stage 2 takes the compressor and the memory from stage 1 and starts a fresh generator
     fresh = ("generator",) if cfg.init and not checkpoint and not cfg.init_generator else ()
+    # stage-1 records trained alongside the questions (not Apple's recipe; README): the generator keeps reading
+    # every fact of a document from its memory while it learns to answer briefly
+    stage1 = [r for split, r in read_records(args.stage1_data, parse_compress_record) if split != "eval"] \
+        if args.stage1_data else []
     model, tokenizer = prepare(cfg, trained, fresh)
-    print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out (\"split\": \"eval\")")
-    return run_stage(cfg, "sft", model, tokenizer, sft_examples(tokenizer, cfg, records),
+    print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out (\"split\": \"eval\")"
+          + (f"; {args.stage1_data}: {len(stage1)} stage-1 record(s) mixed in" if stage1 else ""))
+    return run_stage(cfg, "sft", model, tokenizer,
+                     sft_examples(tokenizer, cfg, records) + compress_examples(tokenizer, cfg, stage1),
                      sft_examples(tokenizer, cfg, val_records), checkpoint)
 
 
@@ -1977,6 +1990,8 @@ def parse_args(argv):
     sft = commands.add_parser("sft", parents=[shared], help="stage 2: question + compressed documents -> answer")
     sft.add_argument("--data", required=True,
                      help="JSONL: {\"question\", \"docs\": [...], \"answer\" / \"gold_answer\"}")
+    sft.add_argument("--stage1-data", help="stage 1 JSONL (as compress --data) whose records are trained beside "
+                                          "the questions, shuffled in; its \"split\": \"eval\" records are skipped")
     e2e = commands.add_parser("e2e", parents=[shared], help="stage 3: retrieval and generation trained end to end")
     e2e.add_argument("--data", required=True,
                      help="JSONL: {\"question\", \"docs\": [candidates], \"answer\", \"pos_index\": [...] (optional)}")

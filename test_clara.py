@@ -1456,6 +1456,24 @@ def test_apples_stage1_file_format_trains_through_compress_data(tmp_path, tiny_m
     assert "lost memory slots" not in run.stderr
 
 
+def test_sft_stage1_data_mixes_its_training_records_into_stage_2_and_skips_its_eval_ones(tmp_path,
+                                                                                        tiny_model_folder):
+    stage1 = [{"data_type": "qa", "question": ["Who keeps the lighthouse?"], "answers": ["Ada Morrow"],
+               "docs": ["The lighthouse on Kell Point is kept by Ada Morrow."]},
+              {"data_type": "paraphrase", "docs": ["Snow fell on Tarn."], "answers": ["It snowed on Tarn."]},
+              {"data_type": "paraphrase", "docs": ["Rain fell."], "answers": ["It rained."], "split": "eval"}]
+    (tmp_path / "stage1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stage1))
+    common = ["--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8,
+              "--steps", 1]
+    run = run_cli("sft", *common, "--stage1-data", tmp_path / "stage1.jsonl", "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    assert f"{tmp_path / 'stage1.jsonl'}: 2 stage-1 record(s) mixed in" in run.stdout
+    assert "42 training example(s), 10 for validation" in run.stdout  # data/sft.jsonl: 40 training, 10 eval
+    (tmp_path / "bad.jsonl").write_text(json.dumps(stage1[0]) + "\n" + json.dumps({"data_type": "qa"}) + "\n")
+    bad = run_cli("sft", *common, "--stage1-data", tmp_path / "bad.jsonl", "--out", tmp_path / "out")
+    assert_clean_failure(bad, "bad.jsonl:2: ", tmp_path)
+
+
 def test_e2e_needs_an_earlier_run_to_start_from(tmp_path):
     run = run_cli("e2e", "--data", "data/e2e.jsonl", "--out", tmp_path / "out")
     assert_clean_failure(run, "give --init with the --out folder of an sft run", tmp_path)
@@ -1757,6 +1775,51 @@ def test_fictional_documents_hold_their_answers_and_evaluation_documents_are_nev
     assert all((r["docs"][0] in trained_docs) == (r.get("split") != "eval") for r in names)
     make_facts.write_all(tmp_path / "again", train_docs=30, eval_docs=25, code_docs=40, code_eval=5)
     assert (tmp_path / "again" / "stage3.jsonl").read_bytes() == (tmp_path / "stage3.jsonl").read_bytes()
+
+
+def test_passage_records_copy_their_question_from_the_marked_chunk_only_and_hold_out_whole_modules(tmp_path):
+    sys.path.insert(0, str(ROOT / "data"))
+    import make_passages
+
+    options = dict(candidates=6, max_chunks=30, chunks_out=tmp_path / "chunks.jsonl")
+    make_passages.write_passages(tmp_path / "p.jsonl", **options)
+    records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert records and {len(r["docs"]) for r in records} == {6}
+    for r in records:
+        (position,) = r["pos_index"]
+        assert r["question"] in r["docs"][position]  # copied verbatim from the marked chunk
+        assert sum(r["question"] in d for d in r["docs"]) == 1  # and from no other candidate
+    modules = {split: {r["answer"] for r in records if (r.get("split") == "eval") == (split == "eval")}
+               for split in ("train", "eval")}
+    assert modules["train"] and modules["eval"] and not modules["train"] & modules["eval"]
+    chunk_texts = {json.loads(line)["text"] for line in (tmp_path / "chunks.jsonl").read_text().splitlines()}
+    assert {d for r in records for d in r["docs"]} <= chunk_texts
+    make_passages.write_passages(tmp_path / "again.jsonl", **options)
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "p.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="--eval-every >= 2"):
+        make_passages.write_passages(tmp_path / "bad.jsonl", eval_every=1)
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_the_shipped_recipes_data_never_trains_on_its_evaluation_or_heldout_documents(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "data"))
+    import ship
+
+    monkeypatch.setattr(ship, "TRAIN_DOCS", 40)
+    monkeypatch.setattr(ship, "EVAL_DOCS", 10)
+    monkeypatch.setattr(ship, "MIX_DOCS", 5)
+    ship.write_data(tmp_path)
+    read = lambda name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
+    stage1, stage2, heldout, mix = (read(n) for n in ("stage1", "stage2", "heldout", "mix"))
+    trained = {d for r in stage1 + stage2 if r.get("split") != "eval" for d in r["docs"]}
+    assert len({r["docs"][0] for r in stage1 if r.get("split") != "eval"}) == 40
+    assert len(stage2) == 40 * ship.QUESTIONS_PER_DOC + 10 * 8 and len(mix) == 5
+    for r in stage2 + heldout:
+        assert r["answer"] in next(d for d in r["docs"] if r["answer"] in d) and len(r["docs"]) == 3
+        assert all((d in trained) == (r.get("split") != "eval") for d in r["docs"])
+    assert all(r.get("split") == "eval" for r in heldout) and not {d for r in heldout for d in r["docs"]} & trained
+    assert {r["docs"][0] for r in mix} <= trained and all(r["data_type"] == "qa" for r in mix)
+    assert read("passages")  # the query reasoner's passage -> chunk records come with it
 
 
 def test_the_evidence_experiment_runs_end_to_end_in_parts_and_writes_every_row(tmp_path, tiny_model_folder):

@@ -339,6 +339,17 @@ def write_all(out, train_docs=2000, eval_docs=200, seed=0, distractors=2, candid
             f"{out / 'name_task.jsonl'}: {write_jsonl(out / 'name_task.jsonl', names)} records, {n_docs} documents"]
 
 
+def run_main(parser, write, argv=None):
+    """The scripts' main: write(out, **options) and print its summary lines; a ValueError is one line, exit 2."""
+    options = vars(parser.parse_args(argv))
+    try:
+        lines = write(options.pop("out"), **options)
+    except ValueError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print("\n".join(lines))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for the .jsonl files")
@@ -350,13 +361,7 @@ def main(argv=None):
                         help="stage 3: documents per record, relevant one included")
     parser.add_argument("--code-docs", type=int, default=2000)
     parser.add_argument("--code-eval", type=int, default=100, help="the last records of code_task.jsonl held out")
-    options = vars(parser.parse_args(argv))
-    try:
-        lines = write_all(options.pop("out"), **options)
-    except ValueError as error:
-        print(f"make_facts.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print("\n".join(lines))
+    run_main(parser, write_all, argv)
 
 
 if __name__ == "__main__":
