@@ -1820,6 +1820,11 @@ def test_the_shipped_recipes_data_never_trains_on_its_evaluation_or_heldout_docu
     assert all(r.get("split") == "eval" for r in heldout) and not {d for r in heldout for d in r["docs"]} & trained
     assert {r["docs"][0] for r in mix} <= trained and all(r["data_type"] == "qa" for r in mix)
     assert read("passages")  # the query reasoner's passage -> chunk records come with it
+    script = subprocess.run([sys.executable, str(ROOT / "data" / "ship.py"), "script", "--out", tmp_path / "r"],
+                            capture_output=True, text=True, check=True).stdout
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # a script bash can run
+    assert f"R={tmp_path / 'r'};" in script and "for base in none text" in script and "for v in s2 s2mix s2fresh" \
+        in script and "--stage1-data $R/mix.jsonl" in script and "--retrieval-loss contrastive" in script
 
 
 def test_the_evidence_experiment_runs_end_to_end_in_parts_and_writes_every_row(tmp_path, tiny_model_folder):

@@ -1,8 +1,11 @@
 """The data of the shipped-adapter recipe (README, "Making memory carry facts"), made in about a minute.
 
     python data/ship.py data --out runs/ship
+    python data/ship.py script --out runs/ship --clara "--base bfloat16" > ship.sh && bash ship.sh
 
-The training and scoring commands that use it, and what each measured, are in the README.
+`script` prints the recipe's training and scoring commands as one bash script that runs them side by side on
+one GPU (the no-documents and text baselines with the same steps, stage 1, three stage-2 variants, the query
+reasoner, the scores on unseen documents); what each measured is in the README.
 
 Data (all made here, none downloaded; Apple's example files are not used):
   stage1.jsonl    qa + paraphrase records of TRAIN_DOCS fictional documents (data/make_facts.py, seed 0), and of
@@ -40,6 +43,33 @@ def stage2_records(rng, pool, per_doc, split):
     return records
 
 
+STEPS = {"S1": 1200, "S2": 600, "S3": 150}  # stage 1, stage 2 and the reasoner's steps (the baselines: S1 + S2)
+RECIPE = r"""# the shipped-adapter recipe (data/ship.py script): every run in the background, side by side
+mkdir -p {out}; R={out}; M="{clara} --batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --eval-every 250 --save-every 5000"
+S1=${{S1:-{S1}}}; S2=${{S2:-{S2}}}; S3=${{S3:-{S3}}}
+[ -f $R/stage1.jsonl ] || python3 {ship} data --out $R > $R.data.log 2>&1 || exit 1
+train() {{ name=$1; shift; python3 {clara_py} "$@" $M --out $R/$name > $R/$name.log 2>&1; echo "$name rc=$?" >> $R/done.txt; }}
+score() {{  # score RUN DATA CONTEXT TAG: eval writes beside the adapters, so it scores a copy of them in RUN-TAG
+  mkdir -p $R/$1-$4 && cp $R/$1/clara.safetensors $R/$1/config.json $R/$1-$4/ &&
+  python3 {clara_py} eval --adapters $R/$1-$4 --data $2 --contexts $3 --max-records 300 > $R/$1-$4.log 2>&1
+  echo "eval $1-$4 rc=$?" >> $R/done.txt; }}
+for base in none text; do
+  ( train $base sft --data $R/stage2.jsonl --context $base --steps $((S1 + S2))
+    score $base $R/stage2.jsonl $base e0 & score $base $R/heldout.jsonl $base e1 & wait ) &
+done
+( train s1 compress --data $R/stage1.jsonl --steps $S1
+  for v in s2 s2mix s2fresh; do  # stage 1's generator carried over / and stage-1 records mixed in / Apple's fresh one
+    case $v in s2) o="--init-generator";; s2mix) o="--init-generator --stage1-data $R/mix.jsonl --compile on";;
+               s2fresh) o="";; esac
+    ( train $v sft --data $R/stage2.jsonl --init $R/s1 $o --steps $S2
+      score $v $R/stage2.jsonl compressed e0 & score $v $R/heldout.jsonl compressed e1 &
+      train r-$v e2e --data $R/passages.jsonl --init $R/$v --retrieval-loss contrastive --steps $S3 --batch-size 16
+      score r-$v $R/passages.jsonl retrieved e0; wait ) &
+  done; wait ) &
+wait; echo ALL DONE >> $R/done.txt
+"""
+
+
 def write_data(out):
     out.mkdir(parents=True, exist_ok=True)
     train = make_facts.make_documents(TRAIN_DOCS, 0)
@@ -60,6 +90,12 @@ def write_data(out):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("data",))
+    parser.add_argument("step", choices=("data", "script"))
     parser.add_argument("--out", required=True, type=Path)
-    write_data(parser.parse_args().out)
+    parser.add_argument("--clara", default="", help="script: further clara.py options of every run (--model, --base)")
+    args = parser.parse_args()
+    if args.step == "data":
+        write_data(args.out)
+    else:
+        print(RECIPE.format(out=args.out, clara=args.clara, ship=Path(__file__), clara_py=HERE.parent / "clara.py",
+                            **STEPS), end="")
