@@ -2003,7 +2003,7 @@ def parse_args(argv):
         command.add_argument("--pdf-password", default="", help="password of an encrypted PDF")
         command.add_argument("--max-pages", type=int, default=1000, help="read at most this many pages (default: 1000)")
     compress.add_argument("--data", help="JSONL: {\"text\"} chunks, or Apple's stage 1 \"qa\" / \"paraphrase\" records")
-    compress.add_argument("--chunks-out", help="where the PDF's chunks go (default: data/<pdf name>.chunks.jsonl)")
+    compress.add_argument("--chunks-out", help="where the PDF's chunks go (default: chunks.jsonl in --out)")
     index.add_argument("--data", help="JSONL: {\"text\", \"pages\" (optional), \"source\" (optional)} chunks")
     bench = commands.add_parser("bench", parents=[shared], help="time compress and sft steps beside mlx-lm's trainer")
     bench.add_argument("--bench-steps", type=int, default=5,
@@ -2026,6 +2026,8 @@ def parse_args(argv):
     evaluate_.add_argument("--contexts", nargs="+", choices=EVAL_CONTEXTS + RETRIEVAL_CONTEXTS[:2],
                            help="score only these (default: compressed text none; e2e data: retrieved oracle none)")
     evaluate_.add_argument("--max-records", type=int, default=0, help="score only the first N records (0: all)")
+    for command in commands.choices.values():  # `--step 2` is a typo, not argparse's prefix of --steps
+        command.allow_abbrev = False
     return parser.parse_args(argv)
 
 
@@ -2033,7 +2035,7 @@ SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_
                  "memory_scale")
 RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "resume")  # --resume may change these
 RUN_OUTPUTS = (CHECKPOINT, BEST, "clara.safetensors", "adapters.safetensors", "adapter_config.json", "config.json",
-               "metrics.jsonl", "eval.json", "eval.md")  # what a training run writes into --out
+               "metrics.jsonl", "eval.json", "eval.md", "chunks.jsonl")  # what a training run writes into --out
 
 
 def resolve_config(args):
@@ -2120,7 +2122,7 @@ def check_options(cfg, args):
     if args.command == "index" and Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
         raise InputError(f"--out {cfg.out}: already holds files; an index is written to a new or empty folder")
     if args.command == "compress" and args.pdf:
-        args.chunks_out = args.chunks_out or f"data/{Path(args.pdf).stem}.chunks.jsonl"
+        args.chunks_out = args.chunks_out or str(Path(cfg.out) / "chunks.jsonl")  # beside the run they trained
         check_writable(args.chunks_out, "--chunks-out", is_folder=False)
     if args.command in ("compress", "index") and args.max_pages <= 0:
         raise InputError(f"--max-pages must be positive, got {args.max_pages}")

@@ -959,8 +959,7 @@ def run_cli(*args):
 def cli_runs(tmp_path_factory):
     """compress --pdf (2 steps), then sft --init it (1 step) on 6 + 2 records, through the CLI, default model."""
     root = tmp_path_factory.mktemp("cli")
-    compress = run_cli("compress", "--pdf", "data/sample.pdf", "--steps", 2, "--out", root / "c",
-                       "--chunks-out", root / "chunks.jsonl")
+    compress = run_cli("compress", "--pdf", "data/sample.pdf", "--steps", 2, "--out", root / "c")
     records = [json.loads(line) for line in (ROOT / "data" / "sft.jsonl").read_text().splitlines()]
     few = [r for r in records if r.get("split") != "eval"][:6] + [r for r in records if r.get("split") == "eval"][:2]
     (root / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in few))  # validation in seconds
@@ -968,11 +967,11 @@ def cli_runs(tmp_path_factory):
     return {"root": root, "compress": compress, "sft": sft, "records": records}
 
 
-def test_cli_compress_chunks_the_pdf_with_its_pages_and_trains(cli_runs):
+def test_cli_compress_chunks_the_pdf_with_its_pages_into_its_out_folder_and_trains(cli_runs):
     run, root = cli_runs["compress"], cli_runs["root"]
     assert run.returncode == 0, run.stderr
     assert "step 2/2 | loss" in run.stdout and "BLAS:" in run.stdout
-    chunks = [json.loads(line) for line in (root / "chunks.jsonl").read_text().splitlines()]
+    chunks = [json.loads(line) for line in (root / "c" / "chunks.jsonl").read_text().splitlines()]  # beside the run
     assert chunks and all(c["text"] and c["pages"] for c in chunks)
 
 
@@ -1292,6 +1291,12 @@ def test_bad_options_give_one_line_exit_2_and_write_nothing(tmp_path, options, m
         options = options + ["--out", str(tmp_path / "out")]
     run = run_cli("sft", "--data", "data/sft.jsonl", *options)
     assert_clean_failure(run, message, tmp_path)
+
+
+def test_an_option_is_never_taken_from_a_prefix_of_its_name(tmp_path):
+    run = run_cli("sft", "--data", "data/sft.jsonl", "--step", "2", "--out", tmp_path / "out")
+    assert run.returncode == 2 and "unrecognized arguments: --step 2" in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_special_file_is_never_taken_as_an_output(tmp_path):
