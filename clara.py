@@ -1361,6 +1361,7 @@ def read_index(folder):
 def ask_index(cfg, args, trained):
     """Answer from a compressed corpus: the query reasoner encodes the question, an exact cosine search over
     the index picks the top-k chunks, and the generator reads their memory vectors. Nothing is re-compressed."""
+    questions = read_questions(args)
     info, memory, keys, chunks = read_index(args.index)
     model, tokenizer = prepare(cfg, trained)
     if compressor_fingerprint(model) != info["fingerprint"]:
@@ -1368,41 +1369,61 @@ def ask_index(cfg, args, trained):
                          f"{args.adapters} ({compressor_fingerprint(model)}); rebuild it with clara.py index")
     k = min(cfg.top_k, len(chunks))
     if k < cfg.top_k:
-        print(f"note: the index holds {len(chunks)} chunk(s); retrieving {k}, not --top-k {cfg.top_k}")
-    tic = time.perf_counter()
-    query = encode_question(model, tokenizer, cfg, args.question).astype(mx.float32)  # (n_mem * H,)
-    mx.eval(query)
-    encoded = time.perf_counter()
-    scores = keys @ (query / mx.maximum(mx.linalg.norm(query), 1e-12))  # (N,) cosine similarities
-    top = mx.argsort(-scores)[:k]  # (k,) best first
-    mx.eval(top)
-    retrieved = time.perf_counter()
-    example = retrieval_prompt(tokenizer, cfg, args.question, k)
-    answer = generate_answer(model, tokenizer, cfg, example, args.max_new_tokens, memory[top])[0]
-    done = time.perf_counter()
-    print(answer)
-    print(f"\nsources (query encoding {1000 * (encoded - tic):.0f} ms, retrieval over {len(chunks)} chunks "
-          f"{1000 * (retrieved - encoded):.1f} ms, generation {1000 * (done - retrieved):.0f} ms):")
-    for rank, i in enumerate(top.tolist(), 1):
-        c = chunks[i]
-        pages = f" p. {', '.join(map(str, c['pages']))}" if c.get("pages") else ""
-        words = " ".join(c["text"].split()[:12])
-        print(f"  [{rank}] score {scores[i].item():.3f} | {c['source']}{pages} | {words} ...")
+        print(f"note: the index holds {len(chunks)} chunk(s); retrieving {k}, not --top-k {cfg.top_k}",
+              file=sys.stderr if args.questions else sys.stdout)
+    for question in questions:
+        tic = time.perf_counter()
+        query = encode_question(model, tokenizer, cfg, question).astype(mx.float32)  # (n_mem * H,)
+        mx.eval(query)
+        encoded = time.perf_counter()
+        scores = keys @ (query / mx.maximum(mx.linalg.norm(query), 1e-12))  # (N,) cosine similarities
+        top = mx.argsort(-scores)[:k].tolist()  # k chunk indices, best first
+        retrieved = time.perf_counter()
+        example = retrieval_prompt(tokenizer, cfg, question, k)
+        answer = generate_answer(model, tokenizer, cfg, example, args.max_new_tokens, memory[mx.array(top)])[0]
+        done = time.perf_counter()
+        sources = [{"source": chunks[i]["source"], "pages": chunks[i].get("pages", []),
+                    "score": scores[i].item(), "text": chunks[i]["text"]} for i in top]
+        if args.questions:
+            print(json.dumps({"question": question, "answer": answer, "sources": sources}), flush=True)
+            continue
+        print(answer)
+        print(f"\nsources (query encoding {1000 * (encoded - tic):.0f} ms, retrieval over {len(chunks)} chunks "
+              f"{1000 * (retrieved - encoded):.1f} ms, generation {1000 * (done - retrieved):.0f} ms):")
+        for rank, c in enumerate(sources, 1):
+            pages = f" p. {', '.join(map(str, c['pages']))}" if c["pages"] else ""
+            print(f"  [{rank}] score {c['score']:.3f} | {c['source']}{pages} | {' '.join(c['text'].split()[:12])} ...")
 
 
 def read_documents(paths):
     return [read_input_bytes(path, "document").decode("utf-8", errors="replace").replace("\x00", "") for path in paths]
 
 
+def read_questions(args):
+    """--question, or the non-blank lines of --questions FILE (one question a line), checked before any model loads."""
+    if bool(args.question) == bool(args.questions):
+        raise InputError("ask needs --question TEXT or --questions FILE (one question a line), one of the two")
+    if args.question:
+        return [args.question]
+    text = read_input_bytes(args.questions, "questions").decode("utf-8", errors="replace")
+    questions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not questions:
+        raise InputError(f"{args.questions}: no questions in it (one question a line)")
+    return questions
+
+
 def cmd_ask(cfg, args, trained, checkpoint):
+    """Answers --question, or each line of --questions (as JSON Lines), with the model loaded once."""
     if args.index:
         return ask_index(cfg, args, trained)
     if not args.docs:
         raise InputError("ask needs --docs FILE ... (documents to compress) or --index DIR (a compressed corpus)")
-    docs = read_documents(args.docs)
+    questions, docs = read_questions(args), read_documents(args.docs)
     model, tokenizer = prepare(cfg, trained)
-    example = build_example(tokenizer, cfg, docs, USER_ANSWER, None, context=cfg.context, question=args.question)
-    print(generate_answer(model, tokenizer, cfg, example, args.max_new_tokens)[0])
+    for question in questions:
+        example = build_example(tokenizer, cfg, docs, USER_ANSWER, None, context=cfg.context, question=question)
+        answer = generate_answer(model, tokenizer, cfg, example, args.max_new_tokens)[0]
+        print(json.dumps({"question": question, "answer": answer}) if args.questions else answer, flush=True)
 
 
 def cmd_eval(cfg, args, trained, checkpoint):
@@ -2017,7 +2038,9 @@ def parse_args(argv):
     ask.add_argument("--adapters", help="output folder of a run, or a checkpoint file (with --index: the index's)")
     ask.add_argument("--docs", nargs="+", help="text files, one document each")
     ask.add_argument("--index", help="a folder written by clara.py index: retrieve from it instead of --docs")
-    ask.add_argument("--question", required=True, help="the question to answer")
+    ask.add_argument("--question", help="the question to answer")
+    ask.add_argument("--questions", help="a text file, one question a line: answers go to stdout as JSON Lines "
+                                         "({\"question\", \"answer\"}, and \"sources\" with --index)")
     ask.add_argument("--context", choices=("compressed", "text"),
                      help="compressed memory (default) or the document text in the prompt")
     evaluate_.add_argument("--adapters", required=True, help="output folder of a run, or a checkpoint file")

@@ -1020,6 +1020,22 @@ def test_cli_ask_answers_from_the_documents_it_is_given(cli_runs, tmp_path):
     assert run.stdout.strip().splitlines()[-1].strip()  # an answer line
 
 
+def test_ask_questions_answers_each_line_of_a_file_as_json_lines_in_one_run(cli_runs, tmp_path):
+    (tmp_path / "doc.txt").write_text("The alignment loss has a weight of 0.1 in the total loss.")
+    (tmp_path / "questions.txt").write_text("What weight?\n\n  Which loss?  \n")
+    ask = ["ask", "--adapters", cli_runs["root"] / "s", "--docs", tmp_path / "doc.txt", "--max-new-tokens", 3]
+    run = run_cli(*ask, "--questions", tmp_path / "questions.txt")
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [a["question"] for a in lines] == ["What weight?", "Which loss?"]  # blank lines skipped, text stripped
+    assert all(isinstance(a["answer"], str) for a in lines) and run.stdout.count(" on Device(") == 1  # loaded once
+    (tmp_path / "blank.txt").write_text("\n \n")
+    for extra, message in ((["--questions", tmp_path / "blank.txt"], "blank.txt: no questions in it"),
+                           (["--questions", tmp_path / "questions.txt", "--question", "q"], "one of the two"),
+                           ([], "ask needs --question TEXT or --questions FILE")):
+        assert_clean_failure(run_cli(*ask, *extra), message, tmp_path)
+
+
 BENCH_OPTIONS = {"doc_max_len": 32, "compression_rate": 8, "max_len": 160, "lora_rank": 4, "lora_layers": 2}
 
 
@@ -1548,6 +1564,13 @@ def test_ask_index_finds_a_chunk_by_its_text_then_by_a_passage_and_refuses_other
     assert f"1 of {len(records)} training record(s) have no 'pos_index'" in run.stderr
     for i in (0, len(chunks) - 1):  # Apple's retrieval pretraining: a passage now finds its chunk first
         assert opening(chunks[i]) in first_hit(tmp_path / "retrieval", passage(chunks[i]))
+    (tmp_path / "questions.txt").write_text(f"{passage(chunks[0])}\n{passage(chunks[-1])}\n")
+    run = run_cli("ask", "--index", tmp_path / "index", "--adapters", tmp_path / "retrieval", "--questions",
+                  tmp_path / "questions.txt", "--max-new-tokens", 2)
+    assert run.returncode == 0, run.stderr
+    answers = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [a["sources"][0]["text"] for a in answers] == [chunks[0]["text"], chunks[-1]["text"]]
+    assert all(a["sources"][0]["pages"] and len(a["sources"]) == 5 for a in answers)
     # the compressor did not move, so the index stays valid for the retrained query reasoner
     other = run_cli("sft", "--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32,
                     "--compression-rate", 8, "--steps", 1, "--seed", 5, "--out", tmp_path / "other")
