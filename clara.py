@@ -1377,13 +1377,14 @@ def ask_index(cfg, args, trained):
         mx.eval(query)
         encoded = time.perf_counter()
         scores = keys @ (query / mx.maximum(mx.linalg.norm(query), 1e-12))  # (N,) cosine similarities
-        top = mx.argsort(-scores)[:k].tolist()  # k chunk indices, best first
+        top = mx.argsort(-scores)[:k]  # (k,) best first
+        mx.eval(top)
         retrieved = time.perf_counter()
         example = retrieval_prompt(tokenizer, cfg, question, k)
-        answer = generate_answer(model, tokenizer, cfg, example, args.max_new_tokens, memory[mx.array(top)])[0]
+        answer = generate_answer(model, tokenizer, cfg, example, args.max_new_tokens, memory[top])[0]
         done = time.perf_counter()
         sources = [{"source": chunks[i]["source"], "pages": chunks[i].get("pages", []),
-                    "score": scores[i].item(), "text": chunks[i]["text"]} for i in top]
+                    "score": scores[i].item(), "text": chunks[i]["text"]} for i in top.tolist()]
         if args.questions:
             print(json.dumps({"question": question, "answer": answer, "sources": sources}), flush=True)
             continue
@@ -1420,9 +1421,13 @@ def cmd_ask(cfg, args, trained, checkpoint):
         raise InputError("ask needs --docs FILE ... (documents to compress) or --index DIR (a compressed corpus)")
     questions, docs = read_questions(args), read_documents(args.docs)
     model, tokenizer = prepare(cfg, trained)
+    memory_states = None  # (D, n_mem, H): the documents are compressed once, for the first question
     for question in questions:
         example = build_example(tokenizer, cfg, docs, USER_ANSWER, None, context=cfg.context, question=question)
-        answer = generate_answer(model, tokenizer, cfg, example, args.max_new_tokens)[0]
+        if memory_states is None and example["doc_ids"]:  # (text context has none)
+            batch = make_batch([example], cfg.n_mem, tokenizer.pad_token_id)
+            memory_states = compress_documents(model, batch["doc_ids"], batch["doc_lens"])[0]
+        answer = generate_answer(model, tokenizer, cfg, example, args.max_new_tokens, memory_states)[0]
         print(json.dumps({"question": question, "answer": answer}) if args.questions else answer, flush=True)
 
 
