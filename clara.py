@@ -108,7 +108,7 @@ class Config:
     max_len: int = 1024  # generator sequence limit (prompt + target); the prompt is cut from the start
     lora_rank: int = 16  # rank of each LoRA adapter (Apple's CLaRa: 16)
     lora_scale: float = 2.0  # LoRA output scale, alpha / rank (Apple's CLaRa: 32 / 16)
-    lora_layers: int = 8  # adapt the last this many blocks; "all" (stored as -1) adapts every block, as Apple does
+    lora_layers: int = -1  # adapt the last this many blocks; "all" (stored as -1) adapts every block, as Apple does
     lora_keys: tuple = ("self_attn.q_proj", "self_attn.v_proj")  # layers with adapters; "all": every linear (Apple)
     lora_dropout: float = 0.0  # dropout on the adapters' input in training (Apple: 0.1; 0 keeps runs bitwise equal)
     mse_weight: float = 0.1  # weight of the alignment MSE in the total loss (CLaRa: 0.1)
@@ -2005,7 +2005,8 @@ def parse_args(argv):
         elif isinstance(default, tuple):
             shared.add_argument(flag, nargs="+", help=f"{helps[f.name]} (default: {' '.join(default)})")
         elif f.name == "lora_layers":
-            shared.add_argument(flag, type=lambda v: -1 if v == "all" else int(v), help=f"{helps[f.name]} (default: 8)")
+            shared.add_argument(flag, type=lambda v: -1 if v == "all" else int(v),
+                                help=f"{helps[f.name]} (default: all)")
         elif f.name in CHOICES:  # --compile alone means --compile on
             shared.add_argument(flag, choices=CHOICES[f.name], help=f"{helps[f.name]} (default: {default})",
                                 **({"nargs": "?", "const": "on"} if f.name == "compile" else {}))
@@ -2328,7 +2329,7 @@ def load_trained(model, saved, fresh=()):
             found = saved[source].shape if source in saved else "nothing"
             raise InputError(f"{name} should have shape {value.shape}, found {found} "
                              "(trained with other --doc-max-len/--compression-rate/--lora-* options?)")
-        loaded.append((name, saved[source]))
+        loaded.append((name, saved[source].astype(value.dtype)))  # shipped adapters may be stored in bfloat16
     model.load_weights(loaded, strict=False)
 
 

@@ -28,7 +28,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import make_facts  # noqa: E402
 
-TRAIN_DOCS, EVAL_DOCS, HELDOUT_SEED = 20_000, 200, 1
+TRAIN_DOCS, EVAL_DOCS, HELDOUT_SEED = 40_000, 200, 1
 QUESTIONS_PER_DOC = 2  # of each training document's eight: more documents rather than more epochs
 MIX_DOCS = 5_000  # sft --stage1-data: the qa records of this many training documents, mixed into stage 2
 
@@ -43,7 +43,7 @@ def stage2_records(rng, pool, per_doc, split):
     return records
 
 
-STEPS = {"S1": 1200, "S2": 600, "S3": 150}  # stage 1, stage 2 and the reasoner's steps (the baselines: S1 + S2)
+STEPS = {"S1": 4000, "S2": 800, "S3": 150}  # stage 1, stage 2 and the reasoner's steps (the baselines: S1 + S2)
 RECIPE = r"""# the shipped-adapter recipe (data/ship.py script): every run in the background, side by side
 mkdir -p {out}; R={out}; M="{clara} --batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --eval-every 250 --save-every 5000"
 S1=${{S1:-{S1}}}; S2=${{S2:-{S2}}}; S3=${{S3:-{S3}}}
@@ -70,10 +70,11 @@ wait; echo ALL DONE >> $R/done.txt
 """
 
 
-def write_data(out):
+def write_data(out, train_docs=None):
     out.mkdir(parents=True, exist_ok=True)
-    train = make_facts.make_documents(TRAIN_DOCS, 0)
-    evaluation = make_facts.make_documents(EVAL_DOCS, 0, start=TRAIN_DOCS)
+    train_docs = train_docs or TRAIN_DOCS
+    train = make_facts.make_documents(train_docs, 0)
+    evaluation = make_facts.make_documents(EVAL_DOCS, 0, start=train_docs)
     stage1 = [record for pool, split in ((train, {}), (evaluation, {"split": "eval"})) for d in pool
               for record in ({"data_type": "qa", "question": [q for q, _ in d["qa"]], "answers": [a for _, a in d["qa"]],
                               "docs": [d["text"]], **split},
@@ -92,10 +93,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=("data", "script"))
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--train-docs", type=int, help=f"data: training documents of seed 0 (default: {TRAIN_DOCS:,})")
     parser.add_argument("--clara", default="", help="script: further clara.py options of every run (--model, --base)")
     args = parser.parse_args()
     if args.step == "data":
-        write_data(args.out)
+        write_data(args.out, args.train_docs)
     else:
         print(RECIPE.format(out=args.out, clara=args.clara, ship=Path(__file__), clara_py=HERE.parent / "clara.py",
                             **STEPS), end="")
