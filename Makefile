@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: blas test test-slow experiment demo eval bench data clean
+.PHONY: blas test test-slow experiment demo eval bench bench-dp data clean
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
@@ -63,6 +63,10 @@ eval: blas
 # step time, tok/s, FLOP rate and peak memory of compress and sft beside mlx-lm's trainer (a few minutes)
 bench: blas
 	$(PY) clara.py bench --out runs/bench
+
+# data-parallel scaling on this machine: one process against two (mlx.launch, ring backend), same global batch
+bench-dp: blas
+	$(PY) data/dp_bench.py --out runs/bench-dp
 
 data: $(STAMP)
 	$(PY) data/make_sample.py

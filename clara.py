@@ -329,6 +329,13 @@ def memory_rows(rows, n_mem, pad_id, multiple=1, longest=0):
             mx.array([len(r) for r in rows], dtype=mx.int32))
 
 
+def real_tokens(example, n_mem):
+    """Tokens an example puts through the model, padding left out: its documents with their memory, its prompt and
+    target, and (stage 3) its question with the query reasoner's memory."""
+    query = len(example["query_ids"]) + n_mem if "query_ids" in example else 0
+    return sum(len(d) + n_mem for d in example["doc_ids"]) + len(example["ids"]) + query
+
+
 def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
     """Right-pad a list of examples into arrays, lengths rounded up to a length bucket of `multiple`. Right padding
     under a causal mask leaves every real token's result unchanged, so padded and unpadded runs agree (tested).
@@ -355,7 +362,7 @@ def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
              "slot_index": mx.array(slot_index, dtype=mx.int32),  # (B, T)
              "labels": mx.array(labels, dtype=mx.int32),  # (B, T)
              "label_positions": mx.array(positions, dtype=mx.int32),  # (N,) into the flattened (B * T)
-             "n_tokens": sum(len(d) + n_mem for d in docs) + sum(len(ex["ids"]) for ex in examples)}
+             "n_tokens": sum(real_tokens(ex, n_mem) for ex in examples)}
     if "query_ids" in examples[0]:  # stage 3: questions for the query reasoner, candidates from the bank
         n_candidates = max(len(ex["candidates"]) for ex in examples)
         batch["query_ids"], batch["query_lens"] = memory_rows([ex["query_ids"] for ex in examples], n_mem, pad_id,
@@ -366,7 +373,6 @@ def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
                                             for ex in examples])  # (B, N): false at padding
         batch["positive_mask"] = mx.array([[i in ex["positives"] for i in range(n_candidates)]
                                            for ex in examples])  # (B, N): the marked candidates
-        batch["n_tokens"] += sum(len(ex["query_ids"]) + n_mem for ex in examples)
     return batch
 
 
@@ -770,14 +776,52 @@ def report_line(row, cfg):
 
 
 def step_batches(examples, cfg, step, pad_id):
-    """The cfg.grad_accum batches of update `step`: [(arrays for the step, real tokens), ...]."""
-    batches = []
+    """The cfg.grad_accum batches of update `step`: [(arrays for the step, real tokens of the whole batch), ...].
+    In data-parallel training (N processes) each process builds only its part of every batch (loss_scales)."""
+    group, batches = process_group(), []
     for micro in range(cfg.grad_accum):
         position = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size
-        batch = training_batch([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, position)],
-                               cfg, pad_id)
-        batches.append(({k: v for k, v in batch.items() if k != "n_tokens"}, batch["n_tokens"]))
+        whole = [examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, position)]
+        part = whole[group.rank()::group.size()]  # interleaved, as mlx-lm's trainer splits its batches
+        batch = training_batch(part, cfg, pad_id)
+        del batch["n_tokens"]
+        if group.size() > 1:
+            batch["loss_scales"] = loss_scales(whole, part, group.size(), cfg)
+        batches.append((batch, sum(real_tokens(ex, cfg.n_mem) for ex in whole)))
     return batches
+
+
+# -----------------------------------------------------------------------------
+# data parallel: N processes (started by mlx.launch) train one model, each on its part of every batch
+
+
+@functools.lru_cache(maxsize=1)
+def process_group():
+    """The run's processes: N when mlx.launch started it (ring over TCP, NCCL on CUDA, MPI), else a group of one."""
+    return mx.distributed.init()
+
+
+def loss_scales(whole, part, n_processes, cfg):
+    """(2,): what one process multiplies its part's CE and MSE means by so that the mean over the processes of
+    its scaled loss, and so of its gradient, is exactly the whole batch's: N x its share of each mean's divisor
+    (the CE's: labelled tokens, or for the contrastive loss questions with a marked candidate; the MSE's:
+    documents with tokens). A plain mean over the processes would weigh a short part like a long one."""
+    def divisors(examples):
+        if cfg.retrieval_loss == "contrastive" and examples and "positives" in examples[0]:
+            ce = sum(bool(ex["positives"]) for ex in examples)
+        else:
+            ce = sum(len(ex["ids"]) - ex["n_prompt"] for ex in examples)  # make_batch's labels
+        return ce, sum(len(d) > 0 for ex in examples for d in ex["doc_ids"])
+
+    (ce_part, mse_part), (ce_all, mse_all) = divisors(part), divisors(whole)
+    return mx.array([n_processes * ce_part / max(ce_all, 1), n_processes * mse_part / max(mse_all, 1)])
+
+
+def scaled_loss(model, batch, cfg):
+    """clara_loss of one process's part of a batch, its means scaled by loss_scales."""
+    _, ce, mse, n_trained = clara_loss(model, batch, cfg)
+    ce, mse = ce * batch["loss_scales"][0], mse * batch["loss_scales"][1]
+    return ce + cfg.mse_weight * mse, ce, mse, n_trained
 
 
 # --compile auto: a compiled step is traced, and on a GPU its kernels compiled, once per batch shape. On data of
@@ -812,7 +856,8 @@ def make_update(model, optimizer, cfg):
         the step, so a bad update never reaches the weights although the loop reads the flag only to report.
     With --grad-accum 1 (the default) an update is one call: forward, backward and optimizer fused. Compiled and
     eager steps give bitwise the same weights (tested), so --compile auto may switch to eager mid-run."""
-    loss_and_grad = nn.value_and_grad(model, clara_loss)
+    n_processes = process_group().size()
+    loss_and_grad = nn.value_and_grad(model, clara_loss if n_processes == 1 else scaled_loss)
     max_norm = cfg.clip_norm if cfg.clip_norm > 0 else math.inf
 
     def step(batch, summed, last, healthy):
@@ -822,8 +867,11 @@ def make_update(model, optimizer, cfg):
             parts = tree_map(mx.add, summed, parts)
         if not last:
             return parts
-        grads, grad_norm = optim.clip_grad_norm(tree_map(lambda g: g / cfg.grad_accum, parts["grads"]), max_norm)
-        losses = parts["losses"] / cfg.grad_accum  # (3,): loss, ce, mse
+        grads, losses = tree_map(lambda g: g / cfg.grad_accum, parts["grads"]), parts["losses"] / cfg.grad_accum
+        if n_processes > 1:  # the mean over the processes of their scaled losses is the whole batch's (loss_scales)
+            grads, losses = nn.average_gradients(grads), mx.distributed.all_sum(losses) / n_processes
+            parts["n_trained"] = mx.distributed.all_sum(parts["n_trained"])
+        grads, grad_norm = optim.clip_grad_norm(grads, max_norm)  # losses (3,): loss, ce, mse
         healthy = healthy & mx.isfinite(losses[0]) & mx.isfinite(grad_norm)
         before = tree_map(lambda a: a, (model.trainable_parameters(), optimizer.state))  # new containers
         optimizer.update(model, grads)
@@ -933,7 +981,8 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
             bar.update(1)
             report = is_due(step, cfg.log_every, cfg)
             validate = bool(val_examples) and (step == 1 or is_due(step, cfg.eval_every, cfg))
-            save = bool(out) and (is_due(step, cfg.save_every, cfg) or bool(signum))
+            # every process reads back at the same steps (so all stop together); the one with `out` writes
+            save = is_due(step, cfg.save_every, cfg) or bool(signum)
             if report or validate or save:  # the only place the loop waits for the device
                 history += read_back(pending, since, trained_tokens, out)
                 trained_tokens, pending, since = history[-1]["trained_tokens"], [], time.perf_counter()
@@ -947,7 +996,7 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
                 if out and val < best_val:
                     best_val = val
                     save_checkpoint(out / BEST, model, optimizer, cfg, step, best_val, trained_tokens, data)
-            if save:
+            if save and out:
                 save_checkpoint(out / CHECKPOINT, model, optimizer, cfg, step, best_val, trained_tokens, data)
                 save_outputs(model, cfg, out, {"step": step, "loss": history[-1]["loss"]})
             if signum:
@@ -1194,8 +1243,9 @@ def run_stage(cfg, command, model, tokenizer, examples, val_examples, checkpoint
     report_cuts(cfg, examples + val_examples)
     val_examples = [ex for ex in val_examples if keeps_memory(ex)]
     print(f"{len(kept)} training example(s), {len(val_examples)} for validation", flush=True)
+    out = cfg.out if process_group().rank() == 0 else None  # data parallel: the first process writes
     with stop_on_signals() as stop:  # SIGINT / SIGTERM finish the step and checkpoint it
-        history = train(model, kept, cfg, tokenizer.pad_token_id, cfg.out, val_examples, checkpoint, stop, command)
+        history = train(model, kept, cfg, tokenizer.pad_token_id, out, val_examples, checkpoint, stop, command)
     print(f"saved adapters, memory embeddings, checkpoint and config to {cfg.out}/")
     return history
 
@@ -1227,7 +1277,7 @@ def cmd_compress(cfg, args, trained, checkpoint):
     examples = compress_examples(tokenizer, cfg, records)
     if checkpoint:  # before --chunks-out is written again
         check_same_data(checkpoint, [ex for ex in examples if keeps_memory(ex)], "compress")
-    if args.pdf:
+    if args.pdf and process_group().rank() == 0:
         write_jsonl_atomically(args.chunks_out, chunks)
         print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {args.chunks_out}")
     return run_stage(cfg, "compress", model, tokenizer, examples, compress_examples(tokenizer, cfg, val_records),
@@ -1476,18 +1526,28 @@ def main(argv=None):
         sys.stdout = stdout
 
 
+TRAINING_COMMANDS = ("compress", "sft", "e2e")
+
+
 def run_command(args):
     """Run one command; every way it can end becomes one line on stderr and an exit code."""
     try:
+        group = process_group()  # under mlx.launch: waits until every process has started
+        if group.size() > 1 and args.command not in TRAINING_COMMANDS:
+            raise InputError(f"{args.command} runs in one process; mlx.launch (data-parallel training) is for "
+                             f"{', '.join(TRAINING_COMMANDS)}")
+        if group.rank() > 0:  # the first process reports for all of them
+            sys.stdout = open(os.devnull, "w")
         cfg, trained, checkpoint = resolve_config(args)
         check_options(validate_config(cfg), args)
-        with run_lock(cfg.out if args.command in ("compress", "sft", "e2e") else None, cfg.overwrite):
+        with run_lock(cfg.out if args.command in TRAINING_COMMANDS and group.rank() == 0 else None, cfg.overwrite):
             COMMANDS[args.command](cfg, args, trained, checkpoint)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if process_group().rank() == 0:  # every process stops at the same step; the first one says so
+            print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
     except WriteFailed as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1499,6 +1559,11 @@ def run_command(args):
     except Exception as e:  # a bug: one line for the user, the traceback in a file for the report
         if os.environ.get("CLARA_DEBUG"):
             raise
+        if isinstance(e, RuntimeError) and process_group().size() > 1:  # mx.distributed lost a process
+            print(f"error: a process of this {process_group().size()}-process run ended or cannot be reached "
+                  f"({one_line(e)[:120]}); checkpoints already written are intact: the same command with --resume "
+                  "continues it, with any number of processes", file=sys.stderr)
+            return 1
         import tempfile
         import traceback
 
@@ -1745,7 +1810,8 @@ def one_line(error):
 
 
 def warn(message):
-    print(f"warning: {message}", file=sys.stderr)
+    if process_group().rank() == 0:  # data parallel: one warning, not one per process
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def extract_pdf_pages(path, password="", max_pages=0):
@@ -2144,8 +2210,12 @@ def check_options(cfg, args):
     """Options that need the file system: checked before any model loads or anything is written."""
     if args.command in ("compress", "sft", "e2e", "index"):
         check_writable(cfg.out, "--out", is_folder=True)
+    n_processes = process_group().size()
+    if args.command in TRAINING_COMMANDS and cfg.batch_size % n_processes:
+        raise InputError(f"--batch-size {cfg.batch_size} (the batch of all processes together) does not split over "
+                         f"{n_processes} processes: give a multiple of {n_processes}")
     earlier = [name for name in RUN_OUTPUTS if (Path(cfg.out) / name).exists()]
-    if args.command in ("compress", "sft", "e2e") and earlier and not cfg.resume and not cfg.overwrite:
+    if args.command in TRAINING_COMMANDS and earlier and not cfg.resume and not cfg.overwrite:
         raise InputError(f"--out {cfg.out}: already holds a run ({', '.join(earlier[:3])}); continue it with "
                          f"--resume {cfg.out}, choose another --out, or pass --overwrite to replace it")
     if args.command == "index" and Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
@@ -2228,11 +2298,18 @@ def restore_checkpoint(arrays, model, optimizer):
 def stop_on_signals():
     """While training, SIGINT / SIGTERM only set a flag: the step in flight finishes and a checkpoint is
     written first. Yields stop(step) -> the signal received or None; the old handlers come back after."""
-    received = []
+    received, group = [], process_group()
     previous = {s: signal.signal(s, lambda number, frame: received.append(number))
                 for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(step):  # data parallel: a signal to any process stops every process after the same step
+        signum = received[0] if received else 0
+        if group.size() > 1:
+            signum = mx.distributed.all_max(mx.array(signum)).item()
+        return signum or None
+
     try:
-        yield lambda step: received[0] if received else None
+        yield stop
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
