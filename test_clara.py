@@ -1199,6 +1199,21 @@ def test_bench_times_every_step_beside_mlx_lm_on_the_same_tokens_and_names_its_o
     assert report["options"] in (tmp_path / "bench.md").read_text() and report["matmul_gflops"] > 0
 
 
+def test_bench_dp_times_one_process_against_two_on_the_same_batch_and_reports_their_ratio(tmp_path, tiny_model_folder):
+    options = ["--steps", 4, "--out", tmp_path, "--clara", "--model", tiny_model_folder, "--doc-max-len", 32,
+               "--compression-rate", 8]
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "dp_bench.py"), *map(str, options)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "bench-dp.json").read_text())
+    one, two = report["rows"]
+    assert (one["processes"], two["processes"]) == (1, 2) and one["tokens_per_s"] > 0 and two["tokens_per_s"] > 0
+    assert report["efficiency"] == pytest.approx(two["tokens_per_s"] / (2 * one["tokens_per_s"]))
+    assert report["adapters_max_abs_difference"] < 5e-4  # the same global batch trains the same adapters
+    rows = [json.loads(line) for line in (tmp_path / "2" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["kind"] == "train"] == [2, 4] and f"scaling efficiency {report['efficiency']:.2f}" in run.stdout
+
+
 @pytest.fixture(scope="module")
 def gpu_bench():
     sys.path.insert(0, str(ROOT / "data"))

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 def run(out, processes, args):
     """One training run; -> (tokens per second after the first window, seconds of the whole run, BLAS threads)."""
-    command = [sys.executable, str(ROOT / "clara.py"), "sft", "--data", str(ROOT / "data" / "sft.jsonl"),
+    command = [sys.executable, str(ROOT / "clara.py"), "sft", "--data", str(ROOT / "data" / "sft.jsonl"), *args.clara,
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--log-every", str(args.log_every),
                "--eval-every", "100000", "--save-every", "100000", "--out", str(out), "--overwrite"]
     threads = max(1, (os.cpu_count() or 1) // processes)
@@ -47,6 +47,7 @@ def main():
     parser.add_argument("--log-every", type=int, default=2, help="report window; the first one is not timed")
     parser.add_argument("--batch-size", type=int, default=4, help="the global batch of both runs")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-dp")
+    parser.add_argument("--clara", nargs=argparse.REMAINDER, default=[], help="further clara.py sft options (last)")
     args = parser.parse_args()
     import clara
     import mlx.core as mx
