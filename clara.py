@@ -2059,54 +2059,91 @@ def option_flag(name):
     return "--" + name.replace("_", "-")
 
 
+# --help groups: the Config fields each group shows, in this order; a command shows those it uses (HIDDEN)
+OPTION_GROUPS = {
+    "data": ("val_data", "val_fraction", "context", "doc_max_len", "max_len"),
+    "model and LoRA": ("model", "base", "init", "init_generator", "compression_rate", "lora_rank", "lora_scale",
+                       "lora_layers", "lora_keys", "lora_dropout", "mse_weight", "memory_scale"),
+    "training schedule": ("steps", "batch_size", "lr", "warmup", "min_lr", "clip_norm", "grad_accum", "seed"),
+    "stage 3": ("top_k", "temperature", "retrieval_loss"),
+    "run control": ("out", "resume", "overwrite", "log_every", "eval_every", "save_every", "compile", "pad_to",
+                    "grad_checkpoint"),
+}
+HIDDEN = {"compress": {"context", "init_generator", "top_k", "temperature", "retrieval_loss"},
+          "sft": {"top_k", "temperature", "retrieval_loss"},
+          "e2e": {"context", "init_generator"},
+          "bench": {"val_data", "val_fraction", "context", "init", "init_generator", "steps", "warmup", "top_k",
+                    "temperature", "retrieval_loss", "resume", "overwrite", "log_every", "eval_every", "save_every"}}
+
+
+def add_config_options(groups, command):
+    """The Config fields `command` uses, as --options in their --help groups, each default said once."""
+    helps, defaults = config_help(), Config()
+    for title, names in OPTION_GROUPS.items():
+        for name in (n for n in names if n not in HIDDEN[command]):
+            flag, default, text = option_flag(name), getattr(defaults, name), helps[name]
+            shown = "all" if name == "lora_layers" else " ".join(default) if isinstance(default, tuple) else default
+            if "default" not in text and default is not False and default != "":
+                text += f" [default: {shown}]"
+            options = {"default": None, "help": text}  # None: the option was not given (resolve_config)
+            if isinstance(default, bool):
+                options["action"] = "store_true"
+            elif isinstance(default, tuple):
+                options["nargs"] = "+"
+            elif name == "lora_layers":
+                options["type"] = lambda v: -1 if v == "all" else int(v)
+            elif name in CHOICES:  # --compile alone means --compile on
+                options.update(choices=CHOICES[name], **({"nargs": "?", "const": "on"} if name == "compile" else {}))
+            else:
+                options["type"] = type(default)
+            groups[title].add_argument(flag, **options)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    helps, defaults = config_help(), Config()
-    shared = argparse.ArgumentParser(add_help=False)
-    for f in fields(Config):  # every default is None here, so that we can tell what was given
-        flag, default = option_flag(f.name), getattr(defaults, f.name)
-        if isinstance(default, bool):
-            shared.add_argument(flag, action="store_true", default=None, help=helps[f.name])
-        elif isinstance(default, tuple):
-            shared.add_argument(flag, nargs="+", help=f"{helps[f.name]} (default: {' '.join(default)})")
-        elif f.name == "lora_layers":
-            shared.add_argument(flag, type=lambda v: -1 if v == "all" else int(v),
-                                help=f"{helps[f.name]} (default: all)")
-        elif f.name in CHOICES:  # --compile alone means --compile on
-            shared.add_argument(flag, choices=CHOICES[f.name], help=f"{helps[f.name]} (default: {default})",
-                                **({"nargs": "?", "const": "on"} if f.name == "compile" else {}))
-        else:
-            shared.add_argument(flag, type=type(default), help=f"{helps[f.name]} (default: {default!r})")
-    compress = commands.add_parser("compress", parents=[shared],
-                                   help="stage 1: QA / paraphrase targets (or the text itself) from memory")
-    sft = commands.add_parser("sft", parents=[shared], help="stage 2: question + compressed documents -> answer")
-    sft.add_argument("--data", required=True,
-                     help="JSONL: {\"question\", \"docs\": [...], \"answer\" / \"gold_answer\"}")
-    sft.add_argument("--stage1-data", help="stage 1 JSONL (as compress --data) whose records are trained beside "
-                                          "the questions, shuffled in; its \"split\": \"eval\" records are skipped")
-    e2e = commands.add_parser("e2e", parents=[shared], help="stage 3: retrieval and generation trained end to end")
-    e2e.add_argument("--data", required=True,
-                     help="JSONL: {\"question\", \"docs\": [candidates], \"answer\", \"pos_index\": [...] (optional)}")
-    index = commands.add_parser("index", help="compress a corpus once, for ask --index")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, usage, text):
+        """A subcommand whose --help lists its required options first, then its option groups."""
+        sub = commands.add_parser(name, help=text, description=text, usage=f"clara.py {name} {usage}",
+                                  allow_abbrev=False)  # `--step 2` is a typo, not argparse's prefix of --steps
+        groups = {title: sub.add_argument_group(title) for title in OPTION_GROUPS} if name in HIDDEN else {}
+        return sub, groups
+
+    compress, compress_groups = command("compress", "(--data FILE | --pdf FILE) [options]",
+                                        "stage 1: QA / paraphrase targets (or the text itself) from memory")
+    sft, sft_groups = command("sft", "--data FILE [options]", "stage 2: question + compressed documents -> answer")
+    e2e, e2e_groups = command("e2e", "--data FILE --init RUN [options]",
+                              "stage 3: retrieval and generation trained end to end")
+    index, _ = command("index", "--adapters RUN (--pdf FILE | --data FILE) --out DIR [options]",
+                       "compress a corpus once, for ask --index")
+    ask, _ = command("ask", "(--adapters RUN --docs FILE ... | --index DIR) (--question TEXT | --questions FILE)",
+                     "answer questions from documents or from an index, with trained adapters")
+    evaluate_, _ = command("eval", "--adapters RUN --data FILE [options]",
+                           "score answers: compressed vs text vs none, or retrieved vs marked vs none")
+    bench, bench_groups = command("bench", "[options]", "time compress and sft steps beside mlx-lm's trainer")
+    sft_groups["data"].add_argument("--data", required=True,
+                                    help="JSONL: {\"question\", \"docs\": [...], \"answer\" / \"gold_answer\"}")
+    sft_groups["data"].add_argument("--stage1-data", help="stage 1 JSONL (as compress --data) whose records are "
+                                    "trained beside the questions, shuffled in; its \"split\": \"eval\" records are "
+                                    "skipped")
+    e2e_groups["data"].add_argument("--data", required=True, help="JSONL: {\"question\", \"docs\": [candidates], "
+                                    "\"answer\", \"pos_index\": [...] (optional)}")
+    compress_groups["data"].add_argument("--data", help="JSONL: {\"text\"} chunks, or Apple's stage 1 \"qa\" / "
+                                         "\"paraphrase\" records")
     index.add_argument("--adapters", required=True, help="output folder of a run (e2e, or sft)")
     index.add_argument("--out", required=True, help="folder the index is written to (must not hold files yet)")
-    for command in (compress, index):
-        command.add_argument("--pdf", help="a PDF whose text is chunked into documents")
-        command.add_argument("--pdf-password", default="", help="password of an encrypted PDF")
-        command.add_argument("--max-pages", type=int, default=1000, help="read at most this many pages (default: 1000)")
-    compress.add_argument("--data", help="JSONL: {\"text\"} chunks, or Apple's stage 1 \"qa\" / \"paraphrase\" records")
-    compress.add_argument("--chunks-out", help="where the PDF's chunks go (default: chunks.jsonl in --out)")
     index.add_argument("--data", help="JSONL: {\"text\", \"pages\" (optional), \"source\" (optional)} chunks")
-    bench = commands.add_parser("bench", parents=[shared], help="time compress and sft steps beside mlx-lm's trainer")
-    bench.add_argument("--bench-steps", type=int, default=5,
-                       help="timed steps per row, after as many warm-up steps")
-    for name, text in (("ask", "answer a question from documents or from an index, with trained adapters"),
-                       ("eval", "score answers: compressed vs text vs none, or retrieved vs marked vs none")):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (Apple: 64)")
-        command.add_argument("--top-k", type=int, help="documents retrieved per question (default: the run's)")
-    ask, evaluate_ = commands.choices["ask"], commands.choices["eval"]
+    for where in (compress_groups["data"], index):
+        where.add_argument("--pdf", help="a PDF whose text is chunked into documents")
+        where.add_argument("--pdf-password", default="", help="password of an encrypted PDF")
+        where.add_argument("--max-pages", type=int, default=1000, help="read at most this many pages [default: 1000]")
+    compress_groups["data"].add_argument("--chunks-out", help="where the PDF's chunks go [default: chunks.jsonl in "
+                                         "--out]")
+    for name, groups in (("compress", compress_groups), ("sft", sft_groups), ("e2e", e2e_groups),
+                         ("bench", bench_groups)):
+        add_config_options(groups, name)
+    bench.add_argument("--bench-steps", type=int, default=5, help="timed steps per row, after as many warm-up steps")
     ask.add_argument("--adapters", help="output folder of a run, or a checkpoint file (with --index: the index's)")
     ask.add_argument("--docs", nargs="+", help="text files, one document each")
     ask.add_argument("--index", help="a folder written by clara.py index: retrieve from it instead of --docs")
@@ -2119,10 +2156,11 @@ def parse_args(argv):
     evaluate_.add_argument("--data", required=True,
                            help="sft- or e2e-style JSONL; its \"split\": \"eval\" records if it has any")
     evaluate_.add_argument("--contexts", nargs="+", choices=EVAL_CONTEXTS + RETRIEVAL_CONTEXTS[:2],
-                           help="score only these (default: compressed text none; e2e data: retrieved oracle none)")
+                           help="score only these [default: compressed text none; e2e data: retrieved oracle none]")
     evaluate_.add_argument("--max-records", type=int, default=0, help="score only the first N records (0: all)")
-    for command in commands.choices.values():  # `--step 2` is a typo, not argparse's prefix of --steps
-        command.allow_abbrev = False
+    for sub in (ask, evaluate_):
+        sub.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (Apple: 64)")
+        sub.add_argument("--top-k", type=int, help="documents retrieved per question [default: the run's]")
     return parser.parse_args(argv)
 
 

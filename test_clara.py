@@ -1473,6 +1473,28 @@ def test_an_option_is_never_taken_from_a_prefix_of_its_name(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+STAGE_OPTIONS = {"compress": {"--pdf", "--data"}, "sft": {"--context", "--stage1-data", "--init-generator"},
+                 "e2e": {"--top-k", "--temperature", "--retrieval-loss"}}
+
+
+@pytest.mark.parametrize("command", ["compress", "sft", "e2e", "index", "ask", "eval", "bench"])
+def test_each_commands_help_lists_only_its_options_required_first_in_groups_that_fit_a_screen(command, capsys):
+    with pytest.raises(SystemExit):
+        clara.parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    blocks = text.split("\n\n")
+    assert all(block.count("\n") < 40 for block in blocks), max(blocks, key=len)  # one screen a group
+    options = re.findall(r"^  (--[\w-]+)", text, flags=re.M)
+    assert len(options) == len(set(options)) and text.startswith(f"usage: clara.py {command} ")  # a short usage
+    for other, only_there in STAGE_OPTIONS.items():  # what one stage uses is in no other training command's help
+        if command in ("compress", "sft", "e2e", "bench") and command != other:
+            assert not (only_there - {"--data", "--pdf"}) & set(options), options
+    if command in ("sft", "e2e", "eval"):
+        assert options[0] in ("--data", "--adapters")  # a required option first
+    for entry in re.split(r"\n  (?=-)", text):  # no option says its default twice
+        assert entry.count("default") <= 1, entry
+
+
 def test_a_special_file_is_never_taken_as_an_output(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     run = run_cli("compress", "--pdf", "data/sample.pdf", "--chunks-out", tmp_path / "fifo", "--out", tmp_path / "out")
