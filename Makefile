@@ -41,17 +41,20 @@ experiment: blas
 
 # stage 1 on the sample PDF, stage 2 on the sample QA set, stage 3 on its retrieval version, then questions
 # answered from compressed documents and from an index of the PDF (each run replaces the demo's last outputs)
+DEMO_QUESTION := What weight does the alignment loss have in the total loss?
+DEMO_ANSWER := 0.1
 demo: blas
 	$(PY) clara.py compress --pdf data/sample.pdf --steps 40 --lr 5e-4 --log-every 5 --out runs/demo-compress --overwrite
 	$(PY) clara.py sft --data data/sft.jsonl --init runs/demo-compress --steps 80 --lr 5e-4 --log-every 5 \
 		--out runs/demo-sft --overwrite
-	$(PY) clara.py ask --adapters runs/demo-sft --docs data/ask/doc1.txt data/ask/doc2.txt \
-		--question "What weight does the alignment loss have in the total loss?"
+	@echo "question: $(DEMO_QUESTION) | expected: $(DEMO_ANSWER) (data/ask/doc1.txt) | the model's answer:"
+	@$(PY) clara.py ask --adapters runs/demo-sft --docs data/ask/doc1.txt data/ask/doc2.txt --question "$(DEMO_QUESTION)"
 	$(PY) clara.py e2e --data data/e2e.jsonl --init runs/demo-sft --steps 40 --lr 5e-4 --log-every 5 \
 		--out runs/demo-e2e --overwrite
 	rm -rf runs/demo-index
 	$(PY) clara.py index --pdf data/sample.pdf --adapters runs/demo-e2e --out runs/demo-index
-	$(PY) clara.py ask --index runs/demo-index --question "What weight does the alignment loss have in the total loss?"
+	@echo "question: $(DEMO_QUESTION) | expected: $(DEMO_ANSWER) (data/sample.pdf, page 2) | the model's answer:"
+	@$(PY) clara.py ask --index runs/demo-index --question "$(DEMO_QUESTION)"
 	$(MAKE) eval
 
 # scores the demo's adapters on the held-out records: stage 2 (compressed vs text vs no documents) and

@@ -833,16 +833,17 @@ AUTO_LOOKAHEAD_UPDATES = 32
 
 
 def auto_compile(examples, cfg, first, pad_id):
-    """--compile auto's first decision: "off" when the batches of the next AUTO_LOOKAHEAD_UPDATES updates come in
-    more than AUTO_COMPILE_SHAPES shapes (they are built here and dropped: a few milliseconds each), else "auto"."""
+    """--compile auto's first decision: ("off", why) when the batches of the next AUTO_LOOKAHEAD_UPDATES updates come
+    in more than AUTO_COMPILE_SHAPES shapes (they are built here and dropped: a few milliseconds each), else
+    ("auto", "")."""
     last = min(cfg.steps, first + AUTO_LOOKAHEAD_UPDATES - 1)
     shapes = {tuple(v.shape for v in batch.values()) for step in range(first, last + 1)
               for batch, _ in step_batches(examples, cfg, step, pad_id)}
     if len(shapes) <= AUTO_COMPILE_SHAPES:
-        return "auto"
-    warn(f"--compile auto: the batches of the first {last - first + 1} updates come in {len(shapes)} shapes, so the "
-         "step runs eagerly (each new shape costs a trace and kernel compilations; --compile on compiles anyway)")
-    return "off"
+        return "auto", ""
+    return "off", (f"--compile auto: the batches of the first {last - first + 1} updates come in {len(shapes)} shapes, "
+                   "so the step runs eagerly (each new shape costs a trace and kernel compilations; --compile on "
+                   "compiles anyway)")
 
 
 def make_update(model, optimizer, cfg):
@@ -900,12 +901,13 @@ def make_update(model, optimizer, cfg):
         losses, grad_norm, healthy, lr, n_trained = summed
         mx.async_eval(losses, grad_norm, healthy, model.trainable_parameters(), optimizer.state)
         shapes = model.traces // min(cfg.grad_accum, 3)  # traces per shape: first, middle and last batch
+        note = ""
         if cfg.compile == "auto" and current[0] is compiled and shapes > AUTO_COMPILE_SHAPES:
             current[0] = step
-            warn(f"--compile auto: the data has shown {shapes} batch shapes, so the rest of the run is eager "
-                 "(each new shape costs a trace and kernel compilations; --compile on keeps compiling)")
+            note = (f"--compile auto: the data has shown {shapes} batch shapes, so the rest of the run is eager "
+                    "(each new shape costs a trace and kernel compilations; --compile on keeps compiling)")
         return {"losses": losses, "n_trained": n_trained, "grad_norm": grad_norm, "healthy": healthy, "lr": lr,
-                "n_real": sum(n for _, n in batches)}
+                "n_real": sum(n for _, n in batches), "note": note}
 
     return update
 
@@ -963,10 +965,11 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
     data = {"command": command, "n_examples": str(len(examples)), "data_fingerprint": examples_fingerprint(examples)}
     first, best_val, trained_tokens = resume_from(checkpoint, model, optimizer, examples, command,
                                                   data["data_fingerprint"])
-    compile_mode = auto_compile(examples, cfg, first, pad_id) if cfg.compile == "auto" else cfg.compile
+    compile_mode, note = auto_compile(examples, cfg, first, pad_id) if cfg.compile == "auto" else (cfg.compile, "")
     # after the restore: compiling captures the state
     update = make_update(model, optimizer, replace(cfg, compile=compile_mode))
     metrics, out, stop = MetricsLog(out, keep_until=first - 1), out and Path(out), stop or (lambda step: None)
+    metrics.note(first, note)  # what --compile auto decided goes to metrics.jsonl, not to the screen
     history, pending, healthy, since = [], [], mx.array(True), time.perf_counter()
     batches = step_batches(examples, cfg, first, pad_id) if first <= cfg.steps else []
     mx.reset_peak_memory()
@@ -975,6 +978,7 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
             mx.random.seed(cfg.seed * 1_000_003 + step)  # LoRA dropout's masks: a pure function of the step
             model.train()
             pending.append({"step": step, **update(batches, healthy)})
+            metrics.note(step, pending[-1]["note"])
             if step < cfg.steps:  # the next update's batches are built while the device works on this one
                 batches = step_batches(examples, cfg, step + 1, pad_id)
             healthy, signum = pending[-1]["healthy"], stop(step)
@@ -1003,8 +1007,8 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
                 saved = f"checkpoint saved to {out / CHECKPOINT}; continue with --resume {out}" if out else ""
                 raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}",
                                       128 + signum)
-    if model.traces:
-        print(f"--compile: the step was traced {model.traces} time(s), once per batch shape (--pad-to)")
+    metrics.note(cfg.steps, model.traces and f"--compile: the step was traced {model.traces} time(s), once per batch "
+                 "shape (--pad-to)", show=cfg.compile == "on")
     model.eval()
     return history
 
@@ -1088,20 +1092,28 @@ def token_f1(prediction, gold):
     return 2 * precision * recall / (precision + recall)
 
 
-def compress_corpus(model, tokenizer, cfg, texts, batch_size=8):
+def compress_corpus(model, tokenizer, cfg, texts, batch_size=8, progress=""):
     """Every text compressed once by the compressor, without gradient: (U, n_mem, H). Stage 3 trains against
     these (the compressor and memory are frozen there), and `index` stores them. Texts longer than
-    --doc-max-len tokens are cut, with a warning that counts them."""
+    --doc-max-len tokens are cut, with a warning that counts them. With a `progress` label: a bar on a terminal
+    and a line at every tenth of the way ("index: 16/37 compressed | 0.5 chunks/s")."""
+    from tqdm import tqdm
+
     rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     n_cut = sum(len(r) > cfg.doc_max_len for r in rows)
     if n_cut:
         warn(f"{n_cut} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
-    rows = [r[: cfg.doc_max_len] for r in rows]
-    parts = []
-    for i in range(0, len(rows), batch_size):
-        doc_ids, doc_lens = memory_rows(rows[i: i + batch_size], cfg.n_mem, tokenizer.pad_token_id)
-        parts.append(mx.stop_gradient(compress_documents(model, doc_ids, doc_lens)[0]))
-        mx.eval(parts[-1])
+    rows, parts, tic = [r[: cfg.doc_max_len] for r in rows], [], time.perf_counter()
+    with tqdm(total=len(rows), disable=not (progress and sys.stderr.isatty()), unit="doc", leave=False) as bar:
+        for i in range(0, len(rows), batch_size):
+            doc_ids, doc_lens = memory_rows(rows[i: i + batch_size], cfg.n_mem, tokenizer.pad_token_id)
+            parts.append(mx.stop_gradient(compress_documents(model, doc_ids, doc_lens)[0]))
+            mx.eval(parts[-1])
+            done = min(i + batch_size, len(rows))
+            bar.update(done - i)
+            if progress and (10 * done // len(rows) > 10 * i // len(rows)):
+                bar.write(f"{progress}: {done}/{len(rows)} compressed | "
+                          f"{done / (time.perf_counter() - tic):.1f} docs/s", file=sys.stdout)
     return mx.concatenate(parts) if parts else mx.zeros((0, cfg.n_mem, model.memory.shape[-1]))
 
 
@@ -1178,6 +1190,92 @@ def eval_table(results, cfg):
         recalls = results["retrieval"].items()
         lines.append("\nretrieval: " + " | ".join(f"{key} {100 * value:.1f}" for key, value in recalls))
     return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Python API: a trained CLaRa loaded once; the ask, index and eval commands are built on it
+
+
+class Reader:
+    """Trained adapters on their base model, loaded once, answering as often as asked:
+
+        import clara
+        reader = clara.load("runs/sft")                           # a run's --out folder, or a checkpoint file
+        reader.ask("What weight has the alignment loss?", docs=[open("a.txt").read(), open("b.txt").read()])
+        memory = reader.compress(["first document", "second"])   # (2, n_mem, H): compress once, ask many times
+        reader.ask("Which one?", memory=memory)
+        index = reader.index([{"text": "a chunk", "source": "paper.pdf", "pages": [1]}, ...])
+        answer, sources = reader.ask_index(index, "What is it?")   # retrieve the top-k chunks, answer from them
+        reader.evaluate(records)  # {context: {"em", "f1", "cover_em", "ce", ..., "answers"}}, as `eval` scores
+    """
+
+    def __init__(self, cfg, trained=None):
+        self.cfg = cfg
+        self.model, self.tokenizer = prepare(cfg, trained)
+
+    def compress(self, texts):
+        """Each text's memory vectors, from the compressor. -> (len(texts), n_mem, H)"""
+        return compress_corpus(self.model, self.tokenizer, self.cfg, list(texts))
+
+    def ask(self, question, docs=(), memory=None, max_new_tokens=64, context="compressed"):
+        """The generator's greedy answer from documents: their memory (compressed here, or `memory` from
+        compress()), or with context="text" their text in the prompt."""
+        if memory is not None:
+            example = retrieval_prompt(self.tokenizer, self.cfg, question, memory.shape[0])
+        else:
+            example = build_example(self.tokenizer, self.cfg, list(docs), USER_ANSWER, None, context=context,
+                                    question=question)
+            memory = self.compress(docs) if example["doc_ids"] else None
+        return generate_answer(self.model, self.tokenizer, self.cfg, example, max_new_tokens, memory)[0]
+
+    def index(self, chunks, progress=""):
+        """A searchable corpus: {"text", "source", "pages"} chunks, each compressed once. -> {"memory" (N, n_mem,
+        H), "keys" (N, n_mem * H) unit retrieval keys, "chunks", "fingerprint" of the compressor that built it}"""
+        memory = compress_corpus(self.model, self.tokenizer, self.cfg, [c["text"] for c in chunks], progress=progress)
+        keys = memory.reshape(len(chunks), -1).astype(mx.float32)  # (N, n_mem * H)
+        keys = keys / mx.maximum(mx.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)  # cosine = keys @ unit query
+        mx.eval(keys)
+        return {"memory": memory, "keys": keys, "chunks": list(chunks), "fingerprint": compressor_fingerprint(self.model)}
+
+    def ask_index(self, index, question, max_new_tokens=64):
+        """Answer from a corpus: the query reasoner encodes the question, an exact cosine search over the index
+        picks its top-k chunks, and the generator reads their memory. -> (answer, sources best first: {"source",
+        "pages", "score", "text"}), and the milliseconds of each part in self.timing"""
+        if index["fingerprint"] != compressor_fingerprint(self.model):
+            raise InputError(f"the index was built with other adapters (compressor {index['fingerprint']}) than these "
+                             f"({compressor_fingerprint(self.model)}); rebuild it with them")
+        tic = time.perf_counter()
+        query = encode_question(self.model, self.tokenizer, self.cfg, question).astype(mx.float32)  # (n_mem * H,)
+        mx.eval(query)
+        encoded = time.perf_counter()
+        scores = index["keys"] @ (query / mx.maximum(mx.linalg.norm(query), 1e-12))  # (N,) cosine similarities
+        top = mx.argsort(-scores)[: self.cfg.top_k]  # (k,) best first
+        mx.eval(top)
+        retrieved = time.perf_counter()
+        example = retrieval_prompt(self.tokenizer, self.cfg, question, top.size)
+        answer = generate_answer(self.model, self.tokenizer, self.cfg, example, max_new_tokens, index["memory"][top])[0]
+        self.timing = {"encode_ms": 1000 * (encoded - tic), "retrieve_ms": 1000 * (retrieved - encoded),
+                       "generate_ms": 1000 * (time.perf_counter() - retrieved)}
+        chunks = index["chunks"]
+        return answer, [{"source": chunks[i].get("source", ""), "pages": chunks[i].get("pages", []),
+                         "score": scores[i].item(), "text": chunks[i]["text"]} for i in top.tolist()]
+
+    def evaluate(self, records, contexts=None, max_new_tokens=64):
+        """Scores greedy answers as `eval` does: stage-2 records ({"question", "docs", "gold"}) from compressed
+        documents, their text and none; stage-3 records (with "positives") by recall@k and from the retrieved,
+        the marked and no documents. -> {context: summary with every answer}"""
+        retrieval = any(r.get("positives") for r in records)
+        evaluation = evaluate_retrieval if retrieval else evaluate
+        return evaluation(self.model, self.tokenizer, self.cfg, records, max_new_tokens,
+                          contexts or (RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS))
+
+
+def load(adapters, **options):
+    """A Reader of trained adapters (a run's --out folder or a checkpoint file) with the config they were trained
+    with; `options` override it, e.g. load("runs/e2e", top_k=3)."""
+    saved, trained = read_trained(adapters)
+    values = {**{k: v for k, v in saved.items() if k in asdict(Config())}, **options}
+    return Reader(Config(**{**values, "lora_keys": tuple(values.get("lora_keys", Config.lora_keys))}), trained)
 
 
 # -----------------------------------------------------------------------------
@@ -1367,31 +1465,28 @@ def cmd_index(cfg, args, trained, checkpoint):
         chunks = [{"text": text_field(first_field(obj, ("text",), f"{args.data}:{n}")[1], "text", f"{args.data}:{n}"),
                    "source": obj.get("source", Path(args.data).name), "pages": obj.get("pages", [])}
                   for n, obj in read_jsonl(args.data)]
-    model, tokenizer = prepare(cfg, trained)
+    reader = Reader(cfg, trained)
     if args.pdf:
-        chunks = [{**c, "source": Path(args.pdf).name} for c in pdf_chunks(pages, tokenizer, cfg)]
+        chunks = [{**c, "source": Path(args.pdf).name} for c in pdf_chunks(pages, reader.tokenizer, cfg)]
     tic = time.perf_counter()
-    memory = compress_corpus(model, tokenizer, cfg, [c["text"] for c in chunks])  # (N, n_mem, H)
-    keys = memory.reshape(len(chunks), -1).astype(mx.float32)  # (N, n_mem * H)
-    keys = keys / mx.maximum(mx.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)  # cosine = keys @ unit query
-    mx.eval(keys)
+    index = reader.index(chunks, progress="index")
     seconds = time.perf_counter() - tic
     out = Path(cfg.out)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a killed run: never a user's folder (the name starts with a dot)
     tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "index.safetensors"), {"memory": memory, "keys": keys})
+    mx.save_safetensors(str(tmp / "index.safetensors"), {"memory": index["memory"], "keys": index["keys"]})
     write_jsonl_atomically(tmp / "chunks.jsonl", chunks)
     info = {"format": INDEX_FORMAT, "adapters": str(Path(args.adapters).absolute()),
-            "fingerprint": compressor_fingerprint(model), "chunks": len(chunks), "config": asdict(cfg)}
+            "fingerprint": index["fingerprint"], "chunks": len(chunks), "config": asdict(cfg)}
     (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, out)
     print(f"indexed {len(chunks)} chunk(s) in {seconds:.1f} s ({len(chunks) / seconds:.1f} chunks/s) -> {out}/")
 
 
 def read_index(folder):
-    """(info, memory (N, n_mem, H), keys (N, n_mem * H), chunks) of an index folder, or one clear error."""
+    """(info, index) of an index folder (index as Reader.index returns it), or one clear error."""
     folder = Path(folder)
     unreadable = InputError(f"{folder}: not a readable index (build one with: clara.py index --pdf FILE "
                             "--adapters RUN --out DIR)")
@@ -1405,42 +1500,30 @@ def read_index(folder):
     if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT or \
             not keys.shape[0] == memory.shape[0] == len(chunks):
         raise unreadable
-    return info, memory, keys, chunks
+    return info, {"memory": memory, "keys": keys, "chunks": chunks, "fingerprint": info.get("fingerprint")}
 
 
 def ask_index(cfg, args, trained):
-    """Answer from a compressed corpus: the query reasoner encodes the question, an exact cosine search over
-    the index picks the top-k chunks, and the generator reads their memory vectors. Nothing is re-compressed."""
+    """Answer from a compressed corpus (Reader.ask_index); nothing is re-compressed."""
     questions = read_questions(args)
-    info, memory, keys, chunks = read_index(args.index)
-    model, tokenizer = prepare(cfg, trained)
-    if compressor_fingerprint(model) != info["fingerprint"]:
+    info, index = read_index(args.index)
+    reader = Reader(cfg, trained)
+    if index["fingerprint"] != compressor_fingerprint(reader.model):
         raise InputError(f"{args.index}: built with other adapters (compressor {info['fingerprint']}) than "
-                         f"{args.adapters} ({compressor_fingerprint(model)}); rebuild it with clara.py index")
-    k = min(cfg.top_k, len(chunks))
-    if k < cfg.top_k:
-        print(f"note: the index holds {len(chunks)} chunk(s); retrieving {k}, not --top-k {cfg.top_k}",
+                         f"{args.adapters} ({compressor_fingerprint(reader.model)}); rebuild it with clara.py index")
+    n_chunks = len(index["chunks"])
+    if n_chunks < cfg.top_k:
+        print(f"note: the index holds {n_chunks} chunk(s); retrieving {n_chunks}, not --top-k {cfg.top_k}",
               file=sys.stderr if args.questions else sys.stdout)
     for question in questions:
-        tic = time.perf_counter()
-        query = encode_question(model, tokenizer, cfg, question).astype(mx.float32)  # (n_mem * H,)
-        mx.eval(query)
-        encoded = time.perf_counter()
-        scores = keys @ (query / mx.maximum(mx.linalg.norm(query), 1e-12))  # (N,) cosine similarities
-        top = mx.argsort(-scores)[:k]  # (k,) best first
-        mx.eval(top)
-        retrieved = time.perf_counter()
-        example = retrieval_prompt(tokenizer, cfg, question, k)
-        answer = generate_answer(model, tokenizer, cfg, example, args.max_new_tokens, memory[top])[0]
-        done = time.perf_counter()
-        sources = [{"source": chunks[i]["source"], "pages": chunks[i].get("pages", []),
-                    "score": scores[i].item(), "text": chunks[i]["text"]} for i in top.tolist()]
+        answer, sources = reader.ask_index(index, question, args.max_new_tokens)
         if args.questions:
             print(json.dumps({"question": question, "answer": answer, "sources": sources}), flush=True)
             continue
         print(answer)
-        print(f"\nsources (query encoding {1000 * (encoded - tic):.0f} ms, retrieval over {len(chunks)} chunks "
-              f"{1000 * (retrieved - encoded):.1f} ms, generation {1000 * (done - retrieved):.0f} ms):")
+        ms = reader.timing
+        print(f"\nsources (query encoding {ms['encode_ms']:.0f} ms, retrieval over {n_chunks} chunks "
+              f"{ms['retrieve_ms']:.1f} ms, generation {ms['generate_ms']:.0f} ms):")
         for rank, c in enumerate(sources, 1):
             pages = f" p. {', '.join(map(str, c['pages']))}" if c["pages"] else ""
             print(f"  [{rank}] score {c['score']:.3f} | {c['source']}{pages} | {' '.join(c['text'].split()[:12])} ...")
@@ -1470,14 +1553,10 @@ def cmd_ask(cfg, args, trained, checkpoint):
     if not args.docs:
         raise InputError("ask needs --docs FILE ... (documents to compress) or --index DIR (a compressed corpus)")
     questions, docs = read_questions(args), read_documents(args.docs)
-    model, tokenizer = prepare(cfg, trained)
-    memory_states = None  # (D, n_mem, H): the documents are compressed once, for the first question
+    reader = Reader(cfg, trained)
+    memory = reader.compress(docs) if cfg.context == "compressed" else None  # (D, n_mem, H): once for all questions
     for question in questions:
-        example = build_example(tokenizer, cfg, docs, USER_ANSWER, None, context=cfg.context, question=question)
-        if memory_states is None and example["doc_ids"]:  # (text context has none)
-            batch = make_batch([example], cfg.n_mem, tokenizer.pad_token_id)
-            memory_states = compress_documents(model, batch["doc_ids"], batch["doc_lens"])[0]
-        answer = generate_answer(model, tokenizer, cfg, example, args.max_new_tokens, memory_states)[0]
+        answer = reader.ask(question, docs, memory, args.max_new_tokens, cfg.context)
         print(json.dumps({"question": question, "answer": answer}) if args.questions else answer, flush=True)
 
 
@@ -1498,10 +1577,9 @@ def cmd_eval(cfg, args, trained, checkpoint):
     if n_many:
         print(f"note: {n_many} record(s) have more than --top-k {cfg.top_k} documents; their first {cfg.top_k} are "
               "read, as Apple's evaluate.py does")
-    model, tokenizer = prepare(cfg, trained)
+    reader = Reader(cfg, trained)
     print(f"{args.data}: scoring {len(records)} record(s) ({which}) in {len(contexts)} context(s)", flush=True)
-    evaluation = evaluate_retrieval if retrieval else evaluate
-    results = evaluation(model, tokenizer, cfg, records, args.max_new_tokens, contexts)
+    results = reader.evaluate(records, contexts, args.max_new_tokens)
     table = eval_table(results, cfg)
     print(table, end="")
     where = eval_folder(args)
@@ -2364,6 +2442,13 @@ class MetricsLog:
             old = self.path.read_text().splitlines() if self.path.is_file() and keep_until > 0 else []
             kept = [line for line in old if line.endswith("}") and json.loads(line)["step"] <= keep_until]
             save_atomically(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+
+    def note(self, step, text, show=False):
+        """A note on how the run went (what --compile auto decided): a line here, on the screen only if `show`."""
+        if text:
+            self.write({"kind": "note", "step": step, "note": text})
+        if text and show:
+            print(text)
 
     def write(self, row):
         """Append one line; a write that fails is cut back off, so the file never ends in a torn line."""

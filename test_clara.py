@@ -567,31 +567,46 @@ def test_on_a_bfloat16_base_the_adapters_stay_float32_and_keep_updates_below_bfl
 VARIED_RECORDS = [{**SFT_RECORDS[i % 2], "question": "Why? " * i + SFT_RECORDS[i % 2]["question"]} for i in range(8)]
 
 
-def test_compile_auto_runs_eagerly_from_the_start_when_the_first_updates_show_more_than_four_shapes(tokenizer, capsys):
+def notes(out):
+    """The notes a run left in its metrics.jsonl (what --compile decided), which a normal run does not print."""
+    return [row["note"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if row["kind"] == "note"]
+
+
+def test_compile_auto_runs_eagerly_from_the_start_when_the_first_updates_show_more_than_four_shapes(tokenizer, capsys,
+                                                                                                   tmp_path):
     cfg = tiny_config(steps=8, batch_size=1, pad_to=1, compile="auto")  # every record its own length
     model = tiny_clara(cfg)
-    clara.train(model, clara.sft_examples(tokenizer, cfg, VARIED_RECORDS), cfg, tokenizer.pad_token_id)
+    clara.train(model, clara.sft_examples(tokenizer, cfg, VARIED_RECORDS), cfg, tokenizer.pad_token_id, tmp_path / "a")
     assert model.traces == 0  # no shape compiled in vain
-    assert "--compile auto: the batches of the first 8 updates come in 8 shapes, so the step runs eagerly" in \
-        capsys.readouterr().err
+    assert notes(tmp_path / "a") == ["--compile auto: the batches of the first 8 updates come in 8 shapes, so the "
+                                     "step runs eagerly (each new shape costs a trace and kernel compilations; "
+                                     "--compile on compiles anyway)"]
     fixed = tiny_config(steps=8, compile="auto")  # every batch holds both records: one shape, compiled
     model = tiny_clara(fixed)
-    clara.train(model, clara.sft_examples(tokenizer, fixed, SFT_RECORDS), fixed, tokenizer.pad_token_id)
-    assert model.traces == 1 and "--compile auto" not in capsys.readouterr().err
+    clara.train(model, clara.sft_examples(tokenizer, fixed, SFT_RECORDS), fixed, tokenizer.pad_token_id, tmp_path / "b")
+    assert model.traces == 1 and notes(tmp_path / "b") == ["--compile: the step was traced 1 time(s), once per batch "
+                                                           "shape (--pad-to)"]
+    captured = capsys.readouterr()
+    assert "--compile" not in captured.err + captured.out  # a normal run keeps these notes off the screen
+    clara.train(tiny_clara(fixed), clara.sft_examples(tokenizer, fixed, SFT_RECORDS), replace(fixed, compile="on"),
+                tokenizer.pad_token_id)
+    assert "--compile: the step was traced 1 time(s)" in capsys.readouterr().out  # asked for, it is shown
 
 
-def test_compile_auto_turns_eager_after_the_fifth_batch_shape_and_trains_bitwise_the_same(tokenizer, capsys,
+def test_compile_auto_turns_eager_after_the_fifth_batch_shape_and_trains_bitwise_the_same(tokenizer, tmp_path,
                                                                                            monkeypatch):
     monkeypatch.setattr(clara, "AUTO_LOOKAHEAD_UPDATES", 1)  # the first update alone: one shape, so compiled
     runs = []
     for compiled in ("off", "auto"):
         cfg = tiny_config(steps=8, batch_size=1, pad_to=1, compile=compiled)  # every record its own length
         model = tiny_clara(cfg)
-        clara.train(model, clara.sft_examples(tokenizer, cfg, VARIED_RECORDS), cfg, tokenizer.pad_token_id)
+        clara.train(model, clara.sft_examples(tokenizer, cfg, VARIED_RECORDS), cfg, tokenizer.pad_token_id,
+                    tmp_path / compiled)
         runs.append((model.traces, tree_flatten(model.trainable_parameters())))
     assert runs[0][0] == 0 and runs[1][0] == clara.AUTO_COMPILE_SHAPES + 1  # then no trace more
     warning = "--compile auto: the data has shown 5 batch shapes, so the rest of the run is eager"
-    assert warning in capsys.readouterr().err
+    assert any(note.startswith(warning) for note in notes(tmp_path / "auto")) and not notes(tmp_path / "off")
     assert all(mx.array_equal(a, b) for (_, a), (_, b) in zip(runs[0][1], runs[1][1]))
 
 
@@ -1707,6 +1722,34 @@ def test_e2e_stops_on_a_signal_and_resumes_in_the_folder_it_is_given(tmp_path, t
     assert any(".adapters.query." in name for name in saved)
 
 
+def test_the_python_api_loads_once_and_answers_as_the_commands_do(tmp_path, tiny_sft_run):
+    docs = ["The alignment loss has a weight of 0.1 in the total loss.", "Sixteen vectors replace a document."]
+    questions = ["What weight?", "How many vectors?"]
+    for i, doc in enumerate(docs):
+        (tmp_path / f"doc{i}.txt").write_text(doc)
+    (tmp_path / "questions.txt").write_text("\n".join(questions) + "\n")
+    cli = run_cli("ask", "--adapters", tiny_sft_run, "--docs", tmp_path / "doc0.txt", tmp_path / "doc1.txt",
+                  "--questions", tmp_path / "questions.txt", "--max-new-tokens", 4)
+    assert cli.returncode == 0, cli.stderr
+    reader = clara.load(tiny_sft_run)
+    memory = reader.compress(docs)
+    assert memory.shape == (2, reader.cfg.n_mem, 64)
+    answers = [reader.ask(q, memory=memory, max_new_tokens=4) for q in questions]
+    assert [json.loads(line)["answer"] for line in cli.stdout.splitlines() if line.startswith("{")] == answers
+    assert answers == [reader.ask(q, docs=docs, max_new_tokens=4) for q in questions]  # compressed here or before
+    chunks = [{"text": d, "source": "notes.txt", "pages": [i + 1]} for i, d in enumerate(docs * 3)]
+    index = reader.index(chunks)
+    answer, sources = reader.ask_index(index, docs[1], max_new_tokens=4)
+    assert isinstance(answer, str) and len(sources) == reader.cfg.top_k == 5
+    assert sources[0]["text"] == docs[1] and sources[0]["score"] == pytest.approx(1.0, abs=1e-5)  # its own text
+    assert [s["score"] for s in sources] == sorted((s["score"] for s in sources), reverse=True)
+    records = [{"question": q, "docs": docs, "gold": a} for q, a in zip(questions, ["0.1", "Sixteen"])]
+    results = reader.evaluate(records, ["compressed", "none"], max_new_tokens=4)
+    assert set(results) == {"compressed", "none"} and [a["prediction"] for a in results["compressed"]["answers"]] \
+        == answers and results["none"]["records"] == 2
+    assert clara.load(tiny_sft_run, top_k=2).cfg.top_k == 2  # options override the saved config
+
+
 def test_ask_index_finds_a_chunk_by_its_text_then_by_a_passage_and_refuses_other_adapters(tmp_path, tiny_sft_run,
                                                                                           tiny_model_folder):
     run = run_cli("index", "--pdf", "data/sample.pdf", "--adapters", tiny_sft_run, "--out", tmp_path / "index")
@@ -1716,6 +1759,10 @@ def test_ask_index_finds_a_chunk_by_its_text_then_by_a_passage_and_refuses_other
     assert arrays["memory"].shape == (len(chunks), 4, 64) and arrays["keys"].shape == (len(chunks), 4 * 64)
     assert mx.allclose(mx.linalg.norm(arrays["keys"], axis=-1), mx.ones(len(chunks)), atol=1e-5)
     assert all(c["source"] == "sample.pdf" and c["pages"] for c in chunks)
+    progress = [int(n) for n in re.findall(r"^index: (\d+)/%d compressed \| [\d.]+ docs/s$" % len(chunks), run.stdout,
+                                            flags=re.M)]
+    assert progress == sorted(progress) and progress[-1] == len(chunks)  # a greppable line as it goes
+
     def first_hit(adapters, question):
         run = run_cli("ask", "--index", tmp_path / "index", "--adapters", adapters, "--question", question,
                       "--max-new-tokens", 2)
