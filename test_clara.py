@@ -862,16 +862,24 @@ def test_mlx_launch_over_two_processes_trains_the_adapters_of_one_process_at_the
     assert_same_adapters(tmp_path / "run", one_process_run)
 
 
-def test_a_signal_to_one_process_stops_both_after_the_same_step_one_checkpoint_and_one_process_resumes(
-        tmp_path, tiny_model_folder, one_process_run):
+def two_processes_past_step_2(tmp_path, tiny_model_folder, steps, act):
+    """Two processes of one run, each in a folder of its own (--out run in each); act(processes) as soon as the
+    first one reports step 2. -> (processes, their folders)"""
     cwds = [tmp_path / "first", tmp_path / "second"]
     for cwd in cwds:
         cwd.mkdir()
-    processes = start_processes(tmp_path, dp_args(tiny_model_folder, 12) + ["--out", "run"], cwds)
+    processes = start_processes(tmp_path, dp_args(tiny_model_folder, steps) + ["--out", "run"], cwds)
     for line in processes[0].stdout:
-        if line.startswith("step 2/12 | loss"):
-            processes[1].send_signal(signal.SIGTERM)  # the second process only
+        if line.startswith(f"step 2/{steps} | loss"):
+            act(processes)
             break
+    return processes, cwds
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_step_one_checkpoint_and_one_process_resumes(
+        tmp_path, tiny_model_folder, one_process_run):
+    processes, cwds = two_processes_past_step_2(tmp_path, tiny_model_folder, 12,
+                                                lambda both: both[1].send_signal(signal.SIGTERM))  # the second only
     (_, first_err), (_, second_err) = (p.communicate(timeout=120) for p in processes)
     assert [p.returncode for p in processes] == [143, 143], first_err + second_err
     assert "stopped by SIGTERM after step" in first_err and not second_err.strip()
@@ -885,14 +893,7 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step_one_checkpoint_a
 
 
 def test_a_process_that_dies_ends_the_run_with_one_line_not_a_hang(tmp_path, tiny_model_folder):
-    cwds = [tmp_path / "first", tmp_path / "second"]
-    for cwd in cwds:
-        cwd.mkdir()
-    processes = start_processes(tmp_path, dp_args(tiny_model_folder, 500) + ["--out", "run"], cwds)
-    for line in processes[0].stdout:
-        if line.startswith("step 2/500 | loss"):
-            processes[1].kill()
-            break
+    processes, _ = two_processes_past_step_2(tmp_path, tiny_model_folder, 500, lambda both: both[1].kill())
     _, stderr = processes[0].communicate(timeout=120)
     processes[1].wait()
     assert processes[0].returncode == 1 and "Traceback" not in stderr, stderr
