@@ -25,12 +25,14 @@ blas: $(STAMP)
 	    "sudo apt-get install libopenblas0-pthread (Fedora: sudo dnf install openblas)"; \
 	fi
 
-SLOW := test_clara.py::test_the_evidence_experiment_runs_end_to_end_in_parts_and_writes_every_row
+SLOW := test_clara.py::test_the_evidence_experiment_runs_end_to_end_in_parts_and_writes_every_row \
+	test_clara.py::test_the_shipped_adapters_answer_from_the_memory_of_documents_no_run_saw
 
 test: blas
-	$(PY) -m pytest -q test_clara.py --deselect $(SLOW)
+	$(PY) -m pytest -q test_clara.py $(addprefix --deselect ,$(SLOW))
 
-# the minutes-long test CI runs after make test: the evidence experiment end to end on the tiny model
+# the minutes-long tests CI runs after make test: the evidence experiment end to end on the tiny model, and the
+# shipped adapters answering from the memory of documents no run saw
 test-slow: blas
 	$(PY) -m pytest -q $(SLOW)
 

@@ -62,6 +62,8 @@ def load_system_blas():
     """Linux mlx[cpu] wheels ship a slow reference BLAS; a system OpenBLAS loaded first takes its place."""
     if platform.system() != "Linux" or os.environ.get("CLARA_NO_BLAS"):
         return "Accelerate" if platform.system() == "Darwin" else "bundled reference BLAS"
+    if "mlx.core" in sys.modules:  # too late: MLX has bound its own BLAS already
+        return "bundled reference BLAS (slow: import clara before mlx)"
     candidates = [ctypes.util.find_library("openblas"), "libopenblas.so.0",
                   "/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"]
     for path in filter(None, candidates):
