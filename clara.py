@@ -1098,7 +1098,7 @@ def compress_corpus(model, tokenizer, cfg, texts, batch_size=8, progress=""):
     """Every text compressed once by the compressor, without gradient: (U, n_mem, H). Stage 3 trains against
     these (the compressor and memory are frozen there), and `index` stores them. Texts longer than
     --doc-max-len tokens are cut, with a warning that counts them. With a `progress` label: a bar on a terminal
-    and a line at every tenth of the way ("index: 16/37 compressed | 0.5 chunks/s")."""
+    and a line at every tenth of the way ("index: 16/37 compressed | 0.5 docs/s")."""
     from tqdm import tqdm
 
     rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
@@ -1214,6 +1214,7 @@ class Reader:
     def __init__(self, cfg, trained=None):
         self.cfg = cfg
         self.model, self.tokenizer = prepare(cfg, trained)
+        self.fingerprint = compressor_fingerprint(self.model)  # what an index built with these adapters carries
 
     def compress(self, texts):
         """Each text's memory vectors, from the compressor. -> (len(texts), n_mem, H)"""
@@ -1237,15 +1238,15 @@ class Reader:
         keys = memory.reshape(len(chunks), -1).astype(mx.float32)  # (N, n_mem * H)
         keys = keys / mx.maximum(mx.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)  # cosine = keys @ unit query
         mx.eval(keys)
-        return {"memory": memory, "keys": keys, "chunks": list(chunks), "fingerprint": compressor_fingerprint(self.model)}
+        return {"memory": memory, "keys": keys, "chunks": list(chunks), "fingerprint": self.fingerprint}
 
     def ask_index(self, index, question, max_new_tokens=64):
         """Answer from a corpus: the query reasoner encodes the question, an exact cosine search over the index
         picks its top-k chunks, and the generator reads their memory. -> (answer, sources best first: {"source",
         "pages", "score", "text"}), and the milliseconds of each part in self.timing"""
-        if index["fingerprint"] != compressor_fingerprint(self.model):
+        if index["fingerprint"] != self.fingerprint:
             raise InputError(f"the index was built with other adapters (compressor {index['fingerprint']}) than these "
-                             f"({compressor_fingerprint(self.model)}); rebuild it with them")
+                             f"({self.fingerprint}); rebuild it with them")
         tic = time.perf_counter()
         query = encode_question(self.model, self.tokenizer, self.cfg, question).astype(mx.float32)  # (n_mem * H,)
         mx.eval(query)
@@ -1276,8 +1277,7 @@ def load(adapters, **options):
     """A Reader of trained adapters (a run's --out folder or a checkpoint file) with the config they were trained
     with; `options` override it, e.g. load("runs/e2e", top_k=3)."""
     saved, trained = read_trained(adapters)
-    values = {**{k: v for k, v in saved.items() if k in asdict(Config())}, **options}
-    return Reader(Config(**{**values, "lora_keys": tuple(values.get("lora_keys", Config.lora_keys))}), trained)
+    return Reader(config_from(saved, options), trained)
 
 
 # -----------------------------------------------------------------------------
@@ -1510,9 +1510,9 @@ def ask_index(cfg, args, trained):
     questions = read_questions(args)
     info, index = read_index(args.index)
     reader = Reader(cfg, trained)
-    if index["fingerprint"] != compressor_fingerprint(reader.model):
+    if index["fingerprint"] != reader.fingerprint:
         raise InputError(f"{args.index}: built with other adapters (compressor {info['fingerprint']}) than "
-                         f"{args.adapters} ({compressor_fingerprint(reader.model)}); rebuild it with clara.py index")
+                         f"{args.adapters} ({reader.fingerprint}); rebuild it with clara.py index")
     n_chunks = len(index["chunks"])
     if n_chunks < cfg.top_k:
         print(f"note: the index holds {n_chunks} chunk(s); retrieving {n_chunks}, not --top-k {cfg.top_k}",
@@ -2274,12 +2274,17 @@ def resolve_config(args):
     elif "init" in given:  # the next stage keeps the earlier run's model and adapter shapes
         init_config, trained = read_trained(given["init"])
         saved = {k: v for k, v in init_config.items() if k in SHAPE_OPTIONS}
+    cfg = config_from(saved, given)
+    cfg.out = cfg.out or f"runs/{args.command}"
+    return cfg, trained, checkpoint
+
+
+def config_from(saved, given):
+    """Config = defaults, then the fields of a saved config, then the options given."""
     values = {**asdict(Config()), **{k: v for k, v in saved.items() if k in asdict(Config())}, **given}
     if isinstance(values["compile"], bool):  # a run saved before --compile took auto / on / off
         values["compile"] = "on" if values["compile"] else "off"
-    cfg = Config(**{**values, "lora_keys": tuple(values["lora_keys"])})
-    cfg.out = cfg.out or f"runs/{args.command}"
-    return cfg, trained, checkpoint
+    return Config(**{**values, "lora_keys": tuple(values["lora_keys"])})
 
 
 def validate_config(cfg):
