@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def run(out, processes, args):
-    """One training run; -> (tokens per second after the first window, seconds of the whole run, BLAS threads)."""
+    """One training run; -> its report row: processes, BLAS threads each, tok/s after the first window, seconds."""
     command = [sys.executable, str(ROOT / "clara.py"), "sft", "--data", str(ROOT / "data" / "sft.jsonl"), *args.clara,
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--log-every", str(args.log_every),
                "--eval-every", "100000", "--save-every", "100000", "--out", str(out), "--overwrite"]
@@ -37,7 +37,8 @@ def run(out, processes, args):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["kind"] == "train" and r["step"] > args.log_every]
     tokens = sum(r["tokens_per_s"] * r["seconds"] for r in timed)
-    return tokens / sum(r["seconds"] for r in timed), seconds, threads
+    return {"processes": processes, "blas_threads": threads, "tokens_per_s": tokens / sum(r["seconds"] for r in timed),
+            "process_seconds": seconds}
 
 
 def main():
@@ -52,22 +53,19 @@ def main():
     import clara
     import mlx.core as mx
 
-    one = run(args.out / "one", 1, args)
-    many = run(args.out / f"{args.processes}", args.processes, args)
+    one, many = run(args.out / "one", 1, args), run(args.out / f"{args.processes}", args.processes, args)
     a, b = (clara.read_trained(args.out / name)[1] for name in ("one", f"{args.processes}"))
     apart = max(mx.abs(a[k] - b[k]).max().item() for k in a)
     report = {"machine": f"{os.cpu_count()} cores, BLAS: {clara.BLAS}", "batch_size": args.batch_size,
-              "steps": args.steps, "rows": [
-                  {"processes": 1, "blas_threads": one[2], "tokens_per_s": one[0], "process_seconds": one[1]},
-                  {"processes": args.processes, "blas_threads": many[2], "tokens_per_s": many[0],
-                   "process_seconds": many[1]}],
-              "efficiency": many[0] / (args.processes * one[0]), "adapters_max_abs_difference": apart}
+              "steps": args.steps, "rows": [one, many],
+              "efficiency": many["tokens_per_s"] / (args.processes * one["tokens_per_s"]),
+              "adapters_max_abs_difference": apart}
     (args.out / "bench-dp.json").write_text(json.dumps(report, indent=2) + "\n")
     print("| processes | BLAS threads each | tok/s | whole run s |\n|---|---|---|---|")
     for row in report["rows"]:
         print(f"| {row['processes']} | {row['blas_threads']} | {row['tokens_per_s']:.0f} | {row['process_seconds']:.1f} |")
     print(f"{report['machine']}; global batch {args.batch_size}, {args.steps} steps; speed-up "
-          f"{many[0] / one[0]:.2f}x, scaling efficiency {report['efficiency']:.2f}; adapters at most {apart:.1e} apart")
+          f"{many['tokens_per_s'] / one['tokens_per_s']:.2f}x, scaling efficiency {report['efficiency']:.2f}; adapters at most {apart:.1e} apart")
 
 
 if __name__ == "__main__":
