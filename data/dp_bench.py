@@ -63,9 +63,11 @@ def main():
     (args.out / "bench-dp.json").write_text(json.dumps(report, indent=2) + "\n")
     print("| processes | BLAS threads each | tok/s | whole run s |\n|---|---|---|---|")
     for row in report["rows"]:
-        print(f"| {row['processes']} | {row['blas_threads']} | {row['tokens_per_s']:.0f} | {row['process_seconds']:.1f} |")
+        print(f"| {row['processes']} | {row['blas_threads']} | {row['tokens_per_s']:.0f} | "
+              f"{row['process_seconds']:.1f} |")
     print(f"{report['machine']}; global batch {args.batch_size}, {args.steps} steps; speed-up "
-          f"{many['tokens_per_s'] / one['tokens_per_s']:.2f}x, scaling efficiency {report['efficiency']:.2f}; adapters at most {apart:.1e} apart")
+          f"{many['tokens_per_s'] / one['tokens_per_s']:.2f}x, scaling efficiency {report['efficiency']:.2f}; "
+          f"adapters at most {apart:.1e} apart")
 
 
 if __name__ == "__main__":
