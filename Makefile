@@ -41,16 +41,20 @@ test-slow: blas
 experiment: blas
 	$(PY) data/experiment.py --out runs/experiment $(EXPERIMENT)
 
-# stage 1 on the sample PDF, stage 2 on the sample QA set, stage 3 on its retrieval version, then questions
-# answered from compressed documents and from an index of the PDF (each run replaces the demo's last outputs)
+# from the shipped stage-1 adapters (data/adapters/facts-stage1): stage 1 on the sample PDF, stage 2 on the sample
+# QA set, stage 3 on its retrieval version, then questions answered from compressed documents and from an index of
+# the PDF (each run replaces the demo's last outputs)
 DEMO_QUESTION := What weight does the alignment loss have in the total loss?
 DEMO_ANSWER := 0.1
 demo: blas
-	$(PY) clara.py compress --pdf data/sample.pdf --steps 40 --lr 5e-4 --log-every 5 --out runs/demo-compress --overwrite
-	$(PY) clara.py sft --data data/sft.jsonl --init runs/demo-compress --steps 80 --lr 5e-4 --log-every 5 \
+	$(PY) clara.py compress --pdf data/sample.pdf --init data/adapters/facts-stage1 --steps 40 --lr 5e-4 --log-every 5 \
+		--out runs/demo-compress --overwrite
+	$(PY) clara.py sft --data data/sft.jsonl --init runs/demo-compress --init-generator --steps 80 --lr 5e-4 --log-every 5 \
 		--out runs/demo-sft --overwrite
 	@echo "question: $(DEMO_QUESTION) | expected: $(DEMO_ANSWER) (data/ask/doc1.txt) | the model's answer:"
 	@$(PY) clara.py ask --adapters runs/demo-sft --docs data/ask/doc1.txt data/ask/doc2.txt --question "$(DEMO_QUESTION)"
+	@echo "the control: the same question from data/ask/doc2.txt alone, which does not say it | the model's answer:"
+	@$(PY) clara.py ask --adapters runs/demo-sft --docs data/ask/doc2.txt --question "$(DEMO_QUESTION)"
 	$(PY) clara.py e2e --data data/e2e.jsonl --init runs/demo-sft --steps 40 --lr 5e-4 --log-every 5 \
 		--out runs/demo-e2e --overwrite
 	rm -rf runs/demo-index
