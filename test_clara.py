@@ -1751,6 +1751,29 @@ def test_the_python_api_loads_once_and_answers_as_the_commands_do(tmp_path, tiny
     assert clara.load(tiny_sft_run, top_k=2).cfg.top_k == 2  # options override the saved config
 
 
+def test_the_pdf_retrieval_check_draws_verbatim_passages_and_ranks_a_chunk_by_its_own_text_first(tmp_path,
+                                                                                                  tiny_sft_run):
+    sys.path.insert(0, str(ROOT / "data"))
+    import pdf_retrieval
+
+    reader = clara.load(tiny_sft_run)  # 32-token documents: chunks cut at 256 tokens, as the default model's
+    chunks = clara.pdf_chunks(clara.extract_pdf_pages(ROOT / "data" / "sample.pdf"), reader.tokenizer,
+                              replace(reader.cfg, doc_max_len=256))
+    drawn = pdf_retrieval.passages(chunks)
+    assert drawn and drawn == pdf_retrieval.passages(chunks)  # the same passages for every adapters
+    assert all(passage in chunks[i]["text"] and not chunks[i]["text"].startswith(passage) for i, passage in drawn)
+    index = reader.index(chunks)
+    own_text = [(i, chunk["text"]) for i, chunk in enumerate(chunks)]
+    assert pdf_retrieval.ranks(reader, index, own_text) == [0] * len(chunks)  # the reasoner is still the compressor
+    found = pdf_retrieval.ranks(reader, index, drawn)
+    assert len(found) == len(drawn) and all(0 <= r < len(chunks) for r in found)
+    blank = tmp_path / "blank.pdf"
+    blank.write_bytes(b"")
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "pdf_retrieval.py"), blank, "--adapters", tiny_sft_run],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and run.stderr.count("\n") == 1 and "blank.pdf" in run.stderr, run.stderr
+
+
 def test_ask_index_finds_a_chunk_by_its_text_then_by_a_passage_and_refuses_other_adapters(tmp_path, tiny_sft_run,
                                                                                           tiny_model_folder):
     run = run_cli("index", "--pdf", "data/sample.pdf", "--adapters", tiny_sft_run, "--out", tmp_path / "index")
