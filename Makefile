@@ -71,7 +71,7 @@ eval: blas
 
 # step time, tok/s, FLOP rate and peak memory of compress and sft beside mlx-lm's trainer (a few minutes)
 bench: blas
-	$(PY) clara.py bench --out runs/bench
+	$(PY) data/bench.py --out runs/bench
 
 # data-parallel scaling on this machine: one process against two (mlx.launch, ring backend), same global batch
 bench-dp: blas

@@ -1195,17 +1195,27 @@ def test_ask_questions_answers_each_line_of_a_file_as_json_lines_in_one_run(cli_
         assert_clean_failure(run_cli(*ask, *extra), message, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "data"))
+    import bench
+
+    return bench
+
+
 BENCH_OPTIONS = {"doc_max_len": 32, "compression_rate": 8, "max_len": 160, "lora_rank": 4, "lora_layers": 2}
 
 
 def test_bench_times_every_step_beside_mlx_lm_on_the_same_tokens_and_names_its_options(tmp_path, tiny_model_folder,
-                                                                                       tokenizer):
+                                                                                       tokenizer, bench):
     flags = [x for k, v in BENCH_OPTIONS.items() for x in (clara.option_flag(k), v)]
-    run = run_cli("bench", "--model", tiny_model_folder, *flags, "--bench-steps", 1, "--out", tmp_path)
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "bench.py"), "--model", tiny_model_folder,
+                          *map(str, flags), "--bench-steps", "1", "--out", tmp_path], capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     cfg = clara.Config(model=str(tiny_model_folder), **BENCH_OPTIONS)
-    tokens = [clara.make_batch(clara.bench_examples(tokenizer, cfg, name), cfg.n_mem,
+    tokens = [clara.make_batch(bench.bench_examples(tokenizer, cfg, name), cfg.n_mem,
                                tokenizer.pad_token_id)["n_tokens"] for name in ("compress", "compressed", "text")]
     rows = report["rows"]
     assert [r["tokens"] for r in rows] == tokens + tokens[2:]  # mlx-lm trains the text row's tokens
@@ -1252,12 +1262,12 @@ def test_the_gpu_recipes_shapes_are_the_real_models_and_its_records_vary_in_leng
 
 
 def test_the_gpu_recipes_pieces_time_every_row_at_the_widths_training_buckets_it_to(tiny_model_folder, tokenizer,
-                                                                                   gpu_bench):
+                                                                                   gpu_bench, bench):
     sizes = {"batch_size": 2, "doc_max_len": 32, "max_len": 160}
     results = gpu_bench.time_pieces(tiny_model_folder, pad_to=64, repeats=1, **sizes)
     cfg = clara.Config(model=str(tiny_model_folder), **sizes)
     for row in ("compress", "compressed", "text"):
-        batch = clara.make_batch(clara.bench_examples(tokenizer, cfg, row), cfg.n_mem, tokenizer.pad_token_id)
+        batch = clara.make_batch(bench.bench_examples(tokenizer, cfg, row), cfg.n_mem, tokenizer.pad_token_id)
         widths = (clara.length_bucket(batch["doc_ids"].shape[1], 64, 32 + cfg.n_mem),
                   clara.length_bucket(batch["ids"].shape[1], 64, 160))
         assert tuple(results[row]["widths"]) == widths and results[row]["tokens"] == batch["n_tokens"]
@@ -1267,14 +1277,14 @@ def test_the_gpu_recipes_pieces_time_every_row_at_the_widths_training_buckets_it
 
 
 def test_the_gpu_recipes_variants_undo_one_speed_choice_each_and_put_clara_back(tiny_model_folder, tokenizer,
-                                                                               gpu_bench):
+                                                                               gpu_bench, bench):
     saved = clara.BUCKETS_PER_OCTAVE, clara.LoRALinear.__call__, clara.masked_cross_entropy
     sizes = {"batch_size": 2, "doc_max_len": 32, "max_len": 160}
     results = gpu_bench.time_variants(tiny_model_folder, ("compress",), repeats=1, pad_to=8, **sizes)["compress"]
     assert (clara.BUCKETS_PER_OCTAVE, clara.LoRALinear.__call__, clara.masked_cross_entropy) == saved
     assert list(results) == list(gpu_bench.VARIANTS) and all(r["seconds"] > 0 for r in results.values())
     cfg = clara.Config(model=str(tiny_model_folder), pad_to=8, **sizes)
-    batch = clara.make_batch(clara.bench_examples(tokenizer, cfg, "compress"), cfg.n_mem, tokenizer.pad_token_id)
+    batch = clara.make_batch(bench.bench_examples(tokenizer, cfg, "compress"), cfg.n_mem, tokenizer.pad_token_id)
     generator_row, labelled = batch["ids"].shape[1], batch["label_positions"].size  # unpadded
 
     def quarter(n, longest=0):  # the buckets before the eighth octaves
@@ -1493,7 +1503,7 @@ STAGE_OPTIONS = {"compress": {"--pdf", "--data"}, "sft": {"--context", "--stage1
                  "e2e": {"--top-k", "--temperature", "--retrieval-loss"}}
 
 
-@pytest.mark.parametrize("command", ["compress", "sft", "e2e", "index", "ask", "eval", "bench"])
+@pytest.mark.parametrize("command", ["compress", "sft", "e2e", "index", "ask", "eval"])
 def test_each_commands_help_lists_only_its_options_required_first_in_groups_that_fit_a_screen(command, capsys):
     with pytest.raises(SystemExit):
         clara.parse_args([command, "--help"])
@@ -1503,7 +1513,7 @@ def test_each_commands_help_lists_only_its_options_required_first_in_groups_that
     options = re.findall(r"^  (--[\w-]+)", text, flags=re.M)
     assert len(options) == len(set(options)) and text.startswith(f"usage: clara.py {command} ")  # a short usage
     for other, only_there in STAGE_OPTIONS.items():  # what one stage uses is in no other training command's help
-        if command in ("compress", "sft", "e2e", "bench") and command != other:
+        if command in ("compress", "sft", "e2e") and command != other:
             assert not (only_there - {"--data", "--pdf"}) & set(options), options
     if command in ("sft", "e2e", "eval"):
         assert options[0] in ("--data", "--adapters")  # a required option first

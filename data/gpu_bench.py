@@ -6,7 +6,7 @@ The README's GPU tables come from it.
     python data/gpu_bench.py tokenizer --out TOK            # the default model's tokenizer, saved (needs clara.py's
                                                             # packaged GGUF: run it where `make test` ran)
     python data/gpu_bench.py model --shape llama-3.2-1b --tokenizer TOK --out models/llama-1b
-    python clara.py bench --model models/llama-1b --base bfloat16 --batch-size 4 --doc-max-len 1024 --max-len 4096
+    python data/bench.py --model models/llama-1b --base bfloat16 --batch-size 4 --doc-max-len 1024 --max-len 4096
     python data/gpu_bench.py torch --model models/llama-1b --batch-size 4 --length 3001 [--compile]
     python data/gpu_bench.py pieces --model models/llama-1b [--pad-to 64]   # each piece of clara's step alone
     python data/gpu_bench.py variants --model models/llama-1b   # each speed choice of the step undone alone
@@ -15,7 +15,7 @@ The README's GPU tables come from it.
     python clara.py sft --data varlen.jsonl --model models/smollm2 --base bfloat16 --batch-size 4 ...
 
 Step times do not depend on the weights' values, so random weights of a model's exact shape give its step
-time. The PyTorch reference trains what mlx-lm's trainer trains in `clara.py bench` (the sft text row): the
+time. The PyTorch reference trains what mlx-lm's trainer trains in `data/bench.py` (the sft text row): the
 same LoRA targets, rank, scale and blocks, AdamW with the same betas, gradient clipping to 1.0, bf16 base,
 SDPA attention, the loss on the last `--answer` tokens of each row; its rows are the same length.
 """
@@ -51,6 +51,14 @@ def import_clara():
     import clara
 
     return clara
+
+
+def bench_examples(tokenizer, cfg, row):
+    """data/bench.py's fixed-shape examples of a row (compress, compressed, text); imported where MLX is needed."""
+    sys.path.insert(0, str(HERE))
+    import bench
+
+    return bench.bench_examples(tokenizer, cfg, row)
 
 
 def save_tokenizer(out):
@@ -124,7 +132,7 @@ def torch_step(model, batch_size, length, answer, steps, compiled, lora_layers=8
 
 
 def time_pieces(model_name, pad_to=0, repeats=10, batch_size=4, doc_max_len=1024, max_len=4096):
-    """Each piece of clara's training step timed alone on `clara.py bench`'s fixed shapes, bucketed as training
+    """Each piece of clara's training step timed alone on `data/bench.py`'s fixed shapes, bucketed as training
     buckets them (--pad-to; 0: the default), every call waited for: the loss's forward pass and the forward and
     backward pass (both compiled), and the whole update of make_update, compiled and eager.
     -> {row: {"widths": (compressor, generator), "tokens", and the seconds of each piece: median of `repeats`}}"""
@@ -138,7 +146,7 @@ def time_pieces(model_name, pad_to=0, repeats=10, batch_size=4, doc_max_len=1024
     forward_backward = compiled_forward_backward(clara, model, cfg)
     results = {}
     for row in ("compress", "compressed", "text"):
-        batches = clara.step_batches(clara.bench_examples(tokenizer, cfg, row), cfg, 1, tokenizer.pad_token_id)
+        batches = clara.step_batches(bench_examples(tokenizer, cfg, row), cfg, 1, tokenizer.pad_token_id)
         (batch, tokens), = batches  # one batch per update (--grad-accum 1), as training builds it
         pieces = {"widths": (batch["doc_ids"].shape[1], batch["ids"].shape[1]), "tokens": tokens,
                   "forward": median_seconds(lambda: forward(batch), repeats),
@@ -229,7 +237,7 @@ def time_variants(model_name, rows=("compress", "compressed", "text"), variants=
     clara, cfg, model, tokenizer = bench_model(model_name, pad_to, batch_size, doc_max_len, max_len)
     results = {}
     for row in rows:
-        examples = clara.bench_examples(tokenizer, cfg, row)
+        examples = bench_examples(tokenizer, cfg, row)
         for variant in variants:
             with undone(clara, variant):
                 (batch, _), = clara.step_batches(examples, cfg, 1, tokenizer.pad_token_id)
@@ -249,7 +257,7 @@ def kernel_table(model_name, row="compress", rows_shown=40, batch_size=4, doc_ma
     from torch.profiler import ProfilerActivity, profile
 
     clara, cfg, model, tokenizer = bench_model(model_name, 0, batch_size, doc_max_len, max_len)
-    (batch, _), = clara.step_batches(clara.bench_examples(tokenizer, cfg, row), cfg, 1, tokenizer.pad_token_id)
+    (batch, _), = clara.step_batches(bench_examples(tokenizer, cfg, row), cfg, 1, tokenizer.pad_token_id)
     forward_backward = compiled_forward_backward(clara, model, cfg)
     torch.cuda.init()
     median_seconds(lambda: forward_backward(batch), 1)
