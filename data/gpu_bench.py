@@ -134,7 +134,7 @@ def torch_step(model, batch_size, length, answer, steps, compiled, lora_layers=8
 def time_pieces(model_name, pad_to=0, repeats=10, batch_size=4, doc_max_len=1024, max_len=4096):
     """Each piece of clara's training step timed alone on `data/bench.py`'s fixed shapes, bucketed as training
     buckets them (--pad-to; 0: the default), every call waited for: the loss's forward pass and the forward and
-    backward pass (both compiled), and the whole update of make_update, compiled and eager.
+    backward pass (both compiled), and the whole update of clara.Update, compiled and eager.
     -> {row: {"widths": (compressor, generator), "tokens", and the seconds of each piece: median of `repeats`}}"""
     from dataclasses import replace
 
@@ -153,7 +153,7 @@ def time_pieces(model_name, pad_to=0, repeats=10, batch_size=4, doc_max_len=1024
                   "forward_backward": median_seconds(lambda: forward_backward(batch), repeats)}
         for compiled in ("on", "off"):
             optimizer = optim.AdamW(learning_rate=1e-4, betas=[0.9, 0.95], weight_decay=0.0)
-            update = clara.make_update(model, optimizer, replace(cfg, compile=compiled))
+            update = clara.Update(model, optimizer, replace(cfg, compile=compiled))
             pieces[f"update_compile_{compiled}"] = median_seconds(
                 lambda: [update(batches, mx.array(True))["losses"], model.trainable_parameters()], repeats)
         results[row] = pieces

@@ -39,7 +39,7 @@ def ranks(reader, index, questions):
     found = []
     for i, question in questions:
         query = clara.encode_question(reader.model, reader.tokenizer, reader.cfg, question).astype(mx.float32)
-        scores = index["keys"] @ (query / mx.maximum(mx.linalg.norm(query), 1e-12))  # (N,) cosine, as ask --index
+        scores = index["keys"] @ clara.unit(query)  # (N,) cosine, as ask --index
         found.append((scores > scores[i]).sum().item())
     return found
 
