@@ -327,12 +327,12 @@ def length_bucket(n, multiple, longest=0):
     return max(n, min(bucket, round_up(longest, multiple))) if longest else bucket
 
 
-def memory_rows(rows, n_mem, pad_id, multiple=1, longest=0):
+def with_memory_room(sequences, n_mem, pad_id, multiple=1, longest=0):
     """[token ids] -> ids (R, L + n_mem) with room for the memory after each row, and lens (R,). The width is
     rounded up to a length bucket of `multiple`."""
-    width = length_bucket(max((len(r) for r in rows), default=0) + n_mem, multiple, longest)
-    return (mx.array([r + [pad_id] * (width - len(r)) for r in rows], dtype=mx.int32).reshape(len(rows), width),
-            mx.array([len(r) for r in rows], dtype=mx.int32))
+    width = length_bucket(max((len(r) for r in sequences), default=0) + n_mem, multiple, longest)
+    ids = mx.array([r + [pad_id] * (width - len(r)) for r in sequences], dtype=mx.int32)
+    return ids.reshape(len(sequences), width), mx.array([len(r) for r in sequences], dtype=mx.int32)
 
 
 def real_tokens(example, n_mem):
@@ -347,7 +347,7 @@ def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
     under a causal mask leaves every real token's result unchanged, so padded and unpadded runs agree (tested).
     longest: the longest compressor row and generator row the config allows; no bucket goes past them."""
     docs = [d for ex in examples for d in ex["doc_ids"]]
-    doc_ids, doc_lens = memory_rows(docs, n_mem, pad_id, multiple, longest[0])
+    doc_ids, doc_lens = with_memory_room(docs, n_mem, pad_id, multiple, longest[0])
     length = length_bucket(max(len(ex["ids"]) for ex in examples), multiple, longest[1])
     ids, slot_index, labels, offset = [], [], [], 0
     for ex in examples:
@@ -371,8 +371,8 @@ def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
              "n_tokens": sum(real_tokens(ex, n_mem) for ex in examples)}
     if "query_ids" in examples[0]:  # stage 3: questions for the query reasoner, candidates from the bank
         n_candidates = max(len(ex["candidates"]) for ex in examples)
-        batch["query_ids"], batch["query_lens"] = memory_rows([ex["query_ids"] for ex in examples], n_mem, pad_id,
-                                                              multiple, longest[0])
+        batch["query_ids"], batch["query_lens"] = with_memory_room([ex["query_ids"] for ex in examples], n_mem,
+                                                                   pad_id, multiple, longest[0])
         candidates = mx.array([ex["candidates"] + [0] * (n_candidates - len(ex["candidates"])) for ex in examples])
         batch["candidate_memory"] = examples[0]["bank"][candidates]  # (B, N, n_mem, H)
         batch["candidate_mask"] = mx.array([[i < len(ex["candidates"]) for i in range(n_candidates)]
@@ -550,9 +550,9 @@ def splice_slots(token_embeddings, slot_index, slot_vectors):
     return mx.where((slot_index >= 0)[..., None], gathered.astype(token_embeddings.dtype), token_embeddings)
 
 
-def compress_documents(model, doc_ids, doc_lens, role="compressor"):
-    """Compressor pass over [document, memory, padding] rows (stage 3's query reasoner encodes
-    [question, memory] rows the same way, with role="query").
+def encode_into_memory(model, doc_ids, doc_lens, role="compressor"):
+    """The compressor's pass over [document, memory, padding] rows: the compressed documents. With role="query"
+    stage 3's query reasoner encodes [question, memory] rows the same way, into the same space.
 
     doc_ids (D, L + n_mem), doc_lens (D,) -> memory states (D, n_mem, H) and the alignment MSE.
     """
@@ -658,7 +658,7 @@ def retrieval_logits(model, batch, temperature):
     candidates' memories, over the temperature. -> logits (B, N) (padding: -1e9), candidates flat (B, N, n_mem * H)"""
     candidates = batch["candidate_memory"]  # (B, N, n_mem, H), compressed beforehand: no gradient
     n_batch, n_candidates, n_mem, hidden = candidates.shape
-    query = compress_documents(model, batch["query_ids"], batch["query_lens"], role="query")[0]  # (B, n_mem, H)
+    query = encode_into_memory(model, batch["query_ids"], batch["query_lens"], role="query")[0]  # (B, n_mem, H)
     flat = candidates.reshape(n_batch, n_candidates, n_mem * hidden)  # (B, N, n_mem * H)
     scores = cosine_scores(query.reshape(n_batch, n_mem * hidden), flat)  # (B, N)
     return mx.where(batch["candidate_mask"], scores / temperature, -1e9), flat  # padding is never chosen
@@ -700,7 +700,7 @@ def clara_loss(model, batch, cfg):
     if "candidate_memory" in batch:
         memory_states = retrieve_memory(model, batch, cfg.top_k, cfg.temperature)
     elif batch["doc_ids"].shape[0] > 0:
-        memory_states, mse = compress_documents(model, batch["doc_ids"], batch["doc_lens"])
+        memory_states, mse = encode_into_memory(model, batch["doc_ids"], batch["doc_lens"])
     hidden = generator_hidden(model, batch["ids"], batch["slot_index"], memory_states)  # (B, T, H)
     positions = batch["label_positions"]  # (N,) flat indices of the positions whose label is not IGNORE
     if positions.size == 0:
@@ -938,10 +938,10 @@ def is_due(step, every, cfg):
 
 
 def read_back(pending, since, trained_tokens, out):
-    """Report rows of the updates started since the last read: one wait for the device. A non-finite update
+    """The report rows of the updates started since the last read: one wait for the device. A non-finite update
     stops the run here, by its number; Update applied neither it nor any update after it."""
     mx.eval([[u["losses"], u["n_trained"], u["grad_norm"], u["healthy"], u["lr"]] for u in pending])
-    seconds, rows = (time.perf_counter() - since) / len(pending), []
+    seconds, reports = (time.perf_counter() - since) / len(pending), []
     for u in pending:
         (loss, ce, mse), grad_norm = u["losses"].tolist(), u["grad_norm"].item()
         if not u["healthy"].item():
@@ -952,11 +952,11 @@ def read_back(pending, since, trained_tokens, out):
             raise TrainingStopped(f"step {u['step']}: loss {loss} / gradient norm {grad_norm} is not finite; {advice}",
                                   1)
         trained_tokens += u["n_trained"].item()
-        rows.append({"step": u["step"], "loss": loss, "ce": ce, "mse": mse, "lr": u["lr"].item(),
+        reports.append({"step": u["step"], "loss": loss, "ce": ce, "mse": mse, "lr": u["lr"].item(),
                      "grad_norm": grad_norm, "seconds": seconds, "it_per_s": 1 / seconds,
                      "tokens_per_s": u["n_real"] / seconds, "trained_tokens": trained_tokens,
                      "peak_gb": mx.get_peak_memory() / 1e9})
-    return rows
+    return reports
 
 
 def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=None, stop=None, command=""):
@@ -1071,7 +1071,7 @@ def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64, memory_st
     batch = make_batch([example], cfg.n_mem, tokenizer.pad_token_id)
     tic = time.perf_counter()
     if memory_states is None and example["doc_ids"]:
-        memory_states = compress_documents(model, batch["doc_ids"], batch["doc_lens"])[0]
+        memory_states = encode_into_memory(model, batch["doc_ids"], batch["doc_lens"])[0]
         mx.eval(memory_states)
     timing = {"prompt_tokens": example["n_prompt"], "compress_s": time.perf_counter() - tic}
     ce = 0.0
@@ -1125,18 +1125,18 @@ def compress_corpus(model, tokenizer, cfg, texts, batch_size=8, progress=""):
     these (the compressor and memory are frozen there), and `index` stores them. Texts longer than
     --doc-max-len tokens are cut, with a warning that counts them. With a `progress` label: a bar on a terminal
     and a line at every tenth of the way ("index: 16/37 compressed | 0.5 docs/s")."""
-    rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    warn_cut_documents(sum(len(r) > cfg.doc_max_len for r in rows), cfg)
-    rows, parts, tic = [r[: cfg.doc_max_len] for r in rows], [], time.perf_counter()
-    with tqdm(total=len(rows), disable=not (progress and sys.stderr.isatty()), unit="doc", leave=False) as bar:
-        for i in range(0, len(rows), batch_size):
-            doc_ids, doc_lens = memory_rows(rows[i: i + batch_size], cfg.n_mem, tokenizer.pad_token_id)
-            parts.append(mx.stop_gradient(compress_documents(model, doc_ids, doc_lens)[0]))
+    token_ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    warn_cut_documents(sum(len(r) > cfg.doc_max_len for r in token_ids), cfg)
+    token_ids, parts, tic = [r[: cfg.doc_max_len] for r in token_ids], [], time.perf_counter()
+    with tqdm(total=len(token_ids), disable=not (progress and sys.stderr.isatty()), unit="doc", leave=False) as bar:
+        for i in range(0, len(token_ids), batch_size):
+            doc_ids, doc_lens = with_memory_room(token_ids[i: i + batch_size], cfg.n_mem, tokenizer.pad_token_id)
+            parts.append(mx.stop_gradient(encode_into_memory(model, doc_ids, doc_lens)[0]))
             mx.eval(parts[-1])
-            done = min(i + batch_size, len(rows))
+            done = min(i + batch_size, len(token_ids))
             bar.update(done - i)
-            if progress and (10 * done // len(rows) > 10 * i // len(rows)):
-                bar.write(f"{progress}: {done}/{len(rows)} compressed | "
+            if progress and (10 * done // len(token_ids) > 10 * i // len(token_ids)):
+                bar.write(f"{progress}: {done}/{len(token_ids)} compressed | "
                           f"{done / (time.perf_counter() - tic):.1f} docs/s", file=sys.stdout)
     return mx.concatenate(parts) if parts else mx.zeros((0, cfg.n_mem, model.memory.shape[-1]))
 
@@ -1149,9 +1149,9 @@ def candidate_bank(model, tokenizer, cfg, records):
 
 def encode_question(model, tokenizer, cfg, question):
     """The query reasoner's vector of a question: its memory states, flattened. -> (n_mem * H,)"""
-    query_ids, query_lens = memory_rows([tokenizer.encode(question, add_special_tokens=False)[: cfg.doc_max_len]],
-                                        cfg.n_mem, tokenizer.pad_token_id)
-    return compress_documents(model, query_ids, query_lens, role="query")[0].reshape(-1)
+    question_ids = tokenizer.encode(question, add_special_tokens=False)[: cfg.doc_max_len]
+    query_ids, query_lens = with_memory_room([question_ids], cfg.n_mem, tokenizer.pad_token_id)
+    return encode_into_memory(model, query_ids, query_lens, role="query")[0].reshape(-1)
 
 
 EVAL_CONTEXTS = ("compressed", "text", "none")  # memory slots / document text in the prompt / no documents
@@ -1161,14 +1161,15 @@ RECALL_AT = (1, 3, 5)
 
 def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens):
     """Greedy answers scored against each record's gold. inputs[i] = (example, memory states or None)."""
-    rows = []
+    answers = []
     for r, (example, memory) in zip(records, inputs):
         prediction, ce, timing = generate_answer(model, tokenizer, cfg, example, max_new_tokens, memory)
-        rows.append({"question": r["question"], "gold": r["gold"], "prediction": prediction, "ce": ce,
-                     "em": exact_match(prediction, r["gold"]), "f1": token_f1(prediction, r["gold"]),
-                     "cover_em": cover_exact_match(prediction, r["gold"]), **timing})
+        answers.append({"question": r["question"], "gold": r["gold"], "prediction": prediction, "ce": ce,
+                        "em": exact_match(prediction, r["gold"]), "f1": token_f1(prediction, r["gold"]),
+                        "cover_em": cover_exact_match(prediction, r["gold"]), **timing})
     keys = ("em", "f1", "cover_em", "ce", "prompt_tokens", "compress_s", "first_token_s")
-    return {**{key: sum(row[key] for row in rows) / len(rows) for key in keys}, "records": len(rows), "answers": rows}
+    means = {key: sum(answer[key] for answer in answers) / len(answers) for key in keys}
+    return {**means, "records": len(answers), "answers": answers}
 
 
 def evaluate(model, tokenizer, cfg, records, max_new_tokens, contexts=EVAL_CONTEXTS):
@@ -1186,10 +1187,10 @@ def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens, contexts=
     """Stage 3: for records whose relevant candidates are marked, recall@1/3/5 of the query reasoner's ranking,
     and answers from the top-k retrieved memories, from the marked documents (oracle) and from none."""
     records = [r for r in records if r["positives"]]
-    bank, rows = candidate_bank(model, tokenizer, cfg, records)
+    bank, bank_rows = candidate_bank(model, tokenizer, cfg, records)
     recalls, retrieved = {k: [] for k in RECALL_AT}, []
     for r in records:
-        candidates = bank[mx.array([rows[d] for d in r["docs"]])]  # (N, n_mem, H)
+        candidates = bank[mx.array([bank_rows[d] for d in r["docs"]])]  # (N, n_mem, H)
         query = encode_question(model, tokenizer, cfg, r["question"])
         order = mx.argsort(-cosine_scores(query[None], candidates.reshape(1, len(r["docs"]), -1))[0]).tolist()
         for k in RECALL_AT:
@@ -1240,7 +1241,7 @@ class Reader:
 
     def __init__(self, cfg, trained=None):
         self.cfg = cfg
-        self.model, self.tokenizer = prepare(cfg, trained)
+        self.model, self.tokenizer = load_clara(cfg, trained)
         self.fingerprint = compressor_fingerprint(self.model)  # what an index built with these adapters carries
 
     def compress(self, texts):
@@ -1316,14 +1317,14 @@ def load(adapters, **options):
 STAGE3_ROLES = {"answer": ("generator", "query"), "contrastive": ("query",)}
 
 
-def prepare(cfg, trained=None, fresh=(), stage3=False):
+def load_clara(cfg, trained=None, fresh_roles=(), stage3=False):
     """Load the base model and build the CLaRa wrapper (seeded); trained adapters + memory go in when given,
-    except the roles in `fresh`, which keep their new initialisation. Stage 3 trains other roles."""
+    except the roles in `fresh_roles`, which keep their new initialisation. Stage 3 trains other roles."""
     mx.random.seed(cfg.seed)
     llm, tokenizer = load_model(cfg.model, cfg.base)
     model = CLaRa(llm, cfg)
     if trained is not None:
-        load_trained(model, trained, fresh)
+        load_trained(model, trained, fresh_roles)
     if stage3:
         train_only(model, STAGE3_ROLES[cfg.retrieval_loss], memory=False)
     model.eval()  # no dropout outside training steps
@@ -1362,7 +1363,7 @@ def report_cuts(cfg, examples):
         warn(f"{cut_targets} target(s) were cut at their end to fit --max-len {cfg.max_len}; prompts and memory kept")
 
 
-def run_stage(cfg, command, model, tokenizer, examples, val_examples, checkpoint):
+def train_stage(cfg, command, model, tokenizer, examples, val_examples, checkpoint):
     """Shared by the training commands: report what truncation cut, train (checkpointing into --out).
     checkpoint: (arrays, metadata) of the run that --resume continues, or None."""
     kept = [ex for ex in examples if keeps_memory(ex)]
@@ -1405,7 +1406,7 @@ def cmd_compress(cfg, args, trained, checkpoint):
         val_records = [r for _, r in read_records(cfg.val_data, parse_compress_record)] if cfg.val_data else []
     else:
         records, val_records, _ = split_records(cfg, args.data, parse_compress_record)
-    model, tokenizer = prepare(cfg, trained)
+    model, tokenizer = load_clara(cfg, trained)
     if args.pdf:
         chunks = pdf_chunks(pages, tokenizer, cfg)
         records = [{"kind": "reconstruct", "doc": c["text"], "target": c["text"]} for c in chunks]
@@ -1417,16 +1418,16 @@ def cmd_compress(cfg, args, trained, checkpoint):
     if args.pdf and process_group().rank() == 0:
         write_jsonl_atomically(args.chunks_out, chunks)
         print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {args.chunks_out}")
-    return run_stage(cfg, "compress", model, tokenizer, examples, compress_examples(tokenizer, cfg, val_records),
-                     checkpoint)
+    return train_stage(cfg, "compress", model, tokenizer, examples, compress_examples(tokenizer, cfg, val_records),
+                       checkpoint)
 
 
 def split_records(cfg, path, parse):
     """(training records, validation records, held-out count) of a JSONL file of any stage. Validation: --val-data,
     else --val-fraction of the training records, else the records marked "split": "eval"."""
-    rows = read_records(path, parse)
-    records = [record for split, record in rows if split != "eval"]
-    held_out = [record for split, record in rows if split == "eval"]
+    marked = read_records(path, parse)
+    records = [record for split, record in marked if split != "eval"]
+    held_out = [record for split, record in marked if split == "eval"]
     if not records:
         raise InputError(f"{path}: every record is marked \"split\": \"eval\"; nothing to train on")
     if cfg.val_data:
@@ -1439,17 +1440,17 @@ def split_records(cfg, path, parse):
 def cmd_sft(cfg, args, trained, checkpoint):
     records, val_records, n_held_out = split_records(cfg, args.data, parse_sft_record)
     # Apple's stage 2 takes the compressor and the memory from stage 1 and starts a fresh generator
-    fresh = ("generator",) if cfg.init and not checkpoint and not cfg.init_generator else ()
+    fresh_roles = ("generator",) if cfg.init and not checkpoint and not cfg.init_generator else ()
     # stage-1 records trained alongside the questions (not Apple's recipe; README): the generator keeps reading
     # every fact of a document from its memory while it learns to answer briefly
     stage1 = [r for split, r in read_records(args.stage1_data, parse_compress_record) if split != "eval"] \
         if args.stage1_data else []
-    model, tokenizer = prepare(cfg, trained, fresh)
+    model, tokenizer = load_clara(cfg, trained, fresh_roles)
     print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out (\"split\": \"eval\")"
           + (f"; {args.stage1_data}: {len(stage1)} stage-1 record(s) mixed in" if stage1 else ""))
-    return run_stage(cfg, "sft", model, tokenizer,
-                     sft_examples(tokenizer, cfg, records) + compress_examples(tokenizer, cfg, stage1),
-                     sft_examples(tokenizer, cfg, val_records), checkpoint)
+    return train_stage(cfg, "sft", model, tokenizer,
+                       sft_examples(tokenizer, cfg, records) + compress_examples(tokenizer, cfg, stage1),
+                       sft_examples(tokenizer, cfg, val_records), checkpoint)
 
 
 def cmd_e2e(cfg, args, trained, checkpoint):
@@ -1466,13 +1467,13 @@ def cmd_e2e(cfg, args, trained, checkpoint):
     if cfg.retrieval_loss == "contrastive" and unmarked:
         warn(f"{args.data}: {unmarked} of {len(records)} training record(s) have no 'pos_index'; --retrieval-loss "
              "contrastive learns nothing from them")
-    model, tokenizer = prepare(cfg, trained, stage3=True)
+    model, tokenizer = load_clara(cfg, trained, stage3=True)
     tic = time.perf_counter()
-    bank, rows = candidate_bank(model, tokenizer, cfg, records + val_records)  # (U, n_mem, H), {text: its row}
-    print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out; {len(rows)} distinct candidate "
+    bank, bank_rows = candidate_bank(model, tokenizer, cfg, records + val_records)  # (U, n_mem, H), {text: its row}
+    print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out; {len(bank_rows)} distinct candidate "
           f"documents compressed once in {time.perf_counter() - tic:.1f} s", flush=True)
-    return run_stage(cfg, "e2e", model, tokenizer, e2e_examples(tokenizer, cfg, records, bank, rows),
-                     e2e_examples(tokenizer, cfg, val_records, bank, rows), checkpoint)
+    return train_stage(cfg, "e2e", model, tokenizer, e2e_examples(tokenizer, cfg, records, bank, bank_rows),
+                       e2e_examples(tokenizer, cfg, val_records, bank, bank_rows), checkpoint)
 
 
 INDEX_FORMAT = "clara-index/1"
@@ -1594,9 +1595,9 @@ def cmd_ask(cfg, args, trained, checkpoint):
 
 def cmd_eval(cfg, args, trained, checkpoint):
     check_writable(eval_folder(args) / "eval.json", "eval output", is_folder=False)
-    rows = read_records(args.data, parse_e2e_record)
-    records = [record for split, record in rows if split == "eval"] or [record for _, record in rows]
-    which = "those marked \"split\": \"eval\"" if len(records) < len(rows) else "all of them"
+    marked = read_records(args.data, parse_e2e_record)
+    records = [record for split, record in marked if split == "eval"] or [record for _, record in marked]
+    which = "those marked \"split\": \"eval\"" if len(records) < len(marked) else "all of them"
     records = records[: args.max_records or None]
     retrieval = any(r["positives"] for r in records)  # stage 3 records: candidates with the relevant ones marked
     allowed = RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS
@@ -2555,14 +2556,14 @@ def adapter_arrays(model):
             if name == "memory" or adapter_role(name) in kept}
 
 
-def load_trained(model, saved, fresh=()):
+def load_trained(model, saved, fresh_roles=()):
     """Put saved adapters + memory ({name: array}) into a model built with a matching config. The roles in
-    `fresh` keep their new initialisation. Without a saved query reasoner (a stage 1 or 2 run), the query
+    `fresh_roles` keep their new initialisation. Without a saved query reasoner (a stage 1 or 2 run), the query
     role gets the compressor's weights: stage 3 starts from that copy, as Apple's code does."""
     loaded = []
     for name, value in tree_flatten(model.parameters()):
         role = adapter_role(name)
-        if (name != "memory" and role is None) or role in fresh:
+        if (name != "memory" and role is None) or role in fresh_roles:
             continue
         source = name.replace(".adapters.query.", ".adapters.compressor.") if name not in saved else name
         if source not in saved or saved[source].shape != value.shape:

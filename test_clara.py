@@ -172,7 +172,7 @@ def test_memory_states_have_shape_n_mem_by_hidden_and_fill_exactly_the_slots(tok
     model = tiny_clara(cfg)
     examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
     batch = clara.make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
-    memory_states, mse = clara.compress_documents(model, batch["doc_ids"], batch["doc_lens"])
+    memory_states, mse = clara.encode_into_memory(model, batch["doc_ids"], batch["doc_lens"])
     assert memory_states.shape == (4, cfg.n_mem, 64)  # 2 records x 2 docs
     assert mse.item() > 0
     slots = np.array(batch["slot_index"])
@@ -188,7 +188,7 @@ def test_spliced_memory_has_the_token_embedding_norm_or_is_left_as_it_is(tokeniz
     cfg = tiny_config(memory_scale=scale)
     model = tiny_clara(cfg)
     batch = clara.make_batch(clara.sft_examples(tokenizer, cfg, SFT_RECORDS), cfg.n_mem, tokenizer.pad_token_id)
-    memory_states = 30.0 * clara.compress_documents(model, batch["doc_ids"], batch["doc_lens"])[0]  # (4, n_mem, H)
+    memory_states = 30.0 * clara.encode_into_memory(model, batch["doc_ids"], batch["doc_lens"])[0]  # (4, n_mem, H)
     spliced = clara.generator_embeddings(model, batch["ids"], batch["slot_index"], memory_states)
     slots = np.array(batch["slot_index"])
     b, t = np.argwhere(slots == 5)[0]
@@ -208,7 +208,7 @@ def test_projecting_only_labelled_positions_gives_the_full_masked_loss(tokenizer
     cfg = tiny_config()
     model = tiny_clara(cfg)
     batch = clara.make_batch(clara.sft_examples(tokenizer, cfg, SFT_RECORDS), cfg.n_mem, tokenizer.pad_token_id)
-    memory_states, mse = clara.compress_documents(model, batch["doc_ids"], batch["doc_lens"])
+    memory_states, mse = clara.encode_into_memory(model, batch["doc_ids"], batch["doc_lens"])
     full_ce, full_n = clara.masked_cross_entropy(
         clara.generator_logits(model, batch["ids"], batch["slot_index"], memory_states), batch["labels"])
     loss, ce, mse_again, n = clara.clara_loss(model, batch, cfg)
@@ -234,12 +234,12 @@ def test_padding_does_not_change_any_real_tokens_result(tokenizer):
     records = [SFT_RECORDS[0], {**SFT_RECORDS[1], "docs": ["A spider has eight legs. " * 3] + SFT_RECORDS[1]["docs"]}]
     examples = clara.sft_examples(tokenizer, cfg, records)
     together = clara.make_batch(examples, cfg.n_mem, tokenizer.pad_token_id)
-    mem_together, _ = clara.compress_documents(model, together["doc_ids"], together["doc_lens"])
+    mem_together, _ = clara.encode_into_memory(model, together["doc_ids"], together["doc_lens"])
     logits_together = clara.generator_logits(model, together["ids"], together["slot_index"], mem_together)
     docs_done = 0
     for row, example in enumerate(examples):
         alone = clara.make_batch([example], cfg.n_mem, tokenizer.pad_token_id)
-        mem_alone, _ = clara.compress_documents(model, alone["doc_ids"], alone["doc_lens"])
+        mem_alone, _ = clara.encode_into_memory(model, alone["doc_ids"], alone["doc_lens"])
         n_docs, length = len(example["doc_ids"]), len(example["ids"])
         assert mx.allclose(mem_alone, mem_together[docs_done: docs_done + n_docs], atol=1e-5)
         logits_alone = clara.generator_logits(model, alone["ids"], alone["slot_index"], mem_alone)
@@ -1646,7 +1646,7 @@ def test_bad_e2e_records_give_one_line_exit_2_and_write_nothing(tmp_path, tiny_s
 
 def fresh_arrays(model_folder, seed=0):
     cfg = clara.Config(model=str(model_folder), doc_max_len=32, compression_rate=8, seed=seed)
-    return clara.adapter_arrays(clara.prepare(cfg)[0])
+    return clara.adapter_arrays(clara.load_clara(cfg)[0])
 
 
 @pytest.mark.parametrize("carry", [False, True])

@@ -128,7 +128,7 @@ def cmd_bench(cfg, args, trained=None, checkpoint=None):
     mlx-lm's trainer gets the same two windows on the same tokens."""
     if args.bench_steps <= 0:
         raise clara.InputError(f"--bench-steps must be positive, got {args.bench_steps}")
-    model, tokenizer = clara.prepare(cfg)
+    model, tokenizer = clara.load_clara(cfg)
     dtype = mx.bfloat16 if clara.on_gpu() else mx.float32
     peak_rate, window, rows = matmul_rate(dtype, (8192, 16384) if clara.on_gpu() else (2048,)), args.bench_steps, []
     for name in ("compress", "compressed", "text"):
