@@ -57,6 +57,7 @@ import traceback
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+
 # -----------------------------------------------------------------------------
 # platform setup: a real BLAS must be loaded before MLX is imported
 
@@ -380,6 +381,62 @@ def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
         batch["positive_mask"] = mx.array([[i in ex["positives"] for i in range(n_candidates)]
                                            for ex in examples])  # (B, N): the marked candidates
     return batch
+
+
+# -----------------------------------------------------------------------------
+# model families: the one place that knows how mlx-lm's families differ
+
+# Tested in test_clara.py with tiny random models (memory-path property, compress, sft and e2e steps); mistral
+# loads as llama, and mistral3 / gemma3 are vision-language wrappers around ministral3/llama / gemma3_text.
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "ministral3", "mistral3",
+                   "smollm3", "mixtral")
+# Families whose text model multiplies its input embeddings by a constant before the first block (Gemma: by
+# sqrt(hidden), rounded to bfloat16 as mlx-lm does), whether they come from the table or from input_embeddings.
+EMBEDDING_MULTIPLIERS = {"gemma3_text": lambda args: mx.array(args.hidden_size ** 0.5, mx.bfloat16).item()}
+
+
+def text_model(llm):
+    """The text model inside a vision-language wrapper (mistral3, gemma3), else the model itself. It has
+    .model (embed_tokens, the blocks, the final norm) and the output head (lm_head, or the tied embeddings)."""
+    return getattr(llm, "language_model", llm)
+
+
+def takes_input_embeddings(call):
+    """Whether a model's __call__ accepts input_embeddings, which CLaRa's memory slots need."""
+    try:
+        return "input_embeddings" in inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def check_family(name, family, calls):
+    """Refuse, in one line, a family whose model calls cannot take input embeddings."""
+    if not all(takes_input_embeddings(call) for call in calls):
+        raise InputError(f"--model {name}: mlx-lm's {family} models cannot take input embeddings, which CLaRa's "
+                         f"memory slots need; families that can: {', '.join(TESTED_FAMILIES)}")
+
+
+def embedding_multiplier(llm):
+    """The constant the text model multiplies its input embeddings by (1.0 for most families)."""
+    lm = text_model(llm)
+    multiplier = EMBEDDING_MULTIPLIERS.get(lm.model_type)
+    return multiplier(lm.args) if multiplier else 1.0
+
+
+def token_embeddings(llm, ids):
+    """Rows of the token-embedding table: what a model's input_embeddings replace. ids (...) -> (..., H)"""
+    return text_model(llm).model.embed_tokens(ids)
+
+
+def final_hidden(llm, ids, input_embeddings):
+    """The blocks and the final norm over input embeddings (B, T, H) -> final hidden states (B, T, H)."""
+    return text_model(llm).model(ids, input_embeddings=input_embeddings)
+
+
+def output_logits(llm, hidden):
+    """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
+    lm = text_model(llm)
+    return lm.lm_head(hidden) if "lm_head" in lm else lm.model.embed_tokens.as_linear(hidden)
 
 
 # -----------------------------------------------------------------------------
@@ -1042,6 +1099,217 @@ class RunRecord:
 
 
 # -----------------------------------------------------------------------------
+# checkpoint files: what a resume needs, written atomically; the signals that stop training cleanly
+
+
+def examples_fingerprint(examples):
+    """sha256 of the training examples' tokens (prompts, targets, documents, candidates): a resume must see
+    the same data, not merely as many records."""
+    keys = ("ids", "n_prompt", "doc_ids", "query_ids", "candidates")
+    text = json.dumps([[ex.get(k) for k in keys] for ex in examples], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_same_data(checkpoint, examples, command, fingerprint=None):
+    """Refuse, before anything is written, to resume a checkpoint of another command or of other data.
+    fingerprint: examples_fingerprint(examples), when the caller has it already."""
+    metadata = checkpoint[1]
+    if metadata.get("command", command) != command:
+        raise InputError(f"--resume: that checkpoint was written by `{metadata['command']}`, not `{command}`; "
+                         "resume it with the command that wrote it")
+    fingerprint = fingerprint or examples_fingerprint(examples)
+    if metadata.get("data_fingerprint", fingerprint) != fingerprint or int(metadata["n_examples"]) != len(examples):
+        raise InputError(f"--resume: the checkpoint was trained on other data ({metadata['n_examples']} examples, "
+                         f"this data has {len(examples)}, or the same count with other contents); resume with the "
+                         "same data and data options")
+
+
+def save_atomically(path, write):
+    """Write through a temp file in the same folder and rename it: a reader never sees a half-written file,
+    and a write that fails (a full disk) leaves the previous file as it was and no temp file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # MLX's writers raise RuntimeError, with no errno, on a full disk
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "strerror", None) or one_line(e)
+        if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 2**20:
+            reason = f"No space left on device: {reason}"
+        raise WriteFailed(f"{path}: could not be written ({reason}); the previous version is intact") from None
+
+
+def one_line(error):
+    return " ".join(str(error).split())
+
+
+def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens, data):
+    """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
+    the step, the data position, the config, and what identifies the data and the command (`data`).
+    Written atomically, so the previous one survives any kill."""
+    arrays = {f"model.{k}": v for k, v in adapter_arrays(model).items()}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
+                "trained_tokens": str(trained_tokens), **data,
+                "data_position": str(step * cfg.grad_accum * cfg.batch_size), "config": json.dumps(asdict(cfg))}
+    save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
+
+
+def read_checkpoint(path):
+    """(arrays, metadata) of a checkpoint file, or an InputError naming what is wrong with it."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint (is {path.parent} the --out folder of a clara.py run?)")
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # truncated or foreign files fail inside the safetensors reader
+        raise InputError(f"{path}: not a readable checkpoint ({e})") from None
+    if metadata.get("format") != "clara-checkpoint/1":
+        raise InputError(f"{path}: not a clara.py checkpoint")
+    return arrays, metadata
+
+
+def checkpoint_part(arrays, part):
+    """The "model." (adapters and memory) or "optimizer." arrays of a checkpoint, without that prefix."""
+    return {k.removeprefix(part): v for k, v in arrays.items() if k.startswith(part)}
+
+
+def restore_checkpoint(arrays, model, optimizer):
+    load_trained(model, checkpoint_part(arrays, "model."))
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten(list(checkpoint_part(arrays, "optimizer.").items()))
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While training, SIGINT / SIGTERM only set a flag: the step in flight finishes and a checkpoint is
+    written first. Yields stop(step) -> the signal received or None; the old handlers come back after."""
+    received, group = [], process_group()
+
+    def stop(step):  # data parallel: a signal to any process stops every process after the same step
+        signum = received[0] if received else 0
+        if group.size() > 1:
+            signum = mx.distributed.all_max(mx.array(signum)).item()
+        return signum or None
+
+    with signals_handled_by(lambda number, frame: received.append(number), (signal.SIGINT, signal.SIGTERM)):
+        yield stop
+
+
+@contextlib.contextmanager
+def signals_handled_by(handler, signals):
+    """Within the block `handler` receives these signals; the earlier handlers come back after."""
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
+class MetricsLog:
+    """out/metrics.jsonl: one JSON object per report and per validation. A resumed run first drops the rows
+    after its checkpoint, so the file tells one uninterrupted story."""
+
+    def __init__(self, out, keep_until):
+        self.path = Path(out) / "metrics.jsonl" if out else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            old = self.path.read_text().splitlines() if self.path.is_file() and keep_until > 0 else []
+            kept = [line for line in old if line.endswith("}") and json.loads(line)["step"] <= keep_until]
+            save_atomically(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+
+    def note(self, step, text, show=False):
+        """A note on how the run went (what --compile auto decided): a line here, on the screen only if `show`."""
+        if text:
+            self.write({"kind": "note", "step": step, "note": text})
+        if text and show:
+            print(text)
+
+    def write(self, row):
+        """Append one line; a write that fails is cut back off, so the file never ends in a torn line."""
+        if not self.path:
+            return
+        line = (json.dumps(row) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "No space left on device")  # a short write: the disk filled mid-line
+        except OSError as e:
+            os.ftruncate(fd, end)
+            raise WriteFailed(f"{self.path}: could not be written ({e.strerror or e})") from None
+        finally:
+            os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# run outputs: the adapters and memory a run saves, and loading them back
+
+
+def save_outputs(model, cfg, out, extra):
+    """out/clara.safetensors: the adapters + memory (for --init, ask, eval, index). out/adapters.safetensors +
+    adapter_config.json: the generator alone in mlx-lm's layout. out/config.json: the resolved config."""
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = adapter_arrays(model)
+    generator = {name.removeprefix("llm.").replace(".adapters.generator", ""): value
+                 for name, value in arrays.items() if ".adapters.generator." in name}
+    adapter_config = {"fine_tune_type": "lora", "num_layers": cfg.lora_layers,
+                      "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout,
+                                          "keys": lora_key_names(model.llm, cfg)}}
+    config = {**asdict(cfg), "n_mem": cfg.n_mem, "blas": BLAS, "mlx": mx.__version__, **extra}
+    save_atomically(out / "clara.safetensors", lambda p: mx.save_safetensors(str(p), arrays))
+    save_atomically(out / "adapters.safetensors", lambda p: mx.save_safetensors(str(p), generator))
+    for name, obj in (("adapter_config.json", adapter_config), ("config.json", config)):
+        save_atomically(out / name, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_trained(path):
+    """(config dict, adapter arrays) of an output folder (its clara.safetensors) or of a checkpoint file."""
+    path = Path(path)
+    if path.is_dir() and (path / "clara.safetensors").is_file() and (path / "config.json").is_file():
+        try:
+            return json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
+        except Exception as e:  # truncated or foreign files fail inside the readers
+            raise InputError(f"{path}: its clara.safetensors or config.json is not readable ({one_line(e)[:120]})")
+    if path.is_file():
+        arrays, metadata = read_checkpoint(path)
+        return json.loads(metadata["config"]), checkpoint_part(arrays, "model.")
+    raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
+
+
+def adapter_role(name):
+    """'llm.model.layers.3.self_attn.q_proj.adapters.query.lora_a' -> 'query'; None for the memory."""
+    return name.split(".adapters.")[1].split(".")[0] if ".adapters." in name else None
+
+
+def adapter_arrays(model):
+    """What a run saves: the memory embeddings, the compressor and the generator, and the query reasoner
+    once stage 3 has trained it (before that it is, by definition, a copy of the compressor)."""
+    kept = {"compressor", "generator"} | (model.trained_roles & {"query"})
+    return {name: value for name, value in tree_flatten(model.parameters())
+            if name == "memory" or adapter_role(name) in kept}
+
+
+def load_trained(model, saved, fresh_roles=()):
+    """Put saved adapters + memory ({name: array}) into a model built with a matching config. The roles in
+    `fresh_roles` keep their new initialisation. Without a saved query reasoner (a stage 1 or 2 run), the query
+    role gets the compressor's weights: stage 3 starts from that copy, as Apple's code does."""
+    loaded = []
+    for name, value in tree_flatten(model.parameters()):
+        role = adapter_role(name)
+        if (name != "memory" and role is None) or role in fresh_roles:
+            continue
+        source = name.replace(".adapters.query.", ".adapters.compressor.") if name not in saved else name
+        if source not in saved or saved[source].shape != value.shape:
+            found = saved[source].shape if source in saved else "nothing"
+            raise InputError(f"{name} should have shape {value.shape}, found {found} "
+                             "(trained with other --doc-max-len/--compression-rate/--lora-* options?)")
+        loaded.append((name, saved[source].astype(value.dtype)))  # shipped adapters may be stored in bfloat16
+    model.load_weights(loaded, strict=False)
+
+
+# -----------------------------------------------------------------------------
 # generation: greedy decoding, the prompt arriving as embeddings
 
 
@@ -1083,6 +1351,13 @@ def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64, memory_st
     new, timing["first_token_s"] = greedy_generate(model.llm, prompt, tokenizer.eos_token_id, max_new_tokens,
                                                    embeddings)
     return tokenizer.decode(new).strip(), ce, timing
+
+
+# =============================================================================
+# THE WORKSHOP: everything above is CLaRa (training and answering) and uses nothing defined below; a
+# reader who came for CLaRa may stop here (test_clara.py keeps it so). Below: evaluation, the Python API, the
+# commands and main, then the plumbing: model loading, input reading, options and run safety.
+# =============================================================================
 
 
 # -----------------------------------------------------------------------------
@@ -1683,13 +1958,6 @@ def run_command(args):
     return 0
 
 
-# =============================================================================
-# THE PLUMBING: everything below makes the run robust and the file self-contained; a reader
-# who came for CLaRa may stop here. In order: model loading, model families, input reading, option
-# checks, checkpoint files and signals, run outputs and run safety (the benchmark is data/bench.py).
-# =============================================================================
-
-
 # -----------------------------------------------------------------------------
 # model: loading (the packaged GGUF or any mlx-lm model)
 
@@ -1843,62 +2111,6 @@ def load_model(name, base="auto"):
 
 
 # -----------------------------------------------------------------------------
-# model families: the one place that knows how mlx-lm's families differ
-
-# Tested in test_clara.py with tiny random models (memory-path property, compress, sft and e2e steps); mistral
-# loads as llama, and mistral3 / gemma3 are vision-language wrappers around ministral3/llama / gemma3_text.
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "ministral3", "mistral3",
-                   "smollm3", "mixtral")
-# Families whose text model multiplies its input embeddings by a constant before the first block (Gemma: by
-# sqrt(hidden), rounded to bfloat16 as mlx-lm does), whether they come from the table or from input_embeddings.
-EMBEDDING_MULTIPLIERS = {"gemma3_text": lambda args: mx.array(args.hidden_size ** 0.5, mx.bfloat16).item()}
-
-
-def text_model(llm):
-    """The text model inside a vision-language wrapper (mistral3, gemma3), else the model itself. It has
-    .model (embed_tokens, the blocks, the final norm) and the output head (lm_head, or the tied embeddings)."""
-    return getattr(llm, "language_model", llm)
-
-
-def takes_input_embeddings(call):
-    """Whether a model's __call__ accepts input_embeddings, which CLaRa's memory slots need."""
-    try:
-        return "input_embeddings" in inspect.signature(call).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def check_family(name, family, calls):
-    """Refuse, in one line, a family whose model calls cannot take input embeddings."""
-    if not all(takes_input_embeddings(call) for call in calls):
-        raise InputError(f"--model {name}: mlx-lm's {family} models cannot take input embeddings, which CLaRa's "
-                         f"memory slots need; families that can: {', '.join(TESTED_FAMILIES)}")
-
-
-def embedding_multiplier(llm):
-    """The constant the text model multiplies its input embeddings by (1.0 for most families)."""
-    lm = text_model(llm)
-    multiplier = EMBEDDING_MULTIPLIERS.get(lm.model_type)
-    return multiplier(lm.args) if multiplier else 1.0
-
-
-def token_embeddings(llm, ids):
-    """Rows of the token-embedding table: what a model's input_embeddings replace. ids (...) -> (..., H)"""
-    return text_model(llm).model.embed_tokens(ids)
-
-
-def final_hidden(llm, ids, input_embeddings):
-    """The blocks and the final norm over input embeddings (B, T, H) -> final hidden states (B, T, H)."""
-    return text_model(llm).model(ids, input_embeddings=input_embeddings)
-
-
-def output_logits(llm, hidden):
-    """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
-    lm = text_model(llm)
-    return lm.lm_head(hidden) if "lm_head" in lm else lm.model.embed_tokens.as_linear(hidden)
-
-
-# -----------------------------------------------------------------------------
 # data: PDF text, JSONL records
 
 
@@ -1909,10 +2121,6 @@ def clean_pdf_text(text):
     text = re.sub(r"(\w)-[ \t]*\n[ \t]*(\w)", r"\1\2", text)
     paragraphs = re.split(r"\n[ \t]*\n", text)
     return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
-
-
-def one_line(error):
-    return " ".join(str(error).split())
 
 
 def warn(message):
@@ -2111,22 +2319,6 @@ def parse_compress_record(obj, where):
     if not pairs:
         raise InputError(f"{where}: 'question' is empty")
     return {"kind": kind, "doc": docs[0], "target": "\n".join(pairs)}
-
-
-def save_atomically(path, write):
-    """Write through a temp file in the same folder and rename it: a reader never sees a half-written file,
-    and a write that fails (a full disk) leaves the previous file as it was and no temp file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # MLX's writers raise RuntimeError, with no errno, on a full disk
-        tmp.unlink(missing_ok=True)
-        reason = getattr(e, "strerror", None) or one_line(e)
-        if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 2**20:
-            reason = f"No space left on device: {reason}"
-        raise WriteFailed(f"{path}: could not be written ({reason}); the previous version is intact") from None
 
 
 def write_report(stem, obj, markdown):
@@ -2381,197 +2573,6 @@ def check_options(cfg, args):
         raise InputError(f"--max-pages must be positive, got {args.max_pages}")
     if getattr(args, "max_new_tokens", 1) <= 0:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-
-
-# -----------------------------------------------------------------------------
-# checkpoint files: what a resume needs, written atomically; the signals that stop training cleanly
-
-
-def examples_fingerprint(examples):
-    """sha256 of the training examples' tokens (prompts, targets, documents, candidates): a resume must see
-    the same data, not merely as many records."""
-    keys = ("ids", "n_prompt", "doc_ids", "query_ids", "candidates")
-    text = json.dumps([[ex.get(k) for k in keys] for ex in examples], separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def check_same_data(checkpoint, examples, command, fingerprint=None):
-    """Refuse, before anything is written, to resume a checkpoint of another command or of other data.
-    fingerprint: examples_fingerprint(examples), when the caller has it already."""
-    metadata = checkpoint[1]
-    if metadata.get("command", command) != command:
-        raise InputError(f"--resume: that checkpoint was written by `{metadata['command']}`, not `{command}`; "
-                         "resume it with the command that wrote it")
-    fingerprint = fingerprint or examples_fingerprint(examples)
-    if metadata.get("data_fingerprint", fingerprint) != fingerprint or int(metadata["n_examples"]) != len(examples):
-        raise InputError(f"--resume: the checkpoint was trained on other data ({metadata['n_examples']} examples, "
-                         f"this data has {len(examples)}, or the same count with other contents); resume with the "
-                         "same data and data options")
-
-
-def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens, data):
-    """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
-    the step, the data position, the config, and what identifies the data and the command (`data`).
-    Written atomically, so the previous one survives any kill."""
-    arrays = {f"model.{k}": v for k, v in adapter_arrays(model).items()}
-    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
-    metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
-                "trained_tokens": str(trained_tokens), **data,
-                "data_position": str(step * cfg.grad_accum * cfg.batch_size), "config": json.dumps(asdict(cfg))}
-    save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
-
-
-def read_checkpoint(path):
-    """(arrays, metadata) of a checkpoint file, or an InputError naming what is wrong with it."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint (is {path.parent} the --out folder of a clara.py run?)")
-    try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # truncated or foreign files fail inside the safetensors reader
-        raise InputError(f"{path}: not a readable checkpoint ({e})") from None
-    if metadata.get("format") != "clara-checkpoint/1":
-        raise InputError(f"{path}: not a clara.py checkpoint")
-    return arrays, metadata
-
-
-def checkpoint_part(arrays, part):
-    """The "model." (adapters and memory) or "optimizer." arrays of a checkpoint, without that prefix."""
-    return {k.removeprefix(part): v for k, v in arrays.items() if k.startswith(part)}
-
-
-def restore_checkpoint(arrays, model, optimizer):
-    load_trained(model, checkpoint_part(arrays, "model."))
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten(list(checkpoint_part(arrays, "optimizer.").items()))
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """While training, SIGINT / SIGTERM only set a flag: the step in flight finishes and a checkpoint is
-    written first. Yields stop(step) -> the signal received or None; the old handlers come back after."""
-    received, group = [], process_group()
-
-    def stop(step):  # data parallel: a signal to any process stops every process after the same step
-        signum = received[0] if received else 0
-        if group.size() > 1:
-            signum = mx.distributed.all_max(mx.array(signum)).item()
-        return signum or None
-
-    with signals_handled_by(lambda number, frame: received.append(number), (signal.SIGINT, signal.SIGTERM)):
-        yield stop
-
-
-@contextlib.contextmanager
-def signals_handled_by(handler, signals):
-    """Within the block `handler` receives these signals; the earlier handlers come back after."""
-    previous = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield
-    finally:
-        for signum, earlier in previous.items():
-            signal.signal(signum, earlier)
-
-
-class MetricsLog:
-    """out/metrics.jsonl: one JSON object per report and per validation. A resumed run first drops the rows
-    after its checkpoint, so the file tells one uninterrupted story."""
-
-    def __init__(self, out, keep_until):
-        self.path = Path(out) / "metrics.jsonl" if out else None
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            old = self.path.read_text().splitlines() if self.path.is_file() and keep_until > 0 else []
-            kept = [line for line in old if line.endswith("}") and json.loads(line)["step"] <= keep_until]
-            save_atomically(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
-
-    def note(self, step, text, show=False):
-        """A note on how the run went (what --compile auto decided): a line here, on the screen only if `show`."""
-        if text:
-            self.write({"kind": "note", "step": step, "note": text})
-        if text and show:
-            print(text)
-
-    def write(self, row):
-        """Append one line; a write that fails is cut back off, so the file never ends in a torn line."""
-        if not self.path:
-            return
-        line = (json.dumps(row) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        end = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            if os.write(fd, line) != len(line):
-                raise OSError(errno.ENOSPC, "No space left on device")  # a short write: the disk filled mid-line
-        except OSError as e:
-            os.ftruncate(fd, end)
-            raise WriteFailed(f"{self.path}: could not be written ({e.strerror or e})") from None
-        finally:
-            os.close(fd)
-
-
-# -----------------------------------------------------------------------------
-# run outputs: the adapters and memory a run saves, and loading them back
-
-
-def save_outputs(model, cfg, out, extra):
-    """out/clara.safetensors: the adapters + memory (for --init, ask, eval, index). out/adapters.safetensors +
-    adapter_config.json: the generator alone in mlx-lm's layout. out/config.json: the resolved config."""
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = adapter_arrays(model)
-    generator = {name.removeprefix("llm.").replace(".adapters.generator", ""): value
-                 for name, value in arrays.items() if ".adapters.generator." in name}
-    adapter_config = {"fine_tune_type": "lora", "num_layers": cfg.lora_layers,
-                      "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout,
-                                          "keys": lora_key_names(model.llm, cfg)}}
-    config = {**asdict(cfg), "n_mem": cfg.n_mem, "blas": BLAS, "mlx": mx.__version__, **extra}
-    save_atomically(out / "clara.safetensors", lambda p: mx.save_safetensors(str(p), arrays))
-    save_atomically(out / "adapters.safetensors", lambda p: mx.save_safetensors(str(p), generator))
-    for name, obj in (("adapter_config.json", adapter_config), ("config.json", config)):
-        save_atomically(out / name, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def read_trained(path):
-    """(config dict, adapter arrays) of an output folder (its clara.safetensors) or of a checkpoint file."""
-    path = Path(path)
-    if path.is_dir() and (path / "clara.safetensors").is_file() and (path / "config.json").is_file():
-        try:
-            return json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
-        except Exception as e:  # truncated or foreign files fail inside the readers
-            raise InputError(f"{path}: its clara.safetensors or config.json is not readable ({one_line(e)[:120]})")
-    if path.is_file():
-        arrays, metadata = read_checkpoint(path)
-        return json.loads(metadata["config"]), checkpoint_part(arrays, "model.")
-    raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
-
-
-def adapter_role(name):
-    """'llm.model.layers.3.self_attn.q_proj.adapters.query.lora_a' -> 'query'; None for the memory."""
-    return name.split(".adapters.")[1].split(".")[0] if ".adapters." in name else None
-
-
-def adapter_arrays(model):
-    """What a run saves: the memory embeddings, the compressor and the generator, and the query reasoner
-    once stage 3 has trained it (before that it is, by definition, a copy of the compressor)."""
-    kept = {"compressor", "generator"} | (model.trained_roles & {"query"})
-    return {name: value for name, value in tree_flatten(model.parameters())
-            if name == "memory" or adapter_role(name) in kept}
-
-
-def load_trained(model, saved, fresh_roles=()):
-    """Put saved adapters + memory ({name: array}) into a model built with a matching config. The roles in
-    `fresh_roles` keep their new initialisation. Without a saved query reasoner (a stage 1 or 2 run), the query
-    role gets the compressor's weights: stage 3 starts from that copy, as Apple's code does."""
-    loaded = []
-    for name, value in tree_flatten(model.parameters()):
-        role = adapter_role(name)
-        if (name != "memory" and role is None) or role in fresh_roles:
-            continue
-        source = name.replace(".adapters.query.", ".adapters.compressor.") if name not in saved else name
-        if source not in saved or saved[source].shape != value.shape:
-            found = saved[source].shape if source in saved else "nothing"
-            raise InputError(f"{name} should have shape {value.shape}, found {found} "
-                             "(trained with other --doc-max-len/--compression-rate/--lora-* options?)")
-        loaded.append((name, saved[source].astype(value.dtype)))  # shipped adapters may be stored in bfloat16
-    model.load_weights(loaded, strict=False)
 
 
 # -----------------------------------------------------------------------------

@@ -1521,6 +1521,24 @@ def test_each_commands_help_lists_only_its_options_required_first_in_groups_that
         assert entry.count("default") <= 1, entry
 
 
+def test_the_clara_part_above_the_workshop_banner_uses_no_name_defined_below_it():
+    """A reader who stops at the banner has read every module-level name the code above it uses."""
+    import ast
+
+    source = (ROOT / "clara.py").read_text()
+    banner = source.splitlines().index(next(line for line in source.splitlines() if line.startswith("# THE WORKSHOP")))
+    defined_at = {}
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node]
+        for target in targets:
+            name = getattr(target, "id", getattr(target, "name", None))
+            if name:
+                defined_at[name] = node.lineno
+    used_above = {(n.id, n.lineno) for node in ast.parse(source).body if node.lineno < banner
+                  for n in ast.walk(node) if isinstance(n, ast.Name) and defined_at.get(n.id, 0) > banner}
+    assert 500 < banner and not used_above, sorted(used_above)
+
+
 def test_a_special_file_is_never_taken_as_an_output(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     run = run_cli("compress", "--pdf", "data/sample.pdf", "--chunks-out", tmp_path / "fifo", "--out", tmp_path / "out")
