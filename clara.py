@@ -384,62 +384,6 @@ def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
 
 
 # -----------------------------------------------------------------------------
-# model families: the one place that knows how mlx-lm's families differ
-
-# Tested in test_clara.py with tiny random models (memory-path property, compress, sft and e2e steps); mistral
-# loads as llama, and mistral3 / gemma3 are vision-language wrappers around ministral3/llama / gemma3_text.
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "ministral3", "mistral3",
-                   "smollm3", "mixtral")
-# Families whose text model multiplies its input embeddings by a constant before the first block (Gemma: by
-# sqrt(hidden), rounded to bfloat16 as mlx-lm does), whether they come from the table or from input_embeddings.
-EMBEDDING_MULTIPLIERS = {"gemma3_text": lambda args: mx.array(args.hidden_size ** 0.5, mx.bfloat16).item()}
-
-
-def text_model(llm):
-    """The text model inside a vision-language wrapper (mistral3, gemma3), else the model itself. It has
-    .model (embed_tokens, the blocks, the final norm) and the output head (lm_head, or the tied embeddings)."""
-    return getattr(llm, "language_model", llm)
-
-
-def takes_input_embeddings(call):
-    """Whether a model's __call__ accepts input_embeddings, which CLaRa's memory slots need."""
-    try:
-        return "input_embeddings" in inspect.signature(call).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def check_family(name, family, calls):
-    """Refuse, in one line, a family whose model calls cannot take input embeddings."""
-    if not all(takes_input_embeddings(call) for call in calls):
-        raise InputError(f"--model {name}: mlx-lm's {family} models cannot take input embeddings, which CLaRa's "
-                         f"memory slots need; families that can: {', '.join(TESTED_FAMILIES)}")
-
-
-def embedding_multiplier(llm):
-    """The constant the text model multiplies its input embeddings by (1.0 for most families)."""
-    lm = text_model(llm)
-    multiplier = EMBEDDING_MULTIPLIERS.get(lm.model_type)
-    return multiplier(lm.args) if multiplier else 1.0
-
-
-def token_embeddings(llm, ids):
-    """Rows of the token-embedding table: what a model's input_embeddings replace. ids (...) -> (..., H)"""
-    return text_model(llm).model.embed_tokens(ids)
-
-
-def final_hidden(llm, ids, input_embeddings):
-    """The blocks and the final norm over input embeddings (B, T, H) -> final hidden states (B, T, H)."""
-    return text_model(llm).model(ids, input_embeddings=input_embeddings)
-
-
-def output_logits(llm, hidden):
-    """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
-    lm = text_model(llm)
-    return lm.lm_head(hidden) if "lm_head" in lm else lm.model.embed_tokens.as_linear(hidden)
-
-
-# -----------------------------------------------------------------------------
 # model: manual LoRA with three adapters (roles) on one frozen base
 
 # compressor: documents -> memory states. generator: prompt with memory -> answer. query: stage 3's query
@@ -647,6 +591,62 @@ def generator_hidden(model, ids, slot_index, memory_states=None):
 def generator_logits(model, ids, slot_index, memory_states=None):
     """Logits at every position (B, T, V): for evaluation and generation."""
     return output_logits(model.llm, generator_hidden(model, ids, slot_index, memory_states))
+
+
+# -----------------------------------------------------------------------------
+# model families: the one place that knows how mlx-lm's families differ
+
+# Tested in test_clara.py with tiny random models (memory-path property, compress, sft and e2e steps); mistral
+# loads as llama, and mistral3 / gemma3 are vision-language wrappers around ministral3/llama / gemma3_text.
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "ministral3", "mistral3",
+                   "smollm3", "mixtral")
+# Families whose text model multiplies its input embeddings by a constant before the first block (Gemma: by
+# sqrt(hidden), rounded to bfloat16 as mlx-lm does), whether they come from the table or from input_embeddings.
+EMBEDDING_MULTIPLIERS = {"gemma3_text": lambda args: mx.array(args.hidden_size ** 0.5, mx.bfloat16).item()}
+
+
+def text_model(llm):
+    """The text model inside a vision-language wrapper (mistral3, gemma3), else the model itself. It has
+    .model (embed_tokens, the blocks, the final norm) and the output head (lm_head, or the tied embeddings)."""
+    return getattr(llm, "language_model", llm)
+
+
+def takes_input_embeddings(call):
+    """Whether a model's __call__ accepts input_embeddings, which CLaRa's memory slots need."""
+    try:
+        return "input_embeddings" in inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def check_family(name, family, calls):
+    """Refuse, in one line, a family whose model calls cannot take input embeddings."""
+    if not all(takes_input_embeddings(call) for call in calls):
+        raise InputError(f"--model {name}: mlx-lm's {family} models cannot take input embeddings, which CLaRa's "
+                         f"memory slots need; families that can: {', '.join(TESTED_FAMILIES)}")
+
+
+def embedding_multiplier(llm):
+    """The constant the text model multiplies its input embeddings by (1.0 for most families)."""
+    lm = text_model(llm)
+    multiplier = EMBEDDING_MULTIPLIERS.get(lm.model_type)
+    return multiplier(lm.args) if multiplier else 1.0
+
+
+def token_embeddings(llm, ids):
+    """Rows of the token-embedding table: what a model's input_embeddings replace. ids (...) -> (..., H)"""
+    return text_model(llm).model.embed_tokens(ids)
+
+
+def final_hidden(llm, ids, input_embeddings):
+    """The blocks and the final norm over input embeddings (B, T, H) -> final hidden states (B, T, H)."""
+    return text_model(llm).model(ids, input_embeddings=input_embeddings)
+
+
+def output_logits(llm, hidden):
+    """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
+    lm = text_model(llm)
+    return lm.lm_head(hidden) if "lm_head" in lm else lm.model.embed_tokens.as_linear(hidden)
 
 
 # -----------------------------------------------------------------------------
@@ -887,6 +887,10 @@ def scaled_loss(model, batch, cfg):
     _, ce, mse, n_trained = clara_loss(model, batch, cfg)
     ce, mse = ce * batch["loss_scales"][0], mse * batch["loss_scales"][1]
     return ce + cfg.mse_weight * mse, ce, mse, n_trained
+
+
+# -----------------------------------------------------------------------------
+# the update and the loop: one compiled step per update, read back only when a report is due
 
 
 # --compile auto: a compiled step is traced, and on a GPU its kernels compiled, once per batch shape. On data of
