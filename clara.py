@@ -128,6 +128,7 @@ class Config:
     pad_to: int = 0  # length buckets of training batches: multiples of this, then eighth octaves (0: 128 on a GPU)
     compile: str = "auto"  # mx.compile the step: "auto" (unless the batches come in more than 4 shapes), on, off
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more time
+    memory_limit: float = 0.0  # GB of device memory a run holds before it waits (0: MLX's own): runs sharing a GPU
     out: str = ""  # output folder (default: runs/<command>)
     init: str = ""  # start from the adapters and memory of an earlier run (its --out folder or a checkpoint)
     init_generator: bool = False  # sft --init: carry the earlier generator over too (Apple's stage 2 starts it fresh)
@@ -1600,6 +1601,9 @@ def load_clara(cfg, trained=None, fresh_roles=(), stage3=False):
     """Load the base model and build the CLaRa wrapper (seeded); trained adapters + memory go in when given,
     except the roles in `fresh_roles`, which keep their new initialisation. Stage 3 trains other roles."""
     mx.random.seed(cfg.seed)
+    if cfg.memory_limit:  # runs side by side on one card: without it each one's buffer cache grows toward all of it
+        mx.set_memory_limit(int(cfg.memory_limit * 2**30))
+        mx.set_cache_limit(int(cfg.memory_limit * 2**30) // 16)
     llm, tokenizer = load_model(cfg.model, cfg.base)
     model = CLaRa(llm, cfg)
     if trained is not None:
@@ -2367,7 +2371,7 @@ OPTION_GROUPS = {
     "training schedule": ("steps", "batch_size", "lr", "warmup", "min_lr", "clip_norm", "grad_accum", "seed"),
     "stage 3": ("top_k", "temperature", "retrieval_loss"),
     "run control": ("out", "resume", "overwrite", "log_every", "eval_every", "save_every", "compile", "pad_to",
-                    "grad_checkpoint"),
+                    "grad_checkpoint", "memory_limit"),
 }
 HIDDEN = {"compress": {"context", "init_generator", "top_k", "temperature", "retrieval_loss"},
           "sft": {"top_k", "temperature", "retrieval_loss"},
@@ -2473,7 +2477,7 @@ def add_reader_options(index, ask, evaluate_):
 
 SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys",
                  "memory_scale")
-RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "resume")  # --resume may change these
+RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "resume", "memory_limit")  # --resume changes
 RUN_OUTPUTS = (CHECKPOINT, BEST, "clara.safetensors", "adapters.safetensors", "adapter_config.json", "config.json",
                "metrics.jsonl", "eval.json", "eval.md", "chunks.jsonl")  # what a training run writes into --out
 
@@ -2519,7 +2523,7 @@ def validate_config(cfg):
                  "log_every", "grad_accum", "eval_every", "save_every", "top_k"):
         if getattr(cfg, name) <= 0 and not (name == "lora_layers" and cfg.lora_layers == -1):
             raise InputError(f"{option_flag(name)} must be positive, got {getattr(cfg, name)}")
-    for name in ("lr", "min_lr", "mse_weight", "clip_norm", "temperature", "lora_scale"):
+    for name in ("lr", "min_lr", "mse_weight", "clip_norm", "temperature", "lora_scale", "memory_limit"):
         positive = name in ("lr", "temperature")
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0 or (positive and value == 0):

@@ -626,6 +626,20 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
     assert any(mx.abs(g).max().item() > 0 for g in results[0][1].values())
 
 
+def test_a_memory_limit_caps_mlx_memory_and_its_buffer_cache_for_runs_that_share_a_card(tiny_model_folder):
+    original_memory, original_cache = mx.set_memory_limit(2**40), mx.set_cache_limit(2**40)  # read, then put back
+    try:
+        clara.load_clara(tiny_config(model=str(tiny_model_folder), memory_limit=1.5))
+        assert mx.set_memory_limit(original_memory) == 3 * 2**29 and mx.set_cache_limit(original_cache) == 3 * 2**25
+        mx.set_memory_limit(2**40), mx.set_cache_limit(2**40)
+        clara.load_clara(tiny_config(model=str(tiny_model_folder)))  # 0: MLX's own limits stay as they are
+        assert mx.set_memory_limit(original_memory) == 2**40 and mx.set_cache_limit(original_cache) == 2**40
+    finally:
+        mx.set_memory_limit(original_memory), mx.set_cache_limit(original_cache)
+    with pytest.raises(clara.InputError, match="--memory-limit must be a finite number of at least 0"):
+        clara.validate_config(tiny_config(memory_limit=-1.0))
+
+
 def test_text_context_compresses_nothing_and_its_mse_is_zero(tokenizer):
     cfg = tiny_config(context="text", max_len=400)
     model = tiny_clara(cfg)

@@ -45,7 +45,7 @@ def stage2_records(rng, pool, per_doc, split):
 
 STEPS = {"S1": 4000, "S2": 2000, "S3": 300}  # stage 1, stage 2 and the reasoner's steps (the baselines: S1 + S2)
 RECIPE = r"""# the shipped-adapter recipe (data/ship.py script): every run in the background, side by side
-mkdir -p {out}; R={out}; M="{clara} --batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --eval-every 250 --save-every 5000"
+mkdir -p {out}; R={out}; M="{clara} --batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --eval-every 250 --save-every 5000 --memory-limit 24"
 S1=${{S1:-{S1}}}; S2=${{S2:-{S2}}}; S3=${{S3:-{S3}}}
 [ -f $R/stage1.jsonl ] || python3 {ship} data --out $R > $R.data.log 2>&1 || exit 1
 train() {{ name=$1; shift; python3 {clara_py} "$@" $M --out $R/$name > $R/$name.log 2>&1; echo "$name rc=$?" >> $R/done.txt; }}
