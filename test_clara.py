@@ -299,6 +299,323 @@ def test_on_a_gpu_every_training_row_is_a_multiple_of_128_where_attention_backwa
 
 
 # -----------------------------------------------------------------------------
+# model families: tiny random models of each family that takes input embeddings, built as mlx-lm builds them
+
+TINY_FAMILY = {**{k: v for k, v in TINY_ARGS.items() if k not in ("model_type", "rope_traditional")},
+               "head_dim": 16, "rope_theta": 10000.0, "max_position_embeddings": 1024}
+MINISTRAL3 = dict(rope_parameters={"rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
+                                   "original_max_position_embeddings": 1024})
+FAMILY_CONFIGS = {  # family -> config.json beyond TINY_FAMILY; some with a separate lm_head, as real ones have
+    "llama": {}, "qwen2": {"tie_word_embeddings": False}, "qwen3": {}, "smollm3": {},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "norm_topk_prob": True},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False},
+    "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
+    "ministral3": {**MINISTRAL3, "tie_word_embeddings": False},
+    "mistral3": {"text_config": {**TINY_FAMILY, "model_type": "ministral3", **MINISTRAL3}},
+    "gemma3": {"text_config": {**TINY_FAMILY, "model_type": "gemma3_text", "query_pre_attn_scalar": 16,
+                               "sliding_window": 16, "sliding_window_pattern": 2}},
+}
+
+
+def family_config(family):
+    return {**TINY_FAMILY, "model_type": family, **FAMILY_CONFIGS[family]}
+
+
+def tiny_family_model(family, seed=0):
+    from mlx_lm.utils import _get_classes
+
+    mx.random.seed(seed)
+    model_class, args_class = _get_classes(family_config(family))
+    return model_class(args_class.from_dict(family_config(family)))
+
+
+def test_every_tested_family_has_a_tiny_model_here():
+    assert set(clara.TESTED_FAMILIES) - set(FAMILY_CONFIGS) == {"mistral"}  # mlx-lm loads it as llama
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_slots_filled_with_the_tokens_own_embeddings_give_exactly_the_plain_forward_pass(tokenizer, family):
+    cfg = tiny_config(memory_scale="none")  # Apple's splice: the first block sees memory vectors as they are
+    model = clara.CLaRa(tiny_family_model(family), cfg)
+    ids = mx.array([tokenizer.encode("Memory vectors stand in for the tokens of a document here.")])  # (1, T)
+    slots = mx.arange(ids.shape[1])[None] - 3
+    slot_index = mx.where((slots >= 0) & (slots < 6), slots, -1)  # six slots from position 3
+    # what the first block sees for those tokens: their embedding rows times the family's multiplier (Gemma's)
+    own = clara.embedding_multiplier(model.llm) * clara.token_embeddings(model.llm, ids[0, 3:9])  # (6, H)
+    logits = clara.generator_logits(model, ids, slot_index, own[None])  # (1, T, V)
+    plain = model.llm(ids)  # the generator adapter starts at zero: the plain model
+    assert mx.allclose(logits, plain, atol=1e-4).item()
+    assert not mx.allclose(clara.generator_logits(model, ids, slot_index, 2 * own[None]), plain, atol=1e-2).item()
+    if family.startswith("gemma3"):  # the family whose text model multiplies its input embeddings
+        assert clara.embedding_multiplier(model.llm) == 8.0
+
+
+def changed_roles(model, before):
+    return {clara.adapter_role(name) for name, v in tree_flatten(model.parameters())
+            if not np.array_equal(np.array(v), before[name])}
+
+
+def snapshot(model):
+    return {name: np.array(v) for name, v in tree_flatten(model.parameters())}
+
+
+def train_three_stages(model, tokenizer, cfg):
+    """A few steps of stage 1 (compress), 2 (sft) and 3 (e2e): -> {stage: (first ce, last ce, changed roles)}"""
+    docs = ["Memory tokens follow every document.", "The generator reads compressed vectors."]
+    stage1 = clara.compress_examples(tokenizer, cfg, [{"kind": "reconstruct", "doc": d, "target": d} for d in docs])
+    result = {}
+    for stage in ("compress", "sft", "e2e"):
+        if stage == "e2e":
+            clara.train_only(model, ("generator", "query"), memory=False)
+            texts = sorted({d for r in E2E_RECORDS for d in r["docs"]})
+            bank = clara.compress_corpus(model, tokenizer, cfg, texts)
+            examples = clara.e2e_examples(tokenizer, replace(cfg, top_k=2), E2E_RECORDS, bank,
+                                          {t: i for i, t in enumerate(texts)})
+        else:
+            examples = stage1 if stage == "compress" else clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
+        before = snapshot(model)
+        history = clara.train(model, examples, replace(cfg, top_k=2), tokenizer.pad_token_id)
+        result[stage] = history[0]["ce"], history[-1]["ce"], changed_roles(model, before)
+    return result
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_each_family_trains_all_three_stages_and_each_stage_moves_only_its_roles(tokenizer, family):
+    cfg = tiny_config(steps=2)  # both records in every batch: the second step sees the first one's batch again
+    result = train_three_stages(clara.CLaRa(tiny_family_model(family), cfg), tokenizer, cfg)
+    assert result["compress"][2] == result["sft"][2] == {"compressor", "generator", None}  # None: the memory
+    assert result["e2e"][2] == {"generator", "query"}
+    assert all(last < first for first, last, _ in result.values()), result
+
+
+def save_family_folder(folder, family, bits):
+    """A tiny model of a family quantized as mlx-lm's convert does, saved as an mlx-lm model folder."""
+    llm = tiny_family_model(family)
+    nn.quantize(llm, group_size=32, bits=bits)
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(llm.parameters())))
+    config = {**family_config(family), "quantization": {"group_size": 32, "bits": bits}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return llm
+
+
+@pytest.mark.parametrize("family, bits", [("qwen3", 4), ("gemma3_text", 8)])
+def test_quantized_bases_train_with_the_adapters_on_top_and_stay_quantized(tmp_path, tokenizer, family, bits):
+    saved = save_family_folder(tmp_path / "model", family, bits)
+    tokenizer.save_pretrained(str(tmp_path / "model"))
+    llm, _ = clara.load_model(str(tmp_path / "model"), base="stored")
+    ids = mx.array([tokenizer.encode("Quantized weights stay as they are.")])
+    assert mx.array_equal(llm(ids), saved(ids)).item()
+    cfg = tiny_config(steps=3)
+    model = clara.CLaRa(llm, cfg)
+    wrapped = [m.linear for _, m in model.named_modules() if isinstance(m, clara.LoRALinear)]
+    assert wrapped and all(isinstance(layer, nn.QuantizedLinear) and layer.bits == bits for layer in wrapped)
+    base = {name: v for name, v in snapshot(model).items() if clara.adapter_role(name) is None and name != "memory"}
+    result = train_three_stages(model, tokenizer, cfg)
+    assert all(last < first for first, last, _ in result.values()), result
+    assert all(np.array_equal(np.array(v), base[name]) for name, v in tree_flatten(model.parameters())
+               if name in base)  # the packed base weights never change
+
+
+def test_a_family_that_cannot_take_input_embeddings_is_refused_before_its_weights_load(tmp_path):
+    (tmp_path / "phi3").mkdir()
+    (tmp_path / "phi3" / "config.json").write_text(json.dumps({**TINY_FAMILY, "model_type": "phi3"}))  # no weights
+    run = run_cli("sft", "--model", tmp_path / "phi3", "--data", ROOT / "data" / "sft.jsonl", "--out", tmp_path / "out")
+    assert_clean_failure(run, "mlx-lm's phi3 models cannot take input embeddings", tmp_path)
+    assert "llama, mistral, qwen2" in run.stderr
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "clara.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """compress --pdf (2 steps), then sft --init it (1 step) on 6 + 2 records, through the CLI, default model."""
+    root = tmp_path_factory.mktemp("cli")
+    compress = run_cli("compress", "--pdf", "data/sample.pdf", "--steps", 2, "--out", root / "c")
+    records = [json.loads(line) for line in (ROOT / "data" / "sft.jsonl").read_text().splitlines()]
+    few = [r for r in records if r.get("split") != "eval"][:6] + [r for r in records if r.get("split") == "eval"][:2]
+    (root / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in few))  # validation in seconds
+    sft = run_cli("sft", "--data", root / "few.jsonl", "--init", root / "c", "--steps", 1, "--out", root / "s")
+    return {"root": root, "compress": compress, "sft": sft, "records": records}
+
+
+def test_cli_compress_chunks_the_pdf_with_its_pages_into_its_out_folder_and_trains(cli_runs):
+    run, root = cli_runs["compress"], cli_runs["root"]
+    assert run.returncode == 0, run.stderr
+    assert "step 2/2 | loss" in run.stdout and "BLAS:" in run.stdout
+    chunks = [json.loads(line) for line in (root / "c" / "chunks.jsonl").read_text().splitlines()]  # beside the run
+    assert chunks and all(c["text"] and c["pages"] for c in chunks)
+
+
+def test_cli_sft_starts_from_init_and_records_its_config(cli_runs):
+    run, root = cli_runs["sft"], cli_runs["root"]
+    assert run.returncode == 0, run.stderr  # one step: the validation loss of step 1 is also the last one's
+    assert "6 training record(s), 2 held out" in run.stdout and run.stdout.count("val_loss") == 1
+    config = json.loads((root / "s" / "config.json").read_text())
+    assert config["n_mem"] == 16 and config["init"] == str(root / "c") and config["steps"] == 1
+
+
+def test_the_saved_generator_adapter_gives_mlx_lm_the_generators_logits(cli_runs, default_model):
+    from mlx_lm.tuner.utils import load_adapters
+
+    assert cli_runs["sft"].returncode == 0, cli_runs["sft"].stderr
+    tokenizer = default_model[1]
+    model = clara.CLaRa(clara.load_model("smollm2")[0], clara.Config())
+    clara.load_trained(model, clara.read_trained(cli_runs["root"] / "s")[1])
+    assert any(mx.abs(v).max().item() > 0 for k, v in tree_flatten(model.trainable_parameters()) if "lora_b" in k)
+    plain = load_adapters(clara.load_model("smollm2")[0], str(cli_runs["root"] / "s"))
+    ids = mx.array([tokenizer.encode("Memory tokens follow each document.", add_special_tokens=False)])
+    clara.set_role(model, "generator")
+    assert mx.allclose(plain(ids), model.llm(ids), atol=1e-4)
+
+
+def test_cli_eval_scores_compressed_text_and_none_with_apples_metrics(cli_runs, tmp_path):
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cli_runs["records"][:2]))
+    adapters = tmp_path / "s"
+    shutil.copytree(cli_runs["root"] / "s", adapters)  # eval writes next to the adapters
+    run = run_cli("eval", "--adapters", adapters, "--data", tmp_path / "qa.jsonl", "--max-new-tokens", 6)
+    assert run.returncode == 0, run.stderr
+    assert "| compressed (16 vectors / doc) |" in run.stdout and "| no documents |" in run.stdout
+    results = json.loads((adapters / "eval.json").read_text())["results"]
+    assert set(results) == {"compressed", "text", "none"}
+    for summary in results.values():
+        assert summary["records"] == 2 and 0 <= summary["f1"] <= 1 and 0 < summary["ce"] < 20
+        assert summary["em"] == sum(clara.exact_match(a["prediction"], a["gold"]) for a in summary["answers"]) / 2
+    assert (adapters / "eval.md").read_text().count("\n") == 5
+
+
+def test_cli_ask_answers_from_the_documents_it_is_given(cli_runs, tmp_path):
+    (tmp_path / "doc.txt").write_text("The alignment loss has a weight of 0.1 in the total loss.")
+    run = run_cli("ask", "--adapters", cli_runs["root"] / "s", "--docs", tmp_path / "doc.txt", "--question",
+                  "What weight?")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1].strip()  # an answer line
+
+
+def test_ask_questions_answers_each_line_of_a_file_as_json_lines_in_one_run(cli_runs, tmp_path):
+    (tmp_path / "doc.txt").write_text("The alignment loss has a weight of 0.1 in the total loss.")
+    (tmp_path / "questions.txt").write_text("What weight?\n\n  Which loss?  \n")
+    ask = ["ask", "--adapters", cli_runs["root"] / "s", "--docs", tmp_path / "doc.txt", "--max-new-tokens", 3]
+    run = run_cli(*ask, "--questions", tmp_path / "questions.txt")
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [a["question"] for a in lines] == ["What weight?", "Which loss?"]  # blank lines skipped, text stripped
+    assert all(isinstance(a["answer"], str) for a in lines) and run.stdout.count(" on Device(") == 1  # loaded once
+    (tmp_path / "blank.txt").write_text("\n \n")
+    for extra, message in ((["--questions", tmp_path / "blank.txt"], "blank.txt: no questions in it"),
+                           (["--questions", tmp_path / "questions.txt", "--question", "q"], "one of the two"),
+                           ([], "ask needs --question TEXT or --questions FILE")):
+        assert_clean_failure(run_cli(*ask, *extra), message, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "data"))
+    import bench
+
+    return bench
+
+
+BENCH_OPTIONS = {"doc_max_len": 32, "compression_rate": 8, "max_len": 160, "lora_rank": 4, "lora_layers": 2}
+
+
+def test_bench_times_every_step_beside_mlx_lm_on_the_same_tokens_and_names_its_options(tmp_path, tiny_model_folder,
+                                                                                       tokenizer, bench):
+    flags = [x for k, v in BENCH_OPTIONS.items() for x in (clara.option_flag(k), v)]
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "bench.py"), "--model", tiny_model_folder,
+                          *map(str, flags), "--bench-steps", "1", "--out", tmp_path], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    cfg = clara.Config(model=str(tiny_model_folder), **BENCH_OPTIONS)
+    tokens = [clara.make_batch(bench.bench_examples(tokenizer, cfg, name), cfg.n_mem,
+                               tokenizer.pad_token_id)["n_tokens"] for name in ("compress", "compressed", "text")]
+    rows = report["rows"]
+    assert [r["tokens"] for r in rows] == tokens + tokens[2:]  # mlx-lm trains the text row's tokens
+    assert all(r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"]) for r in rows)
+    assert report["text_vs_mlx_lm"] == pytest.approx(rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"])
+    assert report["options"] == f"--model {tiny_model_folder} " + " ".join(map(str, flags))
+    assert report["options"] in (tmp_path / "bench.md").read_text() and report["matmul_gflops"] > 0
+
+
+def test_bench_dp_times_one_process_against_two_on_the_same_batch_and_reports_their_ratio(tmp_path, tiny_model_folder):
+    options = ["--steps", 4, "--out", tmp_path, "--clara", "--model", tiny_model_folder, "--doc-max-len", 32,
+               "--compression-rate", 8]
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "dp_bench.py"), *map(str, options)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "bench-dp.json").read_text())
+    one, two = report["rows"]
+    assert (one["processes"], two["processes"]) == (1, 2) and one["tokens_per_s"] > 0 and two["tokens_per_s"] > 0
+    assert report["efficiency"] == pytest.approx(two["tokens_per_s"] / (2 * one["tokens_per_s"]))
+    assert report["adapters_max_abs_difference"] < 5e-4  # the same global batch trains the same adapters
+    rows = [json.loads(line) for line in (tmp_path / "2" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["kind"] == "train"] == [2, 4] and f"scaling efficiency {report['efficiency']:.2f}" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    sys.path.insert(0, str(ROOT / "data"))
+    import gpu_bench
+
+    return gpu_bench
+
+
+def test_the_gpu_recipes_shapes_are_the_real_models_and_its_records_vary_in_length(tmp_path, tokenizer, gpu_bench):
+    counts = {name: sum(v.size for _, v in tree_flatten(llama.Model(llama.ModelArgs.from_dict(shape)).parameters()))
+              for name, shape in gpu_bench.SHAPES.items()}
+    assert counts == {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400}  # the released models' counts
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    gpu_bench.write_varlen(tmp_path / "tok", 40, tmp_path / "varlen.jsonl")
+    records = [clara.parse_sft_record(json.loads(line), "varlen")
+               for line in (tmp_path / "varlen.jsonl").read_text().splitlines()]
+    lengths = [len(tokenizer.encode(d, add_special_tokens=False)) for r in records for d in r["docs"]]
+    assert len(records) == 40 and {len(r["docs"]) for r in records} == {1, 2, 3, 4, 5}
+    assert min(lengths) < 64 and max(lengths) > 512
+
+
+def test_the_gpu_recipes_pieces_time_every_row_at_the_widths_training_buckets_it_to(tiny_model_folder, tokenizer,
+                                                                                   gpu_bench, bench):
+    sizes = {"batch_size": 2, "doc_max_len": 32, "max_len": 160}
+    results = gpu_bench.time_pieces(tiny_model_folder, pad_to=64, repeats=1, **sizes)
+    cfg = clara.Config(model=str(tiny_model_folder), **sizes)
+    for row in ("compress", "compressed", "text"):
+        batch = clara.make_batch(bench.bench_examples(tokenizer, cfg, row), cfg.n_mem, tokenizer.pad_token_id)
+        widths = (clara.length_bucket(batch["doc_ids"].shape[1], 64, 32 + cfg.n_mem),
+                  clara.length_bucket(batch["ids"].shape[1], 64, 160))
+        assert tuple(results[row]["widths"]) == widths and results[row]["tokens"] == batch["n_tokens"]
+        assert all(results[row][k] > 0 for k in ("forward", "forward_backward", "update_compile_on",
+                                                 "update_compile_off"))
+    assert results["compress"]["widths"][0] == 64  # 32 document tokens + 4 memory slots, in a bucket of 64
+
+
+def test_the_gpu_recipes_variants_undo_one_speed_choice_each_and_put_clara_back(tiny_model_folder, tokenizer,
+                                                                               gpu_bench, bench):
+    saved = clara.BUCKETS_PER_OCTAVE, clara.LoRALinear.__call__, clara.masked_cross_entropy
+    sizes = {"batch_size": 2, "doc_max_len": 32, "max_len": 160}
+    results = gpu_bench.time_variants(tiny_model_folder, ("compress",), repeats=1, pad_to=8, **sizes)["compress"]
+    assert (clara.BUCKETS_PER_OCTAVE, clara.LoRALinear.__call__, clara.masked_cross_entropy) == saved
+    assert list(results) == list(gpu_bench.VARIANTS) and all(r["seconds"] > 0 for r in results.values())
+    cfg = clara.Config(model=str(tiny_model_folder), pad_to=8, **sizes)
+    batch = clara.make_batch(bench.bench_examples(tokenizer, cfg, "compress"), cfg.n_mem, tokenizer.pad_token_id)
+    generator_row, labelled = batch["ids"].shape[1], batch["label_positions"].size  # unpadded
+
+    def quarter(n, longest=0):  # the buckets before the eighth octaves
+        bucket = clara.round_up(n, max(8, 2 ** (n.bit_length() - 3)))
+        return max(n, min(bucket, clara.round_up(longest, 8))) if longest else bucket
+
+    assert results["quarter octaves"]["widths"][1] == quarter(generator_row, 160)
+    assert results["quarter octaves"]["labelled"] == quarter(labelled)
+    assert results["today"]["widths"][1] == clara.length_bucket(generator_row, 8, 160)
+    assert results["today"]["labelled"] < results["quarter octaves"]["labelled"]  # here 72, not 80
+    assert all(results[v]["widths"] == results["today"]["widths"] for v in gpu_bench.VARIANTS[2:])
+
+
+# -----------------------------------------------------------------------------
 # masking and guarded divisions
 
 
@@ -991,325 +1308,8 @@ def test_saved_generator_adapter_loads_with_mlx_lm_load(tmp_path, tokenizer, lor
 
 
 # =============================================================================
-# the plumbing, in clara.py's order: model families, input reading, reliability, then the experiment script
+# the workshop, in clara.py's order: input reading, reliability, then the experiment script
 # =============================================================================
-
-
-# -----------------------------------------------------------------------------
-# model families: tiny random models of each family that takes input embeddings, built as mlx-lm builds them
-
-TINY_FAMILY = {**{k: v for k, v in TINY_ARGS.items() if k not in ("model_type", "rope_traditional")},
-               "head_dim": 16, "rope_theta": 10000.0, "max_position_embeddings": 1024}
-MINISTRAL3 = dict(rope_parameters={"rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
-                                   "original_max_position_embeddings": 1024})
-FAMILY_CONFIGS = {  # family -> config.json beyond TINY_FAMILY; some with a separate lm_head, as real ones have
-    "llama": {}, "qwen2": {"tie_word_embeddings": False}, "qwen3": {}, "smollm3": {},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
-                  "mlp_only_layers": [], "norm_topk_prob": True},
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False},
-    "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
-    "ministral3": {**MINISTRAL3, "tie_word_embeddings": False},
-    "mistral3": {"text_config": {**TINY_FAMILY, "model_type": "ministral3", **MINISTRAL3}},
-    "gemma3": {"text_config": {**TINY_FAMILY, "model_type": "gemma3_text", "query_pre_attn_scalar": 16,
-                               "sliding_window": 16, "sliding_window_pattern": 2}},
-}
-
-
-def family_config(family):
-    return {**TINY_FAMILY, "model_type": family, **FAMILY_CONFIGS[family]}
-
-
-def tiny_family_model(family, seed=0):
-    from mlx_lm.utils import _get_classes
-
-    mx.random.seed(seed)
-    model_class, args_class = _get_classes(family_config(family))
-    return model_class(args_class.from_dict(family_config(family)))
-
-
-def test_every_tested_family_has_a_tiny_model_here():
-    assert set(clara.TESTED_FAMILIES) - set(FAMILY_CONFIGS) == {"mistral"}  # mlx-lm loads it as llama
-
-
-@pytest.mark.parametrize("family", FAMILY_CONFIGS)
-def test_slots_filled_with_the_tokens_own_embeddings_give_exactly_the_plain_forward_pass(tokenizer, family):
-    cfg = tiny_config(memory_scale="none")  # Apple's splice: the first block sees memory vectors as they are
-    model = clara.CLaRa(tiny_family_model(family), cfg)
-    ids = mx.array([tokenizer.encode("Memory vectors stand in for the tokens of a document here.")])  # (1, T)
-    slots = mx.arange(ids.shape[1])[None] - 3
-    slot_index = mx.where((slots >= 0) & (slots < 6), slots, -1)  # six slots from position 3
-    # what the first block sees for those tokens: their embedding rows times the family's multiplier (Gemma's)
-    own = clara.embedding_multiplier(model.llm) * clara.token_embeddings(model.llm, ids[0, 3:9])  # (6, H)
-    logits = clara.generator_logits(model, ids, slot_index, own[None])  # (1, T, V)
-    plain = model.llm(ids)  # the generator adapter starts at zero: the plain model
-    assert mx.allclose(logits, plain, atol=1e-4).item()
-    assert not mx.allclose(clara.generator_logits(model, ids, slot_index, 2 * own[None]), plain, atol=1e-2).item()
-    if family.startswith("gemma3"):  # the family whose text model multiplies its input embeddings
-        assert clara.embedding_multiplier(model.llm) == 8.0
-
-
-def changed_roles(model, before):
-    return {clara.adapter_role(name) for name, v in tree_flatten(model.parameters())
-            if not np.array_equal(np.array(v), before[name])}
-
-
-def snapshot(model):
-    return {name: np.array(v) for name, v in tree_flatten(model.parameters())}
-
-
-def train_three_stages(model, tokenizer, cfg):
-    """A few steps of stage 1 (compress), 2 (sft) and 3 (e2e): -> {stage: (first ce, last ce, changed roles)}"""
-    docs = ["Memory tokens follow every document.", "The generator reads compressed vectors."]
-    stage1 = clara.compress_examples(tokenizer, cfg, [{"kind": "reconstruct", "doc": d, "target": d} for d in docs])
-    result = {}
-    for stage in ("compress", "sft", "e2e"):
-        if stage == "e2e":
-            clara.train_only(model, ("generator", "query"), memory=False)
-            texts = sorted({d for r in E2E_RECORDS for d in r["docs"]})
-            bank = clara.compress_corpus(model, tokenizer, cfg, texts)
-            examples = clara.e2e_examples(tokenizer, replace(cfg, top_k=2), E2E_RECORDS, bank,
-                                          {t: i for i, t in enumerate(texts)})
-        else:
-            examples = stage1 if stage == "compress" else clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
-        before = snapshot(model)
-        history = clara.train(model, examples, replace(cfg, top_k=2), tokenizer.pad_token_id)
-        result[stage] = history[0]["ce"], history[-1]["ce"], changed_roles(model, before)
-    return result
-
-
-@pytest.mark.parametrize("family", FAMILY_CONFIGS)
-def test_each_family_trains_all_three_stages_and_each_stage_moves_only_its_roles(tokenizer, family):
-    cfg = tiny_config(steps=2)  # both records in every batch: the second step sees the first one's batch again
-    result = train_three_stages(clara.CLaRa(tiny_family_model(family), cfg), tokenizer, cfg)
-    assert result["compress"][2] == result["sft"][2] == {"compressor", "generator", None}  # None: the memory
-    assert result["e2e"][2] == {"generator", "query"}
-    assert all(last < first for first, last, _ in result.values()), result
-
-
-def save_family_folder(folder, family, bits):
-    """A tiny model of a family quantized as mlx-lm's convert does, saved as an mlx-lm model folder."""
-    llm = tiny_family_model(family)
-    nn.quantize(llm, group_size=32, bits=bits)
-    folder.mkdir(parents=True)
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(llm.parameters())))
-    config = {**family_config(family), "quantization": {"group_size": 32, "bits": bits}}
-    (folder / "config.json").write_text(json.dumps(config))
-    return llm
-
-
-@pytest.mark.parametrize("family, bits", [("qwen3", 4), ("gemma3_text", 8)])
-def test_quantized_bases_train_with_the_adapters_on_top_and_stay_quantized(tmp_path, tokenizer, family, bits):
-    saved = save_family_folder(tmp_path / "model", family, bits)
-    tokenizer.save_pretrained(str(tmp_path / "model"))
-    llm, _ = clara.load_model(str(tmp_path / "model"), base="stored")
-    ids = mx.array([tokenizer.encode("Quantized weights stay as they are.")])
-    assert mx.array_equal(llm(ids), saved(ids)).item()
-    cfg = tiny_config(steps=3)
-    model = clara.CLaRa(llm, cfg)
-    wrapped = [m.linear for _, m in model.named_modules() if isinstance(m, clara.LoRALinear)]
-    assert wrapped and all(isinstance(layer, nn.QuantizedLinear) and layer.bits == bits for layer in wrapped)
-    base = {name: v for name, v in snapshot(model).items() if clara.adapter_role(name) is None and name != "memory"}
-    result = train_three_stages(model, tokenizer, cfg)
-    assert all(last < first for first, last, _ in result.values()), result
-    assert all(np.array_equal(np.array(v), base[name]) for name, v in tree_flatten(model.parameters())
-               if name in base)  # the packed base weights never change
-
-
-def test_a_family_that_cannot_take_input_embeddings_is_refused_before_its_weights_load(tmp_path):
-    (tmp_path / "phi3").mkdir()
-    (tmp_path / "phi3" / "config.json").write_text(json.dumps({**TINY_FAMILY, "model_type": "phi3"}))  # no weights
-    run = run_cli("sft", "--model", tmp_path / "phi3", "--data", ROOT / "data" / "sft.jsonl", "--out", tmp_path / "out")
-    assert_clean_failure(run, "mlx-lm's phi3 models cannot take input embeddings", tmp_path)
-    assert "llama, mistral, qwen2" in run.stderr
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "clara.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory):
-    """compress --pdf (2 steps), then sft --init it (1 step) on 6 + 2 records, through the CLI, default model."""
-    root = tmp_path_factory.mktemp("cli")
-    compress = run_cli("compress", "--pdf", "data/sample.pdf", "--steps", 2, "--out", root / "c")
-    records = [json.loads(line) for line in (ROOT / "data" / "sft.jsonl").read_text().splitlines()]
-    few = [r for r in records if r.get("split") != "eval"][:6] + [r for r in records if r.get("split") == "eval"][:2]
-    (root / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in few))  # validation in seconds
-    sft = run_cli("sft", "--data", root / "few.jsonl", "--init", root / "c", "--steps", 1, "--out", root / "s")
-    return {"root": root, "compress": compress, "sft": sft, "records": records}
-
-
-def test_cli_compress_chunks_the_pdf_with_its_pages_into_its_out_folder_and_trains(cli_runs):
-    run, root = cli_runs["compress"], cli_runs["root"]
-    assert run.returncode == 0, run.stderr
-    assert "step 2/2 | loss" in run.stdout and "BLAS:" in run.stdout
-    chunks = [json.loads(line) for line in (root / "c" / "chunks.jsonl").read_text().splitlines()]  # beside the run
-    assert chunks and all(c["text"] and c["pages"] for c in chunks)
-
-
-def test_cli_sft_starts_from_init_and_records_its_config(cli_runs):
-    run, root = cli_runs["sft"], cli_runs["root"]
-    assert run.returncode == 0, run.stderr  # one step: the validation loss of step 1 is also the last one's
-    assert "6 training record(s), 2 held out" in run.stdout and run.stdout.count("val_loss") == 1
-    config = json.loads((root / "s" / "config.json").read_text())
-    assert config["n_mem"] == 16 and config["init"] == str(root / "c") and config["steps"] == 1
-
-
-def test_the_saved_generator_adapter_gives_mlx_lm_the_generators_logits(cli_runs, default_model):
-    from mlx_lm.tuner.utils import load_adapters
-
-    assert cli_runs["sft"].returncode == 0, cli_runs["sft"].stderr
-    tokenizer = default_model[1]
-    model = clara.CLaRa(clara.load_model("smollm2")[0], clara.Config())
-    clara.load_trained(model, clara.read_trained(cli_runs["root"] / "s")[1])
-    assert any(mx.abs(v).max().item() > 0 for k, v in tree_flatten(model.trainable_parameters()) if "lora_b" in k)
-    plain = load_adapters(clara.load_model("smollm2")[0], str(cli_runs["root"] / "s"))
-    ids = mx.array([tokenizer.encode("Memory tokens follow each document.", add_special_tokens=False)])
-    clara.set_role(model, "generator")
-    assert mx.allclose(plain(ids), model.llm(ids), atol=1e-4)
-
-
-def test_cli_eval_scores_compressed_text_and_none_with_apples_metrics(cli_runs, tmp_path):
-    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cli_runs["records"][:2]))
-    adapters = tmp_path / "s"
-    shutil.copytree(cli_runs["root"] / "s", adapters)  # eval writes next to the adapters
-    run = run_cli("eval", "--adapters", adapters, "--data", tmp_path / "qa.jsonl", "--max-new-tokens", 6)
-    assert run.returncode == 0, run.stderr
-    assert "| compressed (16 vectors / doc) |" in run.stdout and "| no documents |" in run.stdout
-    results = json.loads((adapters / "eval.json").read_text())["results"]
-    assert set(results) == {"compressed", "text", "none"}
-    for summary in results.values():
-        assert summary["records"] == 2 and 0 <= summary["f1"] <= 1 and 0 < summary["ce"] < 20
-        assert summary["em"] == sum(clara.exact_match(a["prediction"], a["gold"]) for a in summary["answers"]) / 2
-    assert (adapters / "eval.md").read_text().count("\n") == 5
-
-
-def test_cli_ask_answers_from_the_documents_it_is_given(cli_runs, tmp_path):
-    (tmp_path / "doc.txt").write_text("The alignment loss has a weight of 0.1 in the total loss.")
-    run = run_cli("ask", "--adapters", cli_runs["root"] / "s", "--docs", tmp_path / "doc.txt", "--question",
-                  "What weight?")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip().splitlines()[-1].strip()  # an answer line
-
-
-def test_ask_questions_answers_each_line_of_a_file_as_json_lines_in_one_run(cli_runs, tmp_path):
-    (tmp_path / "doc.txt").write_text("The alignment loss has a weight of 0.1 in the total loss.")
-    (tmp_path / "questions.txt").write_text("What weight?\n\n  Which loss?  \n")
-    ask = ["ask", "--adapters", cli_runs["root"] / "s", "--docs", tmp_path / "doc.txt", "--max-new-tokens", 3]
-    run = run_cli(*ask, "--questions", tmp_path / "questions.txt")
-    assert run.returncode == 0, run.stderr
-    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert [a["question"] for a in lines] == ["What weight?", "Which loss?"]  # blank lines skipped, text stripped
-    assert all(isinstance(a["answer"], str) for a in lines) and run.stdout.count(" on Device(") == 1  # loaded once
-    (tmp_path / "blank.txt").write_text("\n \n")
-    for extra, message in ((["--questions", tmp_path / "blank.txt"], "blank.txt: no questions in it"),
-                           (["--questions", tmp_path / "questions.txt", "--question", "q"], "one of the two"),
-                           ([], "ask needs --question TEXT or --questions FILE")):
-        assert_clean_failure(run_cli(*ask, *extra), message, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(ROOT / "data"))
-    import bench
-
-    return bench
-
-
-BENCH_OPTIONS = {"doc_max_len": 32, "compression_rate": 8, "max_len": 160, "lora_rank": 4, "lora_layers": 2}
-
-
-def test_bench_times_every_step_beside_mlx_lm_on_the_same_tokens_and_names_its_options(tmp_path, tiny_model_folder,
-                                                                                       tokenizer, bench):
-    flags = [x for k, v in BENCH_OPTIONS.items() for x in (clara.option_flag(k), v)]
-    run = subprocess.run([sys.executable, str(ROOT / "data" / "bench.py"), "--model", tiny_model_folder,
-                          *map(str, flags), "--bench-steps", "1", "--out", tmp_path], capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr
-    report = json.loads((tmp_path / "bench.json").read_text())
-    cfg = clara.Config(model=str(tiny_model_folder), **BENCH_OPTIONS)
-    tokens = [clara.make_batch(bench.bench_examples(tokenizer, cfg, name), cfg.n_mem,
-                               tokenizer.pad_token_id)["n_tokens"] for name in ("compress", "compressed", "text")]
-    rows = report["rows"]
-    assert [r["tokens"] for r in rows] == tokens + tokens[2:]  # mlx-lm trains the text row's tokens
-    assert all(r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"]) for r in rows)
-    assert report["text_vs_mlx_lm"] == pytest.approx(rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"])
-    assert report["options"] == f"--model {tiny_model_folder} " + " ".join(map(str, flags))
-    assert report["options"] in (tmp_path / "bench.md").read_text() and report["matmul_gflops"] > 0
-
-
-def test_bench_dp_times_one_process_against_two_on_the_same_batch_and_reports_their_ratio(tmp_path, tiny_model_folder):
-    options = ["--steps", 4, "--out", tmp_path, "--clara", "--model", tiny_model_folder, "--doc-max-len", 32,
-               "--compression-rate", 8]
-    run = subprocess.run([sys.executable, str(ROOT / "data" / "dp_bench.py"), *map(str, options)], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    report = json.loads((tmp_path / "bench-dp.json").read_text())
-    one, two = report["rows"]
-    assert (one["processes"], two["processes"]) == (1, 2) and one["tokens_per_s"] > 0 and two["tokens_per_s"] > 0
-    assert report["efficiency"] == pytest.approx(two["tokens_per_s"] / (2 * one["tokens_per_s"]))
-    assert report["adapters_max_abs_difference"] < 5e-4  # the same global batch trains the same adapters
-    rows = [json.loads(line) for line in (tmp_path / "2" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows if row["kind"] == "train"] == [2, 4] and f"scaling efficiency {report['efficiency']:.2f}" in run.stdout
-
-
-@pytest.fixture(scope="module")
-def gpu_bench():
-    sys.path.insert(0, str(ROOT / "data"))
-    import gpu_bench
-
-    return gpu_bench
-
-
-def test_the_gpu_recipes_shapes_are_the_real_models_and_its_records_vary_in_length(tmp_path, tokenizer, gpu_bench):
-    counts = {name: sum(v.size for _, v in tree_flatten(llama.Model(llama.ModelArgs.from_dict(shape)).parameters()))
-              for name, shape in gpu_bench.SHAPES.items()}
-    assert counts == {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400}  # the released models' counts
-    tokenizer.save_pretrained(str(tmp_path / "tok"))
-    gpu_bench.write_varlen(tmp_path / "tok", 40, tmp_path / "varlen.jsonl")
-    records = [clara.parse_sft_record(json.loads(line), "varlen")
-               for line in (tmp_path / "varlen.jsonl").read_text().splitlines()]
-    lengths = [len(tokenizer.encode(d, add_special_tokens=False)) for r in records for d in r["docs"]]
-    assert len(records) == 40 and {len(r["docs"]) for r in records} == {1, 2, 3, 4, 5}
-    assert min(lengths) < 64 and max(lengths) > 512
-
-
-def test_the_gpu_recipes_pieces_time_every_row_at_the_widths_training_buckets_it_to(tiny_model_folder, tokenizer,
-                                                                                   gpu_bench, bench):
-    sizes = {"batch_size": 2, "doc_max_len": 32, "max_len": 160}
-    results = gpu_bench.time_pieces(tiny_model_folder, pad_to=64, repeats=1, **sizes)
-    cfg = clara.Config(model=str(tiny_model_folder), **sizes)
-    for row in ("compress", "compressed", "text"):
-        batch = clara.make_batch(bench.bench_examples(tokenizer, cfg, row), cfg.n_mem, tokenizer.pad_token_id)
-        widths = (clara.length_bucket(batch["doc_ids"].shape[1], 64, 32 + cfg.n_mem),
-                  clara.length_bucket(batch["ids"].shape[1], 64, 160))
-        assert tuple(results[row]["widths"]) == widths and results[row]["tokens"] == batch["n_tokens"]
-        assert all(results[row][k] > 0 for k in ("forward", "forward_backward", "update_compile_on",
-                                                 "update_compile_off"))
-    assert results["compress"]["widths"][0] == 64  # 32 document tokens + 4 memory slots, in a bucket of 64
-
-
-def test_the_gpu_recipes_variants_undo_one_speed_choice_each_and_put_clara_back(tiny_model_folder, tokenizer,
-                                                                               gpu_bench, bench):
-    saved = clara.BUCKETS_PER_OCTAVE, clara.LoRALinear.__call__, clara.masked_cross_entropy
-    sizes = {"batch_size": 2, "doc_max_len": 32, "max_len": 160}
-    results = gpu_bench.time_variants(tiny_model_folder, ("compress",), repeats=1, pad_to=8, **sizes)["compress"]
-    assert (clara.BUCKETS_PER_OCTAVE, clara.LoRALinear.__call__, clara.masked_cross_entropy) == saved
-    assert list(results) == list(gpu_bench.VARIANTS) and all(r["seconds"] > 0 for r in results.values())
-    cfg = clara.Config(model=str(tiny_model_folder), pad_to=8, **sizes)
-    batch = clara.make_batch(bench.bench_examples(tokenizer, cfg, "compress"), cfg.n_mem, tokenizer.pad_token_id)
-    generator_row, labelled = batch["ids"].shape[1], batch["label_positions"].size  # unpadded
-
-    def quarter(n, longest=0):  # the buckets before the eighth octaves
-        bucket = clara.round_up(n, max(8, 2 ** (n.bit_length() - 3)))
-        return max(n, min(bucket, clara.round_up(longest, 8))) if longest else bucket
-
-    assert results["quarter octaves"]["widths"][1] == quarter(generator_row, 160)
-    assert results["quarter octaves"]["labelled"] == quarter(labelled)
-    assert results["today"]["widths"][1] == clara.length_bucket(generator_row, 8, 160)
-    assert results["today"]["labelled"] < results["quarter octaves"]["labelled"]  # here 72, not 80
-    assert all(results[v]["widths"] == results["today"]["widths"] for v in gpu_bench.VARIANTS[2:])
 
 
 # -----------------------------------------------------------------------------
@@ -1814,6 +1814,31 @@ def test_the_pdf_retrieval_check_draws_verbatim_passages_and_ranks_a_chunk_by_it
     run = subprocess.run([sys.executable, str(ROOT / "data" / "pdf_retrieval.py"), blank, "--adapters", tiny_sft_run],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and run.stderr.count("\n") == 1 and "blank.pdf" in run.stderr, run.stderr
+
+
+def test_the_memory_facts_check_counts_the_facts_a_paraphrase_keeps_from_own_and_another_memory(tiny_sft_run):
+    sys.path.insert(0, str(ROOT / "data"))
+    import make_facts
+    import memory_facts
+
+    document = make_facts.make_documents(1, 7)[0]
+    numbers = sum(any(c.isdigit() for c in answer) for _, answer in document["qa"])
+    others = len(document["qa"]) - numbers
+    assert numbers and others  # both kinds are counted
+    assert memory_facts.kept(document["qa"], document["text"]) == {"numbers": (numbers, numbers),
+                                                                     "other": (others, others)}
+    assert memory_facts.kept(document["qa"], "") == {"numbers": (0, numbers), "other": (0, others)}
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "memory_facts.py"), "--adapters", str(tiny_sft_run),
+                          "--docs", "2", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    counts = re.findall(r"^(own memory|another document's memory): numbers (\d+)/(\d+), other facts (\d+)/(\d+)$",
+                        run.stdout, flags=re.M)
+    facts = sum(len(d["qa"]) for d in make_facts.make_documents(2, 7))
+    assert [c[0] for c in counts] == ["own memory", "another document's memory"], run.stdout
+    assert all(int(c[1]) <= int(c[2]) and int(c[3]) <= int(c[4]) and int(c[2]) + int(c[4]) == facts for c in counts)
+    bad = subprocess.run([sys.executable, str(ROOT / "data" / "memory_facts.py"), "--adapters", str(tiny_sft_run),
+                          "--docs", "1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "--docs" in bad.stderr, bad.stderr
 
 
 def test_ask_index_finds_a_chunk_by_its_text_then_by_a_passage_and_refuses_other_adapters(tmp_path, tiny_sft_run,
