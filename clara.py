@@ -1089,16 +1089,17 @@ class RunRecord:
             self.metrics.write({"kind": "val", "step": step, "val_loss": val})
             if out and val < self.best_val:
                 self.best_val = val
-                self.save_checkpoint(out / BEST, step)
+                self.checkpoint(out / BEST, step)
         if save and out:
-            self.save_checkpoint(out / CHECKPOINT, step)
+            self.checkpoint(out / CHECKPOINT, step)
             save_outputs(self.model, cfg, out, {"step": step, "loss": self.history[-1]["loss"]})
         if signum:
             saved = f"checkpoint saved to {out / CHECKPOINT}; continue with --resume {out}" if out else ""
             raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}", 128 + signum)
         return []
 
-    def save_checkpoint(self, path, step):
+    def checkpoint(self, path, step):
+        """Write a checkpoint of the run at `step` to `path` (save_checkpoint)."""
         save_checkpoint(path, self.model, self.optimizer, self.cfg, step, self.best_val, self.trained_tokens,
                         self.data)
 

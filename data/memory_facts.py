@@ -51,15 +51,12 @@ def main():
     except clara.InputError as error:
         sys.exit(f"error: {error}")
     documents = make_facts.make_documents(args.docs, args.seed)
+    paraphrases = [paraphrase(reader, d["text"], args.max_new_tokens) for d in documents]  # each generated once
     for name, shift in (("own memory", 0), ("another document's memory", 1)):
-        totals = {"numbers": [0, 0], "other": [0, 0]}
-        for i, d in enumerate(documents):
-            for kind, (k, n) in kept(d["qa"], paraphrase(reader, documents[i - shift]["text"],
-                                                           args.max_new_tokens)).items():
-                totals[kind][0] += k
-                totals[kind][1] += n
-        print(f"{name}: numbers {totals['numbers'][0]}/{totals['numbers'][1]}, "
-              f"other facts {totals['other'][0]}/{totals['other'][1]}", flush=True)
+        counts = [kept(d["qa"], paraphrases[i - shift]) for i, d in enumerate(documents)]
+        total = {kind: [sum(c[kind][j] for c in counts) for j in (0, 1)] for kind in ("numbers", "other")}
+        print(f"{name}: numbers {total['numbers'][0]}/{total['numbers'][1]}, "
+              f"other facts {total['other'][0]}/{total['other'][1]}", flush=True)
 
 
 if __name__ == "__main__":
