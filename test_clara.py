@@ -894,14 +894,16 @@ def test_compile_auto_runs_eagerly_from_the_start_when_the_first_updates_show_mo
                                                                                                    tmp_path):
     cfg = tiny_config(steps=8, batch_size=1, pad_to=1, compile="auto")  # every record its own length
     model = tiny_clara(cfg)
-    clara.train(model, clara.sft_examples(tokenizer, cfg, VARIED_RECORDS), cfg, tokenizer.pad_token_id, tmp_path / "a")
+    clara.train(model, clara.sft_examples(tokenizer, cfg, VARIED_RECORDS), cfg, tokenizer.pad_token_id,
+                clara.RunFiles(tmp_path / "a"))
     assert model.traces == 0  # no shape compiled in vain
     assert notes(tmp_path / "a") == ["--compile auto: the batches of the first 8 updates come in 8 shapes, so the "
                                      "step runs eagerly (each new shape costs a trace and kernel compilations; "
                                      "--compile on compiles anyway)"]
     fixed = tiny_config(steps=8, compile="auto")  # every batch holds both records: one shape, compiled
     model = tiny_clara(fixed)
-    clara.train(model, clara.sft_examples(tokenizer, fixed, SFT_RECORDS), fixed, tokenizer.pad_token_id, tmp_path / "b")
+    clara.train(model, clara.sft_examples(tokenizer, fixed, SFT_RECORDS), fixed, tokenizer.pad_token_id,
+                clara.RunFiles(tmp_path / "b"))
     assert model.traces == 1 and notes(tmp_path / "b") == ["--compile: the step was traced 1 time(s), once per batch "
                                                            "shape (--pad-to)"]
     captured = capsys.readouterr()
@@ -919,7 +921,7 @@ def test_compile_auto_turns_eager_after_the_fifth_batch_shape_and_trains_bitwise
         cfg = tiny_config(steps=8, batch_size=1, pad_to=1, compile=compiled)  # every record its own length
         model = tiny_clara(cfg)
         clara.train(model, clara.sft_examples(tokenizer, cfg, VARIED_RECORDS), cfg, tokenizer.pad_token_id,
-                    tmp_path / compiled)
+                    clara.RunFiles(tmp_path / compiled))
         runs.append((model.traces, tree_flatten(model.trainable_parameters())))
     assert runs[0][0] == 0 and runs[1][0] == clara.AUTO_COMPILE_SHAPES + 1  # then no trace more
     warning = "--compile auto: the data has shown 5 batch shapes, so the rest of the run is eager"
@@ -1018,14 +1020,14 @@ def interrupted_run(tmp_path_factory, tokenizer):
     cfg = tiny_config(steps=6, grad_accum=2, batch_size=1, warmup=0.2, save_every=4, eval_every=2)
     examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
     straight = tiny_clara(cfg)
-    clara.train(straight, examples, cfg, tokenizer.pad_token_id, root / "a", examples[:1])
+    clara.train(straight, examples, cfg, tokenizer.pad_token_id, clara.RunFiles(root / "a"), examples[:1])
     with pytest.raises(clara.TrainingStopped) as stopped:
-        clara.train(tiny_clara(cfg), examples, cfg, tokenizer.pad_token_id, root / "b", examples[:1],
+        clara.train(tiny_clara(cfg), examples, cfg, tokenizer.pad_token_id, clara.RunFiles(root / "b"), examples[:1],
                     stop=lambda step: signal.SIGINT if step == 3 else None)
     checkpoint = clara.read_checkpoint(root / "b" / clara.CHECKPOINT)
     resumed = tiny_clara(cfg)  # the same frozen base; adapters and memory moved so they must come from the checkpoint
     resumed.update(tree_map(lambda p: p + 1.0, resumed.trainable_parameters()))
-    clara.train(resumed, examples, cfg, tokenizer.pad_token_id, root / "b", examples[:1], checkpoint=checkpoint)
+    clara.train(resumed, examples, cfg, tokenizer.pad_token_id, clara.RunFiles(root / "b", checkpoint), examples[:1])
     return {"root": root, "cfg": cfg, "examples": examples, "stopped": stopped.value, "checkpoint": checkpoint,
             "straight": straight, "resumed": resumed}
 
@@ -1039,8 +1041,8 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_of_that_step_and_data_p
 def test_resume_refuses_a_checkpoint_of_other_data(interrupted_run, tokenizer, tmp_path):
     cfg, examples = interrupted_run["cfg"], interrupted_run["examples"]
     with pytest.raises(clara.InputError, match=r"trained on other data \(2 examples, this data has 1"):
-        clara.train(tiny_clara(cfg), examples[:1], cfg, tokenizer.pad_token_id, tmp_path,
-                    checkpoint=interrupted_run["checkpoint"])
+        clara.train(tiny_clara(cfg), examples[:1], cfg, tokenizer.pad_token_id,
+                    clara.RunFiles(tmp_path, interrupted_run["checkpoint"]))
 
 
 def test_resume_after_an_interrupt_gives_bitwise_the_same_adapters_and_loss_curve(interrupted_run):
@@ -1291,7 +1293,7 @@ def test_saved_generator_adapter_loads_with_mlx_lm_load(tmp_path, tokenizer, lor
     llm, _ = clara.load_model(cfg.model)
     model = clara.CLaRa(llm, cfg)
     examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
-    clara.train(model, examples, cfg, tokenizer.pad_token_id, out=cfg.out)
+    clara.train(model, examples, cfg, tokenizer.pad_token_id, clara.RunFiles(cfg.out))
     adapter_config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert adapter_config["fine_tune_type"] == "lora" and adapter_config["num_layers"] == cfg.lora_layers
     all_linear = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -2011,7 +2013,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint_and_whole
 
     cfg = tiny_config(steps=4, save_every=1, eval_every=1000)
     examples = clara.sft_examples(tokenizer, cfg, SFT_RECORDS)
-    clara.train(tiny_clara(cfg), examples, replace(cfg, steps=2), tokenizer.pad_token_id, tmp_path)
+    clara.train(tiny_clara(cfg), examples, replace(cfg, steps=2), tokenizer.pad_token_id, clara.RunFiles(tmp_path))
     before = (tmp_path / clara.CHECKPOINT).read_bytes()
     real_save = mx.save_safetensors
 
@@ -2023,7 +2025,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint_and_whole
     monkeypatch.setattr(clara.mx, "save_safetensors", full_disk)
     checkpoint = clara.read_checkpoint(tmp_path / clara.CHECKPOINT)
     with pytest.raises(clara.WriteFailed, match="checkpoint.safetensors: could not be written \\(No space left"):
-        clara.train(tiny_clara(cfg), examples, cfg, tokenizer.pad_token_id, tmp_path, checkpoint=checkpoint)
+        clara.train(tiny_clara(cfg), examples, cfg, tokenizer.pad_token_id, clara.RunFiles(tmp_path, checkpoint))
     monkeypatch.setattr(clara.mx, "save_safetensors", real_save)
     assert (tmp_path / clara.CHECKPOINT).read_bytes() == before  # the last good checkpoint, whole
     assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]  # and no temp file left behind
