@@ -32,7 +32,6 @@ Usage:
 import argparse
 import collections
 import contextlib
-import ctypes
 import ctypes.util
 import errno
 import fcntl
@@ -70,11 +69,9 @@ def load_system_blas():
     candidates = [ctypes.util.find_library("openblas"), "libopenblas.so.0",
                   "/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"]
     for path in filter(None, candidates):
-        try:
+        with contextlib.suppress(OSError):
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             return f"OpenBLAS ({path})"
-        except OSError:
-            continue
     return "bundled reference BLAS (slow: install libopenblas0-pthread)"
 
 BLAS = load_system_blas()
@@ -191,13 +188,9 @@ def slot_marks(n_docs):
     return "\n".join(SLOT_MARK for _ in range(n_docs))
 
 def truncate_prompt_and_target(prompt, target, max_len):
-    """Fit prompt + target into max_len: the prompt loses items from its start, but keeps at least half of
-    max_len (all of it, if shorter); the target is cut at its end to what is left.
-
-    So a long prompt (many documents, or their text) is cut on the input side and the answer stays whole, while a
-    long target (a stage-1 QA list or paraphrase) keeps the prompt and its memory slots and is cut at its end, as
-    Apple's right-side truncation cuts it. Callers count what was cut and report it.
-    """
+    """Fit prompt + target into max_len: the prompt loses items from its start but keeps at least half of max_len
+    (all of it, if shorter); the target is cut at its end to what is left. So a long prompt is cut on the input side
+    and the answer stays whole, while a long target (a stage-1 QA list) is cut at its end, as Apple's is."""
     keep = min(len(prompt), max(max_len - len(target), max_len // 2))
     return prompt[len(prompt) - keep:], target[: max_len - keep]
 
@@ -240,12 +233,8 @@ def prompt_example(tokenizer, cfg, system, user, n_slot_docs, target):
             "docs_dropped": n_slot_docs - sum(n == cfg.n_mem for n in kept_slots.values())}
 
 def build_example(tokenizer, cfg, docs, user, target, system=SYSTEM_ANSWER, context="compressed", question=""):
-    """One training (or inference) example of stage 1 or 2.
-
-    docs: document strings; user: a template of the user text, with "{docs}" where the documents go (and
-    "{question}" where the question goes). Compressed context gives each document n_mem memory slots there;
-    text context writes the (equally truncated) document text there instead and compresses nothing.
-    """
+    """One example of stage 1 or 2. user: the user text's template, "{docs}" where the documents go. Compressed
+    context gives each document n_mem memory slots there; text context writes their (as truncated) text there."""
     full_doc_ids = [list(token_ids(tokenizer, d)) for d in docs]
     doc_ids = [ids[: cfg.doc_max_len] for ids in full_doc_ids]
     if context == "text":
@@ -297,10 +286,9 @@ def round_up(n, multiple):
 BUCKETS_PER_OCTAVE = 8  # widths per doubling of length: more buckets pad less and trace more (README)
 
 def length_bucket(n, multiple, longest=0):
-    """n rounded up to a length bucket: a multiple of `multiple` and of an eighth (BUCKETS_PER_OCTAVE) of the power
-    of two at or below n, but never past `longest` (the longest row the config allows, rounded up to the multiple).
-    Padding stays under 12.5% above 8 multiples, and lengths up to 4096 fall into 24 buckets at multiple 128 (not
-    32): on a GPU every new shape costs a trace and kernel compilations. Multiple 1 keeps n as it is."""
+    """n rounded up to a multiple of `multiple` and of an eighth of the power of two at or below n, never past
+    `longest` (the longest row the config allows): padding stays under 12.5%, and few shapes mean few traces and
+    kernel compilations on a GPU (lengths up to 4096 fall into 24 buckets at multiple 128). Multiple 1 keeps n."""
     if multiple <= 1:
         return n
     bucket = round_up(n, max(multiple, (1 << max(n.bit_length() - 1, 0)) // BUCKETS_PER_OCTAVE))
@@ -314,15 +302,14 @@ def with_memory_room(sequences, n_mem, pad_id, multiple=1, longest=0):
     return ids.reshape(len(sequences), width), mx.array([len(r) for r in sequences], dtype=mx.int32)
 
 def real_tokens(example, n_mem):
-    """Tokens an example puts through the model, padding left out: its documents with their memory, its prompt and
-    target, and (stage 3) its question with the query reasoner's memory."""
+    """Tokens an example puts through the model, padding left out (documents and question with their memory)."""
     query = len(example["query_ids"]) + n_mem if "query_ids" in example else 0
     return sum(len(d) + n_mem for d in example["doc_ids"]) + len(example["ids"]) + query
 
 def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
-    """Right-pad a list of examples into arrays, lengths rounded up to a length bucket of `multiple`. Right padding
-    under a causal mask leaves every real token's result unchanged, so padded and unpadded runs agree (tested).
-    longest: the longest compressor row and generator row the config allows; no bucket goes past them."""
+    """Right-pad examples into arrays, lengths rounded up to a length bucket of `multiple` (never past `longest`,
+    the longest compressor and generator rows the config allows). Under a causal mask right padding changes no real
+    token's result (tested)."""
     docs = [d for ex in examples for d in ex["doc_ids"]]
     doc_ids, doc_lens = with_memory_room(docs, n_mem, pad_id, multiple, longest[0])
     length = length_bucket(max(len(ex["ids"]) for ex in examples), multiple, longest[1])
@@ -871,7 +858,7 @@ def read_back(pending, since, trained_tokens, files):
     for u in pending:
         (loss, ce, mse), grad_norm = u["losses"].tolist(), u["grad_norm"].item()
         if not u["healthy"].item():  # every checkpoint was finite: none is written after this
-            advice = (files and files.restart_advice()) or "nothing was saved; run again with a lower --lr"
+            advice = (files and files.advice(failed=True)) or "nothing was saved; run again with a lower --lr"
             raise TrainingStopped(f"step {u['step']}: loss {loss} / gradient norm {grad_norm} is not finite; {advice}",
                                   1)
         trained_tokens += u["n_trained"].item()
@@ -950,7 +937,7 @@ class RunRecord:
             files.save_outputs(self.model, step, self.history[-1]["loss"])
         if signum:
             raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}; "
-                                  f"{files.resume_advice() if files else ''}", 128 + signum)
+                                  f"{files.advice() if files else ''}", 128 + signum)
         return []
 
     def write(self, row):
@@ -1986,11 +1973,11 @@ CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
 
 class RunFiles:
     """What a training run keeps in its --out folder (None: nothing): the last and the best checkpoint, the outputs
-    and metrics.jsonl; and `checkpoint`, (arrays, metadata) of the run it resumes, checked against its data and
-    its command (recorded in every checkpoint)."""
+    and metrics.jsonl; and `resumed`, (arrays, metadata) of the checkpoint it continues, checked against its data
+    and its command."""
 
-    def __init__(self, out, checkpoint=None, command=""):
-        self.out, self.resumed, self.command = out and Path(out), checkpoint, command
+    def __init__(self, out, resumed=None, command=""):
+        self.out, self.resumed, self.command = out and Path(out), resumed, command
 
     def start(self, model, optimizer, examples, cfg):
         """Where the run starts: (first step, best validation loss, trained tokens), a resumed run's adapters,
@@ -1999,33 +1986,42 @@ class RunFiles:
                                     "data_fingerprint": examples_fingerprint(examples)}
         first, best_val, trained_tokens = 1, math.inf, 0
         if self.resumed:
+            (arrays, metadata), part = self.resumed, checkpoint_part
             check_same_data(self.resumed, examples, self.command, self.data["data_fingerprint"])
-            restore_checkpoint(self.resumed[0], model, optimizer)
-            metadata = self.resumed[1]
+            load_trained(model, part(arrays, "model."))
+            optimizer.init(model.trainable_parameters())
+            optimizer.state = tree_unflatten(list(part(arrays, "optimizer.").items()))
             first, best_val = int(metadata["step"]) + 1, float(metadata["best_val_loss"])
             trained_tokens = int(metadata["trained_tokens"])
         self.metrics = MetricsLog(self.out, keep_until=first - 1)
         return first, best_val, trained_tokens
 
     def save_checkpoint(self, which, model, optimizer, step, best_val, trained_tokens):
-        """The "last" or the "best" checkpoint of the run at `step` (save_checkpoint)."""
-        if self.out:
-            save_checkpoint(self.out / (CHECKPOINT if which == "last" else BEST), model, optimizer, self.cfg, step,
-                            best_val, trained_tokens, self.data)
+        """The "last" or the "best" checkpoint: one file holds all a resume needs (adapters, memory, optimizer state,
+        step, data position, config, what identifies the data and the command), written atomically."""
+        if not self.out:
+            return
+        arrays = {f"model.{k}": v for k, v in adapter_arrays(model).items()}
+        arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+        metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
+                    "trained_tokens": str(trained_tokens), **self.data,
+                    "data_position": str(step * self.cfg.grad_accum * self.cfg.batch_size),
+                    "config": json.dumps(asdict(self.cfg))}
+        path = self.out / (CHECKPOINT if which == "last" else BEST)
+        save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
 
     def save_outputs(self, model, step, loss):
         if self.out:
             save_outputs(model, self.cfg, self.out, {"step": step, "loss": loss})
 
-    def resume_advice(self):
-        return f"checkpoint saved to {self.out / CHECKPOINT}; continue with --resume {self.out}" if self.out else ""
-
-    def restart_advice(self):
-        """After a non-finite update: where to start again from, or "" when nothing was saved."""
-        if not (self.out and (self.out / CHECKPOINT).is_file()):
-            return ""
-        return (f"the last good checkpoint is {self.out / CHECKPOINT}; start a new run from it with a lower --lr "
-                f"(--init {self.out / CHECKPOINT} --out NEW)")
+    def advice(self, failed=False):
+        """How to go on from the last checkpoint: after a signal, --resume; after a non-finite update, a new run
+        (""  when nothing was saved)."""
+        last = self.out and self.out / CHECKPOINT
+        if not failed:
+            return f"checkpoint saved to {last}; continue with --resume {self.out}" if last else ""
+        return (f"the last good checkpoint is {last}; start a new run from it with a lower --lr (--init {last} "
+                "--out NEW)") if last and last.is_file() else ""
 
 def examples_fingerprint(examples):
     """sha256 of the training examples' tokens (prompts, targets, documents, candidates): a resume must see
@@ -2065,17 +2061,6 @@ def save_atomically(path, write):
 def one_line(error):
     return " ".join(str(error).split())
 
-def save_checkpoint(path, model, optimizer, cfg, step, best_val, trained_tokens, data):
-    """One file holds everything a resume needs: adapters, memory, optimizer state (with its step count),
-    the step, the data position, the config, and what identifies the data and the command (`data`).
-    Written atomically, so the previous one survives any kill."""
-    arrays = {f"model.{k}": v for k, v in adapter_arrays(model).items()}
-    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
-    metadata = {"format": "clara-checkpoint/1", "step": str(step), "best_val_loss": repr(best_val),
-                "trained_tokens": str(trained_tokens), **data,
-                "data_position": str(step * cfg.grad_accum * cfg.batch_size), "config": json.dumps(asdict(cfg))}
-    save_atomically(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
-
 def read_checkpoint(path):
     """(arrays, metadata) of a checkpoint file, or an InputError naming what is wrong with it."""
     if not path.is_file():
@@ -2091,11 +2076,6 @@ def read_checkpoint(path):
 def checkpoint_part(arrays, part):
     """The "model." (adapters and memory) or "optimizer." arrays of a checkpoint, without that prefix."""
     return {k.removeprefix(part): v for k, v in arrays.items() if k.startswith(part)}
-
-def restore_checkpoint(arrays, model, optimizer):
-    load_trained(model, checkpoint_part(arrays, "model."))
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten(list(checkpoint_part(arrays, "optimizer.").items()))
 
 @contextlib.contextmanager
 def stop_on_signals():
