@@ -2190,6 +2190,11 @@ def test_the_shipped_recipes_data_never_trains_on_its_evaluation_or_heldout_docu
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # a script bash can run
     assert f"R={tmp_path / 'r'};" in script and "for base in none text" in script and "for v in s2 s2mix s2fresh" \
         in script and "--stage1-data $R/mix.jsonl" in script and "--retrieval-loss contrastive" in script
+    levers = subprocess.run([sys.executable, str(ROOT / "data" / "ship.py"), "levers", "--out", tmp_path / "r"],
+                            capture_output=True, text=True, check=True).stdout
+    assert subprocess.run(["bash", "-n"], input=levers, text=True).returncode == 0
+    assert "--compression-rate 4 " in levers and "--compression-rate 8 " in levers and "--lora-keys all" in levers
+    assert levers.count("; facts x") == 3 and "memory_facts.py --adapters $R/$1" in levers  # each run ends checked
 
 
 def test_the_shipped_adapters_answer_from_the_memory_of_documents_no_run_saw():

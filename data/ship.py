@@ -2,10 +2,14 @@
 
     python data/ship.py data --out runs/ship
     python data/ship.py script --out runs/ship --clara "--base bfloat16" > ship.sh && bash ship.sh
+    python data/ship.py levers --out runs/ship --clara "--base bfloat16" > levers.sh && bash levers.sh
 
 `script` prints the recipe's training and scoring commands as one bash script that runs them side by side on
 one GPU (the no-documents and text baselines with the same steps, stage 1, three stage-2 variants, the query
-reasoner, the scores on unseen documents); what each measured is in the README.
+reasoner, the scores on unseen documents); what each measured is in the README. `levers` prints the next
+stage-1 experiment: the shipped stage 1 keeps no number of a document in its memory (data/memory_facts.py), so
+three stage-1 runs side by side (x4, x8, and x16 with every linear layer adapted) each end with that check, whose
+control is the shipped facts-stage1 (x16, q/v: 0 of 40 numbers, 24 of 56 other facts).
 
 Data (all made here, none downloaded; Apple's example files are not used):
   stage1.jsonl    qa + paraphrase records of TRAIN_DOCS fictional documents (data/make_facts.py, seed 0), and of
@@ -69,6 +73,18 @@ done
 wait; echo ALL DONE >> $R/done.txt
 """
 
+LEVERS = r"""# stage-1 levers (data/ship.py levers): which memory keeps a document's numbers? side by side on one GPU
+mkdir -p {out}; R={out}; M="{clara} --batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --eval-every 500 --save-every 1000 --memory-limit 24"
+S1=${{S1:-{S1}}}
+[ -f $R/stage1.jsonl ] || python3 {ship} data --out $R > $R.data.log 2>&1 || exit 1
+train() {{ name=$1; shift; python3 {clara_py} "$@" $M --out $R/$name > $R/$name.log 2>&1; echo "$name rc=$?" >> $R/done.txt; }}
+facts() {{ python3 {memory_facts} --adapters $R/$1 > $R/$1.facts.log 2>&1; echo "facts $1 rc=$?" >> $R/done.txt; }}
+( train x4 compress --data $R/stage1.jsonl --compression-rate 4 --steps $S1; facts x4 ) &
+( train x8 compress --data $R/stage1.jsonl --compression-rate 8 --steps $S1; facts x8 ) &
+( train x16all compress --data $R/stage1.jsonl --lora-keys all --steps $((S1 / 2)); facts x16all ) &
+wait; echo ALL DONE >> $R/done.txt
+"""
+
 
 def write_data(out, train_docs=None):
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +107,7 @@ def write_data(out, train_docs=None):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("data", "script"))
+    parser.add_argument("step", choices=("data", "script", "levers"))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--train-docs", type=int, help=f"data: training documents of seed 0 (default: {TRAIN_DOCS:,})")
     parser.add_argument("--clara", default="", help="script: further clara.py options of every run (--model, --base)")
@@ -99,5 +115,6 @@ if __name__ == "__main__":
     if args.step == "data":
         write_data(args.out, args.train_docs)
     else:
-        print(RECIPE.format(out=args.out, clara=args.clara, ship=Path(__file__), clara_py=HERE.parent / "clara.py",
-                            **STEPS), end="")
+        print((RECIPE if args.step == "script" else LEVERS).format(
+            out=args.out, clara=args.clara, ship=Path(__file__), clara_py=HERE.parent / "clara.py",
+            memory_facts=HERE / "memory_facts.py", **STEPS), end="")
