@@ -863,9 +863,9 @@ def read_back(pending, since, trained_tokens, files):
                                   1)
         trained_tokens += u["n_trained"].item()
         reports.append({"step": u["step"], "loss": loss, "ce": ce, "mse": mse, "lr": u["lr"].item(),
-                     "grad_norm": grad_norm, "seconds": seconds, "it_per_s": 1 / seconds,
-                     "tokens_per_s": u["n_real"] / seconds, "trained_tokens": trained_tokens,
-                     "peak_gb": mx.get_peak_memory() / 1e9})
+                        "grad_norm": grad_norm, "seconds": seconds, "it_per_s": 1 / seconds,
+                        "tokens_per_s": u["n_real"] / seconds, "trained_tokens": trained_tokens,
+                        "peak_gb": mx.get_peak_memory() / 1e9})
     return reports
 
 def train(model, examples, cfg, pad_id, files=None, val_examples=(), stop=None):
