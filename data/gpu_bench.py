@@ -345,7 +345,8 @@ def main():
     elif args.command == "pieces":
         results = time_pieces(args.model, args.pad_to, args.repeats, **shape)
         print(f"{args.model} | --pad-to {args.pad_to} {options} | ms, median of {args.repeats}, each call waited for")
-        print("| row | widths (compressor, generator) | tokens | forward | forward+backward | update compiled | eager |")
+        print("| row | widths (compressor, generator) | tokens | forward | forward+backward | update compiled "
+              "| eager |")
         print("|---|---|---|---|---|---|---|")
         for row, r in results.items():
             print(f"| {row} | {r['widths']} | {r['tokens']} | " + " | ".join(

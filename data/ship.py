@@ -48,11 +48,14 @@ def stage2_records(rng, pool, per_doc, split):
 
 
 STEPS = {"S1": 4000, "S2": 2000, "S3": 300}  # stage 1, stage 2 and the reasoner's steps (the baselines: S1 + S2)
-RECIPE = r"""# the shipped-adapter recipe (data/ship.py script): every run in the background, side by side
-mkdir -p {out}; R={out}; M="{clara} --batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --eval-every 250 --save-every 5000 --memory-limit 24"
-S1=${{S1:-{S1}}}; S2=${{S2:-{S2}}}; S3=${{S3:-{S3}}}
+PRELUDE = r"""mkdir -p {out}; R={out}; S1=${{S1:-{S1}}}; S2=${{S2:-{S2}}}; S3=${{S3:-{S3}}}
+M="{clara} --batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --memory-limit 24"
 [ -f $R/stage1.jsonl ] || python3 {ship} data --out $R > $R.data.log 2>&1 || exit 1
-train() {{ name=$1; shift; python3 {clara_py} "$@" $M --out $R/$name > $R/$name.log 2>&1; echo "$name rc=$?" >> $R/done.txt; }}
+train() {{  # train NAME COMMAND OPTIONS...: its log in $R/NAME.log, its exit code in $R/done.txt
+  name=$1; shift; python3 {clara_py} "$@" $M --out $R/$name > $R/$name.log 2>&1; echo "$name rc=$?" >> $R/done.txt; }}
+"""
+RECIPE = "# the shipped-adapter recipe (data/ship.py script): every run in the background, side by side\n" + \
+    PRELUDE + r"""M="$M --eval-every 250 --save-every 5000"
 score() {{  # score RUN DATA CONTEXT TAG: eval writes beside the adapters, so it scores a copy of them in RUN-TAG
   mkdir -p $R/$1-$4 && cp $R/$1/clara.safetensors $R/$1/config.json $R/$1-$4/ &&
   python3 {clara_py} eval --adapters $R/$1-$4 --data $2 --contexts $3 --max-records 300 > $R/$1-$4.log 2>&1
@@ -73,12 +76,10 @@ done
 wait; echo ALL DONE >> $R/done.txt
 """
 
-LEVERS = r"""# stage-1 levers (data/ship.py levers): which memory keeps a document's numbers? side by side on one GPU
-mkdir -p {out}; R={out}; M="{clara} --batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --eval-every 500 --save-every 1000 --memory-limit 24"
-S1=${{S1:-{S1}}}
-[ -f $R/stage1.jsonl ] || python3 {ship} data --out $R > $R.data.log 2>&1 || exit 1
-train() {{ name=$1; shift; python3 {clara_py} "$@" $M --out $R/$name > $R/$name.log 2>&1; echo "$name rc=$?" >> $R/done.txt; }}
-facts() {{ python3 {memory_facts} --adapters $R/$1 > $R/$1.facts.log 2>&1; echo "facts $1 rc=$?" >> $R/done.txt; }}
+LEVERS = "# stage-1 levers (data/ship.py levers): which memory keeps a document's numbers? side by side\n" + \
+    PRELUDE + r"""M="$M --eval-every 500 --save-every 1000"
+facts() {{  # facts RUN: data/memory_facts.py on its adapters
+  python3 {memory_facts} --adapters $R/$1 > $R/$1.facts.log 2>&1; echo "facts $1 rc=$?" >> $R/done.txt; }}
 ( train x4 compress --data $R/stage1.jsonl --compression-rate 4 --steps $S1; facts x4 ) &
 ( train x8 compress --data $R/stage1.jsonl --compression-rate 8 --steps $S1; facts x8 ) &
 ( train x16all compress --data $R/stage1.jsonl --lora-keys all --steps $((S1 / 2)); facts x16all ) &
@@ -92,11 +93,13 @@ def write_data(out, train_docs=None):
     train = make_facts.make_documents(train_docs, 0)
     evaluation = make_facts.make_documents(EVAL_DOCS, 0, start=train_docs)
     stage1 = [record for pool, split in ((train, {}), (evaluation, {"split": "eval"})) for d in pool
-              for record in ({"data_type": "qa", "question": [q for q, _ in d["qa"]], "answers": [a for _, a in d["qa"]],
+              for record in ({"data_type": "qa", "question": [q for q, _ in d["qa"]],
+                              "answers": [a for _, a in d["qa"]],
                               "docs": [d["text"]], **split},
                              {"data_type": "paraphrase", "docs": [d["text"]], "answers": [d["paraphrase"]], **split})]
     rng = random.Random("ship-stage2")
-    stage2 = stage2_records(rng, train, QUESTIONS_PER_DOC, {}) + stage2_records(rng, evaluation, None, {"split": "eval"})
+    stage2 = stage2_records(rng, train, QUESTIONS_PER_DOC, {}) + \
+        stage2_records(rng, evaluation, None, {"split": "eval"})
     heldout = stage2_records(random.Random("ship-heldout"), make_facts.make_documents(200, HELDOUT_SEED), None,
                              {"split": "eval"})
     mix = [r for r in stage1[:2 * MIX_DOCS] if r["data_type"] == "qa"]
