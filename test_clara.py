@@ -2215,6 +2215,29 @@ def test_the_shipped_adapters_answer_from_the_memory_of_documents_no_run_saw():
     assert own["ce"] < 0.6 * another["ce"] and own["f1"] > another["f1"] and own["em"] > 0, (own, another)
 
 
+def test_memory_alone_gives_the_invented_name_of_a_document_no_run_saw():
+    """The name task (data/make_facts.py): every question asks for the invented name of its document's entity, which
+    no model can guess. The shipped stage-1 adapters, never asked this question in training, on fictional documents
+    of seed 7, which no run saw: the name comes out of the document's own memory, and never out of another
+    document's memory or out of no documents. (A tiny random model cannot be this test: a frozen random base never
+    learns to write invented names; README, Evaluation.)"""
+    sys.path.insert(0, str(ROOT / "data"))
+    import make_facts
+
+    documents = make_facts.make_documents(8, 7)
+    reader = clara.load(ROOT / "data" / "adapters" / "facts-stage1")
+
+    def score(shift, context):
+        records = [{"question": make_facts.NAME_QUESTION, "docs": [documents[i - shift]["text"]], "gold": d["entity"]}
+                   for i, d in enumerate(documents)]
+        return reader.evaluate(records, [context], max_new_tokens=12)[context]
+
+    own, another, none = score(0, "compressed"), score(1, "compressed"), score(0, "none")
+    assert own["records"] == another["records"] == none["records"] == 8
+    assert own["cover_em"] >= 0.5 and another["cover_em"] == none["cover_em"] == 0, (own, another, none)
+    assert own["ce"] < another["ce"] and own["ce"] < none["ce"]
+
+
 def test_the_evidence_experiment_runs_end_to_end_in_parts_and_writes_every_row(tmp_path, tiny_model_folder):
     options = ["--out", tmp_path / "exp", "--model", tiny_model_folder, "--train-docs", 12, "--eval-docs", 6,
                "--steps", 2, 2, 2, "--batch-size", 2, "--eval-records", 3, "--code-docs", 40, "--rates", 16]
