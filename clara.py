@@ -1986,11 +1986,11 @@ class RunFiles:
                                     "data_fingerprint": examples_fingerprint(examples)}
         first, best_val, trained_tokens = 1, math.inf, 0
         if self.resumed:
-            (arrays, metadata), part = self.resumed, checkpoint_part
+            arrays, metadata = self.resumed
             check_same_data(self.resumed, examples, self.command, self.data["data_fingerprint"])
-            load_trained(model, part(arrays, "model."))
+            load_trained(model, checkpoint_part(arrays, "model."))
             optimizer.init(model.trainable_parameters())
-            optimizer.state = tree_unflatten(list(part(arrays, "optimizer.").items()))
+            optimizer.state = tree_unflatten(list(checkpoint_part(arrays, "optimizer.").items()))
             first, best_val = int(metadata["step"]) + 1, float(metadata["best_val_loss"])
             trained_tokens = int(metadata["trained_tokens"])
         self.metrics = MetricsLog(self.out, keep_until=first - 1)

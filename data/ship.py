@@ -113,7 +113,8 @@ if __name__ == "__main__":
     parser.add_argument("step", choices=("data", "script", "levers"))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--train-docs", type=int, help=f"data: training documents of seed 0 (default: {TRAIN_DOCS:,})")
-    parser.add_argument("--clara", default="", help="script: further clara.py options of every run (--model, --base)")
+    parser.add_argument("--clara", default="", help="script, levers: further clara.py options of every run "
+                        "(--model, --base)")
     args = parser.parse_args()
     if args.step == "data":
         write_data(args.out, args.train_docs)
