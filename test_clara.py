@@ -1849,6 +1849,10 @@ def test_the_memory_facts_check_counts_the_facts_a_paraphrase_keeps_from_own_and
     facts = sum(len(d["qa"]) for d in make_facts.make_documents(2, 7))
     assert [c[0] for c in counts] == ["own memory", "another document's memory"], run.stdout
     assert all(int(c[1]) <= int(c[2]) and int(c[3]) <= int(c[4]) and int(c[2]) + int(c[4]) == facts for c in counts)
+    ce = re.findall(r"^(own memory|another document's memory): qa target CE, digit tokens (\S+), other tokens (\S+)$",
+                    run.stdout, flags=re.M)
+    assert [c[0] for c in ce] == ["own memory", "another document's memory"], run.stdout
+    assert all(0 < float(value) < 30 for c in ce for value in c[1:]), run.stdout  # finite: both kinds of token exist
     bad = subprocess.run([sys.executable, str(ROOT / "data" / "memory_facts.py"), "--adapters", str(tiny_sft_run),
                           "--docs", "1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "--docs" in bad.stderr, bad.stderr
