@@ -46,8 +46,9 @@ def target_ce(reader, documents):
     """{memory: {"digits": CE, "other": CE}}: stage 1's qa target of each document, teacher-forced, from its own
     memory and from the next document's; the mean CE over the target's digit tokens and over its other tokens."""
     tokenizer, cfg = reader.tokenizer, reader.cfg
-    records = [{"kind": "qa", "doc": d["text"], "target": "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in d["qa"])}
-               for d in documents]
+    records = [clara.parse_compress_record({"data_type": "qa", "question": [q for q, _ in d["qa"]],
+                                            "answers": [a for _, a in d["qa"]], "docs": [d["text"]]}, d["entity"])
+               for d in documents]  # as stage 1 reads Apple's qa records
     batch = clara.make_batch(clara.compress_examples(tokenizer, cfg, records), cfg.n_mem, tokenizer.pad_token_id)
     memory, _ = clara.encode_into_memory(reader.model, batch["doc_ids"], batch["doc_lens"])  # (D, n_mem, H)
     positions, labels = batch["label_positions"], batch["labels"].reshape(-1)[batch["label_positions"]]  # (N,)
