@@ -2199,6 +2199,11 @@ def test_the_shipped_recipes_data_never_trains_on_its_evaluation_or_heldout_docu
     assert subprocess.run(["bash", "-n"], input=levers, text=True).returncode == 0
     assert "--compression-rate 4 " in levers and "--compression-rate 8 " in levers and "--lora-keys all" in levers
     assert levers.count("; facts x") == 3 and "memory_facts.py --adapters $R/$1" in levers  # each run ends checked
+    next_step = subprocess.run([sys.executable, str(ROOT / "data" / "ship.py"), "next", "--out", tmp_path / "r"],
+                               capture_output=True, text=True, check=True).stdout
+    assert subprocess.run(["bash", "-n"], input=next_step, text=True).returncode == 0
+    assert "--init $R/x16all --init-generator --stage1-data $R/mix.jsonl" in next_step and \
+        "score s2all $R/heldout.jsonl compressed e1" in next_step and "timeout -s TERM" in next_step
 
 
 def test_the_shipped_adapters_answer_from_the_memory_of_documents_no_run_saw():

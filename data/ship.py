@@ -3,6 +3,8 @@
     python data/ship.py data --out runs/ship
     python data/ship.py script --out runs/ship --clara "--base bfloat16" > ship.sh && bash ship.sh
     python data/ship.py levers --out runs/ship --clara "--base bfloat16" > levers.sh && bash levers.sh
+    python data/ship.py next --out runs/ship --clara "--base bfloat16" > next.sh
+    END=$(($(date +%s) + 1500)) bash next.sh   # stop every run 25 minutes from now
 
 `script` prints the recipe's training and scoring commands as one bash script that runs them side by side on
 one GPU (the no-documents and text baselines with the same steps, stage 1, three stage-2 variants, the query
@@ -10,7 +12,10 @@ reasoner, the scores on unseen documents); what each measured is in the README. 
 stage-1 experiment: the shipped stage 1 keeps no number of a document in its memory (data/memory_facts.py), so
 three stage-1 runs side by side (x4, x8, and x16 with every linear layer adapted) each end with that check, whose
 control is the shipped facts-stage1 (x16, q/v: 0 of 40 numbers, 24 of 56 other facts). Measured (README): x16 with
-every linear layer keeps 14 of 40 numbers after 1,000 steps, x4 with q/v 12 after 2,000.
+every linear layer keeps 14 of 40 numbers after 1,000 steps, x4 with q/v 12 after 2,000. `next` prints the step
+that follows: the recipe's mixed stage 2 (generator carried over, stage-1 records mixed in) from that x16 stage 1
+(trained first unless $R/x16all holds it), scored on the seed-1 documents no run saw. In every script, END (epoch
+seconds: a device lease's end) stops each run cleanly then, with its adapters saved, so the scores still run.
 
 Data (all made here, none downloaded; Apple's example files are not used):
   stage1.jsonl    qa + paraphrase records of TRAIN_DOCS fictional documents (data/make_facts.py, seed 0), and of
@@ -50,17 +55,19 @@ def stage2_records(rng, pool, per_doc, split):
 
 STEPS = {"S1": 4000, "S2": 2000, "S3": 300}  # stage 1, stage 2 and the reasoner's steps (the baselines: S1 + S2)
 PRELUDE = r"""mkdir -p {out}; R={out}; S1=${{S1:-{S1}}}; S2=${{S2:-{S2}}}; S3=${{S3:-{S3}}}
-M="{clara} --batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --memory-limit 24"
+M="--batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --memory-limit 24 {clara}"  # --clara comes last: it wins
 [ -f $R/stage1.jsonl ] || python3 {ship} data --out $R > $R.data.log 2>&1 || exit 1
-train() {{  # train NAME COMMAND OPTIONS...: its log in $R/NAME.log, its exit code in $R/done.txt
-  name=$1; shift; python3 {clara_py} "$@" $M --out $R/$name > $R/$name.log 2>&1; echo "$name rc=$?" >> $R/done.txt; }}
-"""
-RECIPE = "# the shipped-adapter recipe (data/ship.py script): every run in the background, side by side\n" + \
-    PRELUDE + r"""M="$M --eval-every 250 --save-every 5000"
+train() {{  # train NAME COMMAND OPTIONS...: its log in $R/NAME.log, its exit code in $R/done.txt; with END set
+  # (epoch seconds, a device lease's end) the run gets SIGTERM then, finishes its step and checkpoints
+  name=$1; shift; ${{END:+timeout -s TERM $((END - $(date +%s)))}} python3 {clara_py} "$@" $M --out $R/$name \
+    > $R/$name.log 2>&1; echo "$name rc=$? $(date +%T)" >> $R/done.txt; }}
 score() {{  # score RUN DATA CONTEXT TAG: eval writes beside the adapters, so it scores a copy of them in RUN-TAG
   mkdir -p $R/$1-$4 && cp $R/$1/clara.safetensors $R/$1/config.json $R/$1-$4/ &&
   python3 {clara_py} eval --adapters $R/$1-$4 --data $2 --contexts $3 --max-records 300 > $R/$1-$4.log 2>&1
   echo "eval $1-$4 rc=$?" >> $R/done.txt; }}
+"""
+RECIPE = "# the shipped-adapter recipe (data/ship.py script): every run in the background, side by side\n" + \
+    PRELUDE + r"""M="$M --eval-every 250 --save-every 5000"
 for base in none text; do
   ( train $base sft --data $R/stage2.jsonl --context $base --steps $((S1 + S2))
     score $base $R/stage2.jsonl $base e0 & score $base $R/heldout.jsonl $base e1 & wait ) &
@@ -87,6 +94,16 @@ facts() {{  # facts RUN: data/memory_facts.py on its adapters
 wait; echo ALL DONE >> $R/done.txt
 """
 
+NEXT = "# the next lever (data/ship.py next): the recipe's mixed stage 2 from the every-linear-layer x16 stage 1\n" + \
+    PRELUDE + r"""M="$M --eval-every 250 --save-every 500"
+[ -f $R/x16all/clara.safetensors ] ||  # the levers' stage 1 (data/ship.py levers), or carried into $R/x16all
+  train x16all compress --data $R/stage1.jsonl --lora-keys all --steps $((S1 / 2))
+train s2all sft --data $R/stage2.jsonl --init $R/x16all --init-generator --stage1-data $R/mix.jsonl --compile on \
+  --steps $S2  # the adapted layers come with --init
+score s2all $R/heldout.jsonl compressed e1 & score s2all $R/stage2.jsonl compressed e0 & wait
+echo ALL DONE >> $R/done.txt
+"""
+
 
 def write_data(out, train_docs=None):
     out.mkdir(parents=True, exist_ok=True)
@@ -111,15 +128,15 @@ def write_data(out, train_docs=None):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("data", "script", "levers"))
+    parser.add_argument("step", choices=("data", "script", "levers", "next"))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--train-docs", type=int, help=f"data: training documents of seed 0 (default: {TRAIN_DOCS:,})")
-    parser.add_argument("--clara", default="", help="script, levers: further clara.py options of every run "
-                        "(--model, --base)")
+    parser.add_argument("--clara", default="", help="script, levers, next: further clara.py options of every run "
+                        "(--model, --base; given after the recipe's, they win: --batch-size 4 for a CPU)")
     args = parser.parse_args()
     if args.step == "data":
         write_data(args.out, args.train_docs)
     else:
-        print((RECIPE if args.step == "script" else LEVERS).format(
+        print({"script": RECIPE, "levers": LEVERS, "next": NEXT}[args.step].format(
             out=args.out, clara=args.clara, ship=Path(__file__), clara_py=HERE.parent / "clara.py",
             memory_facts=HERE / "memory_facts.py", **STEPS), end="")
