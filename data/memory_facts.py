@@ -22,7 +22,6 @@ sys.path.insert(0, str(HERE))
 import clara  # noqa: E402  (before mlx: OpenBLAS)
 import make_facts  # noqa: E402
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 
 
 def kept(facts, text):
@@ -53,14 +52,12 @@ def target_ce(reader, documents):
     memory, _ = clara.encode_into_memory(reader.model, batch["doc_ids"], batch["doc_lens"])  # (D, n_mem, H)
     positions, labels = batch["label_positions"], batch["labels"].reshape(-1)[batch["label_positions"]]  # (N,)
     is_digit = mx.array([tokenizer.decode([t]).strip().isdigit() for t in labels.tolist()])  # (N,)
-    real = labels != clara.IGNORE
     result = {}
     for name, states in (("own memory", memory), ("another document's memory", mx.roll(memory, 1, axis=0))):
         hidden = clara.generator_hidden(reader.model, batch["ids"], batch["slot_index"], states)  # (B, T, H)
         logits = clara.output_logits(reader.model.llm, hidden.reshape(-1, hidden.shape[-1])[positions])  # (N, V)
-        ce = nn.losses.cross_entropy(logits, mx.maximum(labels, 0), reduction="none")  # (N,)
-        result[name] = {kind: (mx.sum(ce * mask) / mx.maximum(mx.sum(mask), 1)).item()
-                        for kind, mask in (("digits", real & is_digit), ("other", real & ~is_digit))}
+        result[name] = {kind: clara.masked_cross_entropy(logits, mx.where(mask, labels, clara.IGNORE))[0].item()
+                        for kind, mask in (("digits", is_digit), ("other", ~is_digit))}  # the loss's own masked CE
     return result
 
 
