@@ -55,7 +55,7 @@ def stage2_records(rng, pool, per_doc, split):
 
 STEPS = {"S1": 4000, "S2": 2000, "S3": 300}  # stage 1, stage 2 and the reasoner's steps (the baselines: S1 + S2)
 PRELUDE = r"""mkdir -p {out}; R={out}; S1=${{S1:-{S1}}}; S2=${{S2:-{S2}}}; S3=${{S3:-{S3}}}
-M="--batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --memory-limit 24 {clara}"  # --clara comes last: it wins
+M="--batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --memory-limit 24 $CADENCE {clara}"  # --clara last: it wins
 [ -f $R/stage1.jsonl ] || python3 {ship} data --out $R > $R.data.log 2>&1 || exit 1
 train() {{  # train NAME COMMAND OPTIONS...: its log in $R/NAME.log, its exit code in $R/done.txt; with END set
   # (epoch seconds, a device lease's end) the run gets SIGTERM then, finishes its step and checkpoints
@@ -67,8 +67,8 @@ score() {{  # score RUN DATA CONTEXT TAG: eval writes beside the adapters, so it
   echo "eval $1-$4 rc=$?" >> $R/done.txt; }}
 """
 RECIPE = "# the shipped-adapter recipe (data/ship.py script): every run in the background, side by side\n" + \
-    PRELUDE + r"""M="$M --eval-every 250 --save-every 5000"
-for base in none text; do
+    'CADENCE="--eval-every 250 --save-every 5000"\n' + PRELUDE + \
+    r"""for base in none text; do
   ( train $base sft --data $R/stage2.jsonl --context $base --steps $((S1 + S2))
     score $base $R/stage2.jsonl $base e0 & score $base $R/heldout.jsonl $base e1 & wait ) &
 done
@@ -85,8 +85,8 @@ wait; echo ALL DONE >> $R/done.txt
 """
 
 LEVERS = "# stage-1 levers (data/ship.py levers): which memory keeps a document's numbers? side by side\n" + \
-    PRELUDE + r"""M="$M --eval-every 500 --save-every 1000"
-facts() {{  # facts RUN: data/memory_facts.py on its adapters
+    'CADENCE="--eval-every 500 --save-every 1000"\n' + PRELUDE + \
+    r"""facts() {{  # facts RUN: data/memory_facts.py on its adapters
   python3 {memory_facts} --adapters $R/$1 > $R/$1.facts.log 2>&1; echo "facts $1 rc=$?" >> $R/done.txt; }}
 ( train x4 compress --data $R/stage1.jsonl --compression-rate 4 --steps $S1; facts x4 ) &
 ( train x8 compress --data $R/stage1.jsonl --compression-rate 8 --steps $S1; facts x8 ) &
@@ -95,8 +95,8 @@ wait; echo ALL DONE >> $R/done.txt
 """
 
 NEXT = "# the next lever (data/ship.py next): the recipe's mixed stage 2 from the every-linear-layer x16 stage 1\n" + \
-    PRELUDE + r"""M="$M --eval-every 250 --save-every 500"
-[ -f $R/x16all/clara.safetensors ] ||  # the levers' stage 1 (data/ship.py levers), or carried into $R/x16all
+    'CADENCE="--eval-every 250 --save-every 500"\n' + PRELUDE + \
+    r"""[ -f $R/x16all/clara.safetensors ] ||  # the levers' stage 1 (data/ship.py levers), or carried into $R/x16all
   train x16all compress --data $R/stage1.jsonl --lora-keys all --steps $((S1 / 2))
 train s2all sft --data $R/stage2.jsonl --init $R/x16all --init-generator --stage1-data $R/mix.jsonl --compile on \
   --steps $S2  # the adapted layers come with --init
@@ -132,7 +132,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--train-docs", type=int, help=f"data: training documents of seed 0 (default: {TRAIN_DOCS:,})")
     parser.add_argument("--clara", default="", help="script, levers, next: further clara.py options of every run "
-                        "(--model, --base; given after the recipe's, they win: --batch-size 4 for a CPU)")
+                        "(--model, --base; given after the recipe's, they win: --batch-size 2 for a CPU)")
     args = parser.parse_args()
     if args.step == "data":
         write_data(args.out, args.train_docs)
