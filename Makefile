@@ -42,12 +42,20 @@ test-slow: blas
 experiment: blas
 	$(PY) data/experiment.py --out runs/experiment $(EXPERIMENT)
 
-# from the shipped stage-1 adapters (data/adapters/facts-stage1): stage 1 on the sample PDF, stage 2 on the sample
-# QA set, stage 3 on its retrieval version, then questions answered from compressed documents and from an index of
-# the PDF (each run replaces the demo's last outputs)
+# first the shipped stage-2 adapters (data/adapters/facts), untrained here, asked about a fictional town that no run
+# saw (data/ask/town1.txt; the control reads another town's memory); then, from the shipped stage-1 adapters
+# (data/adapters/facts-stage1): stage 1 on the sample PDF, stage 2 on the sample QA set, stage 3 on its retrieval
+# version, then questions answered from compressed documents and from an index of the PDF (each run replaces the
+# demo's last outputs)
+TOWN_QUESTION := What is the postal code of Drevara Vaskov?
+TOWN_ANSWER := N-8300
 DEMO_QUESTION := What weight does the alignment loss have in the total loss?
 DEMO_ANSWER := 0.1
 demo: blas
+	@echo "question: $(TOWN_QUESTION) | expected: $(TOWN_ANSWER) (data/ask/town1.txt) | the shipped adapters' answer:"
+	@$(PY) clara.py ask --adapters data/adapters/facts --docs data/ask/town1.txt --question "$(TOWN_QUESTION)"
+	@echo "the control: the same question from data/ask/town2.txt, another town | the shipped adapters' answer:"
+	@$(PY) clara.py ask --adapters data/adapters/facts --docs data/ask/town2.txt --question "$(TOWN_QUESTION)"
 	$(PY) clara.py compress --pdf data/sample.pdf --init data/adapters/facts-stage1 --steps 40 --lr 5e-4 --log-every 5 \
 		--out runs/demo-compress --overwrite
 	$(PY) clara.py sft --data data/sft.jsonl --init runs/demo-compress --init-generator --steps 80 --lr 5e-4 --log-every 5 \

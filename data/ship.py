@@ -1,21 +1,19 @@
 """The data of the shipped-adapter recipe (README, "Making memory carry facts"), made in about a minute.
 
     python data/ship.py data --out runs/ship
-    python data/ship.py script --out runs/ship --clara "--base bfloat16" > ship.sh && bash ship.sh
+    python data/ship.py script --out runs/ship --clara "--base bfloat16" > ship.sh
+    END=$(($(date +%s) + 1500)) bash ship.sh   # stop every run 25 minutes from now
     python data/ship.py levers --out runs/ship --clara "--base bfloat16" > levers.sh && bash levers.sh
-    python data/ship.py next --out runs/ship --clara "--base bfloat16" > next.sh
-    END=$(($(date +%s) + 1500)) bash next.sh   # stop every run 25 minutes from now
 
 `script` prints the recipe's training and scoring commands as one bash script that runs them side by side on
-one GPU (the no-documents and text baselines with the same steps, stage 1, three stage-2 variants, the query
-reasoner, the scores on unseen documents); what each measured is in the README. `levers` prints the next
-stage-1 experiment: the shipped stage 1 keeps no number of a document in its memory (data/memory_facts.py), so
-three stage-1 runs side by side (x4, x8, and x16 with every linear layer adapted) each end with that check, whose
-control is the shipped facts-stage1 (x16, q/v: 0 of 40 numbers, 24 of 56 other facts). Measured (README): x16 with
-every linear layer keeps 14 of 40 numbers after 1,000 steps, x4 with q/v 12 after 2,000. `next` prints the step
-that follows: the recipe's mixed stage 2 (generator carried over, stage-1 records mixed in) from that x16 stage 1
-(trained first unless $R/x16all holds it), scored on the seed-1 documents no run saw. In every script, END (epoch
-seconds: a device lease's end) stops each run cleanly then, with its adapters saved, so the scores still run.
+one GPU: stage 1 with LoRA on every linear layer (data/adapters/facts-stage1), the mixed stage 2 from it (stage
+1's generator carried over, stage-1 records mixed in: data/adapters/facts), the query reasoner, the no-documents
+and text baselines with the same LoRA and steps, and the scores on unseen documents; what each measured is in the
+README. `levers` prints the stage-1 experiment that chose every linear layer: three stage-1 runs side by side (x4,
+x8, and x16 with every linear layer adapted) that each end with data/memory_facts.py, whose control is the q/v
+stage 1 of the earlier recipe (0 of 40 numbers, 24 of 56 other facts). Measured (README): x16 with every linear
+layer keeps 14 of 40 numbers after 1,000 steps, x4 with q/v 12 after 2,000. In every script, END (epoch seconds:
+a device lease's end) stops each run cleanly then, with its adapters saved, so the scores still run.
 
 Data (all made here, none downloaded; Apple's example files are not used):
   stage1.jsonl    qa + paraphrase records of TRAIN_DOCS fictional documents (data/make_facts.py, seed 0), and of
@@ -53,7 +51,7 @@ def stage2_records(rng, pool, per_doc, split):
     return records
 
 
-STEPS = {"S1": 4000, "S2": 2000, "S3": 300}  # stage 1, stage 2 and the reasoner's steps (the baselines: S1 + S2)
+STEPS = {"S1": 1000, "S2": 1800, "S3": 300}  # stage 1, stage 2 and the reasoner's steps (the baselines: S1 + S2)
 PRELUDE = r"""mkdir -p {out}; R={out}; S1=${{S1:-{S1}}}; S2=${{S2:-{S2}}}; S3=${{S3:-{S3}}}
 M="--batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --memory-limit 24 $CADENCE {clara}"  # --clara last: it wins
 [ -f $R/stage1.jsonl ] || python3 {ship} data --out $R > $R.data.log 2>&1 || exit 1
@@ -67,20 +65,19 @@ score() {{  # score RUN DATA CONTEXT TAG: eval writes beside the adapters, so it
   echo "eval $1-$4 rc=$?" >> $R/done.txt; }}
 """
 RECIPE = "# the shipped-adapter recipe (data/ship.py script): every run in the background, side by side\n" + \
-    'CADENCE="--eval-every 250 --save-every 5000"\n' + PRELUDE + \
-    r"""for base in none text; do
-  ( train $base sft --data $R/stage2.jsonl --context $base --steps $((S1 + S2))
+    'CADENCE="--eval-every 250 --save-every 500"\n' + PRELUDE + \
+    r"""A="--lora-keys all"  # Apple's LoRA on every linear layer: what makes x16 memory carry numbers (README)
+for base in none text; do  # the baselines, with the same LoRA and as many steps as stages 1 + 2
+  ( train $base sft --data $R/stage2.jsonl --context $base $A --steps $((S1 + S2))
     score $base $R/stage2.jsonl $base e0 & score $base $R/heldout.jsonl $base e1 & wait ) &
 done
-( train s1 compress --data $R/stage1.jsonl --steps $S1
-  for v in s2 s2mix s2fresh; do  # stage 1's generator carried over / and stage-1 records mixed in / Apple's fresh one
-    case $v in s2) o="--init-generator";; s2mix) o="--init-generator --stage1-data $R/mix.jsonl --compile on";;
-               s2fresh) o="";; esac
-    ( train $v sft --data $R/stage2.jsonl --init $R/s1 $o --steps $S2
-      score $v $R/stage2.jsonl compressed e0 & score $v $R/heldout.jsonl compressed e1 &
-      train r-$v e2e --data $R/passages.jsonl --init $R/$v --retrieval-loss contrastive --steps $S3 --batch-size 16
-      score r-$v $R/passages.jsonl retrieved e0; wait ) &
-  done; wait ) &
+( train s1 compress --data $R/stage1.jsonl $A --steps $S1  # data/adapters/facts-stage1
+  # stage 2: stage 1's generator carried over, stage-1 records mixed in; the adapted layers come with --init
+  train s2 sft --data $R/stage2.jsonl --init $R/s1 --init-generator --stage1-data $R/mix.jsonl --compile on \
+    --steps $S2  # data/adapters/facts
+  score s2 $R/stage2.jsonl compressed e0 & score s2 $R/heldout.jsonl compressed e1 &
+  train r-s2 e2e --data $R/passages.jsonl --init $R/s2 --retrieval-loss contrastive --steps $S3 --batch-size 16
+  score r-s2 $R/passages.jsonl retrieved e0; wait ) &
 wait; echo ALL DONE >> $R/done.txt
 """
 
@@ -92,16 +89,6 @@ LEVERS = "# stage-1 levers (data/ship.py levers): which memory keeps a document'
 ( train x8 compress --data $R/stage1.jsonl --compression-rate 8 --steps $S1; facts x8 ) &
 ( train x16all compress --data $R/stage1.jsonl --lora-keys all --steps $((S1 / 2)); facts x16all ) &
 wait; echo ALL DONE >> $R/done.txt
-"""
-
-NEXT = "# the next lever (data/ship.py next): the recipe's mixed stage 2 from the every-linear-layer x16 stage 1\n" + \
-    'CADENCE="--eval-every 250 --save-every 500"\n' + PRELUDE + \
-    r"""[ -f $R/x16all/clara.safetensors ] ||  # the levers' stage 1 (data/ship.py levers), or carried into $R/x16all
-  train x16all compress --data $R/stage1.jsonl --lora-keys all --steps $((S1 / 2))
-train s2all sft --data $R/stage2.jsonl --init $R/x16all --init-generator --stage1-data $R/mix.jsonl --compile on \
-  --steps $S2  # the adapted layers come with --init
-score s2all $R/heldout.jsonl compressed e1 & score s2all $R/stage2.jsonl compressed e0 & wait
-echo ALL DONE >> $R/done.txt
 """
 
 
@@ -128,15 +115,15 @@ def write_data(out, train_docs=None):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("data", "script", "levers", "next"))
+    parser.add_argument("step", choices=("data", "script", "levers"))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--train-docs", type=int, help=f"data: training documents of seed 0 (default: {TRAIN_DOCS:,})")
-    parser.add_argument("--clara", default="", help="script, levers, next: further clara.py options of every run "
+    parser.add_argument("--clara", default="", help="script, levers: further clara.py options of every run "
                         "(--model, --base; given after the recipe's, they win: --batch-size 2 for a CPU)")
     args = parser.parse_args()
     if args.step == "data":
         write_data(args.out, args.train_docs)
     else:
-        print({"script": RECIPE, "levers": LEVERS, "next": NEXT}[args.step].format(
+        print({"script": RECIPE, "levers": LEVERS}[args.step].format(
             out=args.out, clara=args.clara, ship=Path(__file__), clara_py=HERE.parent / "clara.py",
             memory_facts=HERE / "memory_facts.py", **STEPS), end="")
