@@ -2245,7 +2245,8 @@ def test_memory_alone_gives_the_invented_name_of_a_document_no_run_saw():
 
 def test_the_evidence_experiment_runs_end_to_end_in_parts_and_writes_every_row(tmp_path, tiny_model_folder):
     options = ["--out", tmp_path / "exp", "--model", tiny_model_folder, "--train-docs", 12, "--eval-docs", 6,
-               "--steps", 2, 2, 2, "--batch-size", 2, "--eval-records", 3, "--code-docs", 40, "--rates", 16]
+               "--steps", 2, 2, 2, "--batch-size", 2, "--eval-records", 3, "--code-docs", 40, "--rates", 16,
+               "--mix-docs", 4]
     experiment = lambda *more: subprocess.run(  # noqa: E731
         [sys.executable, str(ROOT / "data" / "experiment.py"), *map(str, options + list(more))],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -2268,5 +2269,10 @@ def test_the_evidence_experiment_runs_end_to_end_in_parts_and_writes_every_row(t
     assert set(by_name["stage 3: retrieved top-5"]["recall"]) == {"recall@1", "recall@3", "recall@5"}
     assert by_name["compressed x16 (16 vectors / doc)"]["steps"] == "2 + 2"
     assert (tmp_path / "exp" / "table.md").read_text().count("\n| ") == 8  # the header and seven rows
+    # stage 2 as the shipped recipe trains it: stage 1's generator, 4 training documents' qa records mixed in
+    assert json.loads((tmp_path / "exp" / "x16-stage2" / "config.json").read_text())["init_generator"]
+    assert "mix-4.jsonl: 4 stage-1 record(s) mixed in" in part.stdout
+    mix = [json.loads(line) for line in (tmp_path / "exp" / "data" / "mix-4.jsonl").read_text().splitlines()]
+    assert len(mix) == 4 and all(r["data_type"] == "qa" and "split" not in r for r in mix)
     again = experiment()
     assert again.returncode == 0 and "$ " not in again.stdout  # a finished experiment is not run again

@@ -10,6 +10,7 @@ documents only:
   text           sft --context text           the documents as text in the prompt; scored reading text
   compressed xR  compress -> sft              stage 1 (qa + paraphrase records), then stage 2, at rate R;
                                               scored from the memory vectors of the unseen documents
+                                              (--mix-docs: stage 2 as the shipped recipe trains it)
   stage 3        e2e from the x16 stage 2     recall@1/3/5 over the candidates; answers from the top-k
                                               retrieved memories and from the marked (oracle) documents
   code task      sft on code_task.jsonl       one question for every document: only memory can answer it
@@ -89,6 +90,10 @@ def main(argv=None):
     parser.add_argument("--e2e-lr", type=float, default=5e-4, help="learning rate of stage 3 (default 5e-4)")
     parser.add_argument("--eval-records", type=int, default=300, help="evaluation questions scored per row (300)")
     parser.add_argument("--code-docs", type=int, default=2000, help="documents of the code task (default 2000)")
+    parser.add_argument("--mix-docs", type=int, default=0,
+                        help="stage 2 as the shipped recipe (data/ship.py) trains it: stage 1's generator carried over "
+                             "(sft --init-generator) and the qa records of this many training documents mixed in "
+                             "(sft --stage1-data); 0 (the default): Apple's stage 2, a fresh generator")
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                         help="train and score only these parts (default: all); finished parts are reused, so two "
                              "machines can share one --out and a last run without --only assembles the whole table")
@@ -102,6 +107,13 @@ def main(argv=None):
                                          candidates=min(20, args.eval_docs), code_docs=args.code_docs,
                                          code_eval=max(1, args.code_docs // 10)):
             print(line)
+    mixed = []
+    if args.mix_docs:  # the qa records of the first --mix-docs training documents
+        mix = data / f"mix-{args.mix_docs}.jsonl"
+        records = [json.loads(line) for line in (data / "stage1.jsonl").read_text().splitlines()]
+        qa = [r for r in records if r["data_type"] == "qa" and r.get("split") != "eval"][: args.mix_docs]
+        mix.write_text("".join(json.dumps(r) + "\n" for r in qa))
+        mixed = ["--init-generator", "--stage1-data", mix]
     common = ["--model", args.model, "--batch-size", args.batch_size, "--lr", args.lr, "--log-every", 50,
               "--eval-every", 10**6, "--save-every", 500, *args.clara]
     s1, s2, s3 = args.steps
@@ -111,7 +123,7 @@ def main(argv=None):
         stage1, stage2 = out / f"x{rate}-stage1", out / f"x{rate}-stage2"
         seconds = train("compress", stage1, "--data", data / "stage1.jsonl", "--compression-rate", rate,
                         "--steps", s1, *common)
-        return stage2, seconds + train("sft", stage2, "--data", data / "stage2.jsonl", "--init", stage1,
+        return stage2, seconds + train("sft", stage2, "--data", data / "stage2.jsonl", "--init", stage1, *mixed,
                                        "--steps", s2, *common)
 
     rows = []
@@ -147,8 +159,10 @@ def main(argv=None):
 
 
 def write_table(out, rows, args):
+    mixed = f"; stage 2 with stage 1's generator and {args.mix_docs} documents' qa records mixed in" \
+        if args.mix_docs else ""
     lines = [f"Evaluation documents never seen in training; {rows[0]['records']} questions per row. "
-             f"Batch {args.batch_size}, lr {args.lr} (stage 3: {args.e2e_lr}), model {args.model}.", "",
+             f"Batch {args.batch_size}, lr {args.lr} (stage 3: {args.e2e_lr}), model {args.model}{mixed}.", "",
              "| row | EM | F1 | cover-EM | answer CE | prompt tokens | first token ms | steps | trained tokens | "
              "minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
