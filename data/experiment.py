@@ -108,11 +108,11 @@ def main(argv=None):
                                          code_eval=max(1, args.code_docs // 10)):
             print(line)
     mixed = []
-    if args.mix_docs:  # the qa records of the first --mix-docs training documents
+    if args.mix_docs:  # the qa records of the first --mix-docs training documents, written once like the data
         mix = data / f"mix-{args.mix_docs}.jsonl"
-        records = [json.loads(line) for line in (data / "stage1.jsonl").read_text().splitlines()]
-        qa = [r for r in records if r["data_type"] == "qa" and r.get("split") != "eval"][: args.mix_docs]
-        mix.write_text("".join(json.dumps(r) + "\n" for r in qa))
+        if not mix.exists():
+            records = [json.loads(line) for line in (data / "stage1.jsonl").read_text().splitlines()]
+            make_facts.write_jsonl(mix, make_facts.first_qa_records(records, args.mix_docs))
         mixed = ["--init-generator", "--stage1-data", mix]
     common = ["--model", args.model, "--batch-size", args.batch_size, "--lr", args.lr, "--log-every", 50,
               "--eval-every", 10**6, "--save-every", 500, *args.clara]

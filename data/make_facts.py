@@ -296,6 +296,12 @@ def check_options(train_docs, eval_docs, distractors, candidates, code_docs, cod
         raise ValueError(f"at most {len(WORDS) ** 2} documents have unique names")
 
 
+def first_qa_records(stage1, n_docs):
+    """The qa records of the first n_docs training documents among stage-1 records: what sft --stage1-data mixes
+    into stage 2 in the shipped recipe (data/ship.py, data/experiment.py --mix-docs)."""
+    return [r for r in stage1 if r["data_type"] == "qa" and r.get("split") != "eval"][:n_docs]
+
+
 def write_jsonl(path, records):
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

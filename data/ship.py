@@ -107,7 +107,7 @@ def write_data(out, train_docs=None):
         stage2_records(rng, evaluation, None, {"split": "eval"})
     heldout = stage2_records(random.Random("ship-heldout"), make_facts.make_documents(200, HELDOUT_SEED), None,
                              {"split": "eval"})
-    mix = [r for r in stage1[:2 * MIX_DOCS] if r["data_type"] == "qa"]
+    mix = make_facts.first_qa_records(stage1, MIX_DOCS)
     for name, records in (("stage1", stage1), ("stage2", stage2), ("heldout", heldout), ("mix", mix)):
         print(f"{out / name}.jsonl: {make_facts.write_jsonl(out / f'{name}.jsonl', records)} records")
     subprocess.run([sys.executable, str(HERE / "make_passages.py"), "--out", str(out / "passages.jsonl")], check=True)
