@@ -6,6 +6,7 @@ inline; the default model is the real one."""
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -2170,6 +2171,36 @@ def test_passage_records_copy_their_question_from_the_marked_chunk_only_and_hold
     assert not (tmp_path / "bad.jsonl").exists()
 
 
+def test_passages_from_a_texts_file_hold_out_whole_sources_and_draw_hard_candidates_from_their_own(tmp_path):
+    sys.path.insert(0, str(ROOT / "data"))
+    import local_prose
+    import make_passages
+
+    info = ("File: x.info,  Node: Top,  Next: Intro\n\nIntro\n*****\n\n* Menu:\n\n* Intro::   the start\n\n"
+            "   The tool reads a file\nand writes it back.\n\n     an example, indented\n     as code is\n")
+    assert local_prose.info_paragraphs(info) == ["The tool reads a file and writes it back."]
+    words = "river stone garden window letter market summer bridge lantern orchard harbour meadow".split()
+    rng = random.Random("texts")
+    texts = [{"source": f"manual-{k}", "text": "\n\n".join(
+        " ".join(f"The {rng.choice(words)} of part {k}.{p}.{i} keeps the {rng.choice(words)} near the "
+                 f"{rng.choice(words)} and the {rng.choice(words)}." for i in range(6)) for p in range(8))}
+             for k in range(24)]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    make_passages.write_passages(tmp_path / "p.jsonl", candidates=6, eval_every=4, texts=tmp_path / "texts.jsonl",
+                                 same_source=3, chunks_out=tmp_path / "chunks.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    chunks = [json.loads(line) for line in (tmp_path / "chunks.jsonl").read_text().splitlines()]
+    source = {c["text"]: c["source"] for c in chunks}
+    assert records and {len(r["docs"]) for r in records} == {6}
+    for r in records:
+        (position,) = r["pos_index"]
+        assert sum(r["question"] in d for d in r["docs"]) == 1 and r["question"] in r["docs"][position]
+        own = source[r["docs"][position]]  # every source here has more than 3 chunks: 3 siblings at least
+        assert sum(source[d] == own for d in r["docs"]) >= 4 and r["answer"] == own
+    held_out = {split: {r["answer"] for r in records if (r.get("split") == "eval") == split} for split in (True, False)}
+    assert held_out[True] and held_out[False] and not held_out[True] & held_out[False]
+
+
 def test_the_shipped_recipes_data_never_trains_on_its_evaluation_or_heldout_documents(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "data"))
     import ship
@@ -2177,9 +2208,11 @@ def test_the_shipped_recipes_data_never_trains_on_its_evaluation_or_heldout_docu
     monkeypatch.setattr(ship, "TRAIN_DOCS", 40)
     monkeypatch.setattr(ship, "EVAL_DOCS", 10)
     monkeypatch.setattr(ship, "MIX_DOCS", 5)
+    monkeypatch.setattr(ship, "STAGE3_DOCS", 30)
     ship.write_data(tmp_path)
     read = lambda name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
     stage1, stage2, heldout, mix = (read(n) for n in ("stage1", "stage2", "heldout", "mix"))
+    stage3, code, names = (read(n) for n in ("stage3", "code_task", "name_task"))
     trained = {d for r in stage1 + stage2 if r.get("split") != "eval" for d in r["docs"]}
     assert len({r["docs"][0] for r in stage1 if r.get("split") != "eval"}) == 40
     assert len(stage2) == 40 * ship.QUESTIONS_PER_DOC + 10 * 8 and len(mix) == 5
@@ -2188,13 +2221,24 @@ def test_the_shipped_recipes_data_never_trains_on_its_evaluation_or_heldout_docu
         assert all((d in trained) == (r.get("split") != "eval") for d in r["docs"])
     assert all(r.get("split") == "eval" for r in heldout) and not {d for r in heldout for d in r["docs"]} & trained
     assert {r["docs"][0] for r in mix} <= trained and all(r["data_type"] == "qa" for r in mix)
+    assert len(stage3) == 30 * ship.QUESTIONS_PER_DOC + len(heldout)  # stage 3: the marked candidate holds the answer
+    for r in stage3:
+        assert len(r["docs"]) == ship.CANDIDATES and r["answer"] in r["docs"][r["pos_index"][0]]
+        assert all((d in trained) == (r.get("split") != "eval") for d in r["docs"])
+    assert {d for r in stage3 if r.get("split") == "eval" for d in r["docs"]} == {r["docs"][0] for r in names}
+    assert [r["question"] for r in stage3 if r.get("split") == "eval"] == [r["question"] for r in heldout]
+    assert all(r.get("split") == "eval" and r["answer"] in r["docs"][0] for r in names) and len(names) == 200
+    assert sum(r.get("split") == "eval" for r in code) == ship.CODE_EVAL and len(code) == ship.CODE_DOCS
+    assert all(r["answer"] in r["docs"][0] for r in code)
     assert read("passages")  # the query reasoner's passage -> chunk records come with it
     script = subprocess.run([sys.executable, str(ROOT / "data" / "ship.py"), "script", "--out", tmp_path / "r"],
                             capture_output=True, text=True, check=True).stdout
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # a script bash can run
     assert f"R={tmp_path / 'r'};" in script and "for base in none text" in script and "--lora-keys all" in script
-    assert "--init $R/s1 --init-generator --stage1-data $R/mix.jsonl" in script and "--retrieval-loss contrastive" \
+    assert "--init $R/$2 --init-generator --stage1-data $R/mix.jsonl" in script and "--retrieval-loss contrastive" \
         in script and "score s2 $R/heldout.jsonl compressed e1" in script and "timeout -s TERM" in script
+    assert "stages 16 s1 s2" in script and "for rate in 4 32" in script and "score s1 $R/name_task.jsonl" in script
+    assert "train code sft --data $R/code_task.jsonl --init $R/s1" in script and "e2e --data $R/stage3.jsonl" in script
     levers = subprocess.run([sys.executable, str(ROOT / "data" / "ship.py"), "levers", "--out", tmp_path / "r"],
                             capture_output=True, text=True, check=True).stdout
     assert subprocess.run(["bash", "-n"], input=levers, text=True).returncode == 0

@@ -296,6 +296,28 @@ def check_options(train_docs, eval_docs, distractors, candidates, code_docs, cod
         raise ValueError(f"at most {len(WORDS) ** 2} documents have unique names")
 
 
+def stage1_records(pool, split):
+    """Apple's stage-1 records of each document of pool: one "qa" (its eight questions) and one "paraphrase"."""
+    return [record for d in pool
+            for record in ({"data_type": "qa", "question": [q for q, _ in d["qa"]], "answers": [a for _, a in d["qa"]],
+                            "docs": [d["text"]], **split},
+                           {"data_type": "paraphrase", "docs": [d["text"]], "answers": [d["paraphrase"]], **split})]
+
+
+def code_records(n, seed, n_eval):
+    """The code task: CODE_QUESTION about each of n code documents; the last n_eval are marked "split": "eval"."""
+    code = [{"question": CODE_QUESTION, "docs": [text], "answer": answer}
+            for text, answer in make_code_documents(n, seed)]
+    for record in code[len(code) - n_eval:]:
+        record["split"] = "eval"
+    return code
+
+
+def name_records(pool, split):
+    """The name task: NAME_QUESTION about each document of pool, answered by its entity's invented name."""
+    return [{"question": NAME_QUESTION, "docs": [d["text"]], "answer": d["entity"], **split} for d in pool]
+
+
 def first_qa_records(stage1, n_docs):
     """The qa records of the first n_docs training documents among stage-1 records: what sft --stage1-data mixes
     into stage 2 in the shipped recipe (data/ship.py, data/experiment.py --mix-docs)."""
@@ -316,12 +338,7 @@ def write_all(out, train_docs=2000, eval_docs=200, seed=0, distractors=2, candid
     out.mkdir(parents=True, exist_ok=True)
     train = make_documents(train_docs, seed)
     evaluation = make_documents(eval_docs, seed, start=train_docs)  # the indices after train: unseen names
-    stage1 = []
-    for pool, split in ((train, {}), (evaluation, {"split": "eval"})):
-        for d in pool:
-            stage1.append({"data_type": "qa", "question": [q for q, _ in d["qa"]],
-                           "answers": [a for _, a in d["qa"]], "docs": [d["text"]], **split})
-            stage1.append({"data_type": "paraphrase", "docs": [d["text"]], "answers": [d["paraphrase"]], **split})
+    stage1 = stage1_records(train, {}) + stage1_records(evaluation, {"split": "eval"})
     stage2, stage3 = [], []
     rng2, rng3 = random.Random(f"{seed}-stage2"), random.Random(f"{seed}-stage3")
     for pool, split in ((train, {}), (evaluation, {"split": "eval"})):
@@ -331,12 +348,8 @@ def write_all(out, train_docs=2000, eval_docs=200, seed=0, distractors=2, candid
                 stage2.append({"question": question, "docs": docs, "answer": answer, **split})
                 docs, position = with_others(rng3, pool, i, candidates - 1)
                 stage3.append({"question": question, "docs": docs, "answer": answer, "pos_index": [position], **split})
-    code = [{"question": CODE_QUESTION, "docs": [text], "answer": answer}
-            for text, answer in make_code_documents(code_docs, seed)]
-    for record in code[len(code) - code_eval:]:
-        record["split"] = "eval"
-    names = [{"question": NAME_QUESTION, "docs": [d["text"]], "answer": d["entity"], **split}
-             for pool, split in ((train, {}), (evaluation, {"split": "eval"})) for d in pool]
+    code = code_records(code_docs, seed, code_eval)
+    names = name_records(train, {}) + name_records(evaluation, {"split": "eval"})
     n_docs = train_docs + eval_docs
     return [f"{out / 'stage1.jsonl'}: {write_jsonl(out / 'stage1.jsonl', stage1)} records, {n_docs} documents",
             f"{out / 'stage2.jsonl'}: {write_jsonl(out / 'stage2.jsonl', stage2)} records, {n_docs} documents",

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import inspect
 import io
+import json
 import os
 import random
 import re
@@ -111,12 +112,27 @@ def module_sentences(name, seen):
             docs = public_docs(__import__(name, fromlist=["_"]))
         except Exception:  # a module this build lacks (sqlite3 without _sqlite3, say) is skipped
             return []
+    return prose_sentences((p for doc in docs for p in clean_docstring(doc)), seen)
+
+
+def prose_sentences(paragraphs, seen):
+    """The prose sentences of paragraphs (one line each) not in `seen`, which then holds them."""
     sentences = []
-    for paragraph in (p for doc in docs for p in clean_docstring(doc)):
+    for paragraph in paragraphs:
         if paragraph not in seen:
             seen.add(paragraph)
             sentences += [s for s in SENTENCE_END.split(paragraph) if is_prose(s)]
     return sentences
+
+
+def texts_sentences(path):
+    """(source, prose sentences) of each {"source", "text"} line of a --texts file (data/local_prose.py writes
+    one), its paragraphs separated by blank lines."""
+    seen = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            text = json.loads(line)
+            yield text["source"], prose_sentences(text["text"].split("\n\n"), seen)
 
 
 def pack_chunks(sentences, chunk_words):
@@ -134,23 +150,24 @@ def pack_chunks(sentences, chunk_words):
     return [c for c in chunks + [current] if sum(len(s.split()) for s in c) >= MIN_CHUNK_WORDS]
 
 
-def module_chunks(chunk_words=130, max_chunks=None, eval_every=10):
-    """[(module, split, the sentences of one chunk)] in module order; split is "eval" for every
-    eval_every-th module that gives a chunk, else "train". max_chunks caps each split (for tests)."""
-    seen, out, counts, kept = set(), [], {"train": 0, "eval": 0}, 0
-    for name in MODULES:
-        chunks = pack_chunks(module_sentences(name, seen), chunk_words)
+def module_sentences_all():
+    """(module, prose sentences) of every module of MODULES, in order."""
+    seen = set()
+    return ((name, module_sentences(name, seen)) for name in MODULES)
+
+
+def source_chunks(sources, chunk_words=130, max_chunks=None, eval_every=10):
+    """[(source, split, the sentences of one chunk)] in source order, from (source, sentences) pairs; split is
+    "eval" for every eval_every-th source that gives a chunk, else "train". max_chunks caps each split."""
+    out, counts, kept = [], {"train": 0, "eval": 0}, 0
+    for name, sentences in sources:
+        chunks = pack_chunks(sentences, chunk_words)
         split = "eval" if kept % eval_every == eval_every - 1 else "train"
         kept += bool(chunks)  # only modules that give chunks count, so the eval share stays ~1/eval_every
         for sentences in chunks[:sys.maxsize if max_chunks is None else max_chunks - counts[split]]:
             counts[split] += 1
             out.append((name, split, sentences))
     return out
-
-
-def text_chunks(chunk_words=130, max_chunks=None, eval_every=10):
-    """The chunk texts alone, train and eval, in module order: a corpus to index and retrieve from."""
-    return [" ".join(sentences) for _, _, sentences in module_chunks(chunk_words, max_chunks, eval_every)]
 
 
 def passages(rng, sentences, count):
@@ -160,10 +177,13 @@ def passages(rng, sentences, count):
     return rng.sample(spans, min(count, len(spans)))
 
 
-def draw_candidates(rng, pool, i, passage, count):
+def draw_candidates(rng, pool, i, passage, count, siblings=(), n_near=0):
     """pool[i] and `count` other chunks of the pool, none containing the passage, pool[i] at a random
-    position. Returns (texts, that position)."""
-    others = [pool[j + (j >= i)] for j in rng.sample(range(len(pool) - 1), count)]  # skips i itself
+    position; up to n_near of them drawn from `siblings` (indices of other chunks of pool[i]'s own source, the
+    hardest to tell apart, as a PDF's chunks are among each other). Returns (texts, that position)."""
+    near = rng.sample(siblings, min(n_near, len(siblings))) if n_near else []
+    drawn = [j + (j >= i) for j in rng.sample(range(len(pool) - 1), min(count + len(near), len(pool) - 1))]
+    others = [pool[j] for j in (near + [j for j in drawn if j not in near])[:count]]  # skips i itself
     if any(passage in text for text in others):  # rare (repeated paragraphs were dropped), so filter only then
         others = rng.sample([text for j, text in enumerate(pool) if j != i and passage not in text], count)
     position = rng.randint(0, count)
@@ -179,22 +199,26 @@ def check_options(chunk_words, n_candidates, eval_every, passages_per_chunk, max
 
 
 def write_passages(out, seed=0, chunk_words=130, candidates=20, eval_every=10, passages_per_chunk=2,
-                   max_chunks=None, chunks_out=None):
+                   max_chunks=None, chunks_out=None, texts=None, same_source=0):
     """Writes the records to `out` (and the chunks, as clara.py index --data reads them, to `chunks_out`);
-    returns the summary lines."""
+    returns the summary lines. The text is the standard library's docstrings, or the --texts file's."""
     check_options(chunk_words, candidates, eval_every, passages_per_chunk, max_chunks)
-    chunks = module_chunks(chunk_words, max_chunks, eval_every)
+    sources = module_sentences_all() if texts is None else texts_sentences(texts)
+    chunks = source_chunks(sources, chunk_words, max_chunks, eval_every)
     records, counts = [], {}
     for split in ("train", "eval"):
         mine = [(name, sentences) for name, s, sentences in chunks if s == split]
         pool = [" ".join(sentences) for _, sentences in mine]
         if len(pool) < candidates:
             raise ValueError(f"the {split} split has {len(pool)} chunks, fewer than --candidates {candidates}")
-        n_before = len(records)
+        n_before, by_source = len(records), {}
+        for i, (name, _) in enumerate(mine):
+            by_source.setdefault(name, []).append(i)
         for i, (name, sentences) in enumerate(mine):
             rng = random.Random(f"{seed}-{split}-{i}")  # its own rng: a record does not depend on its neighbours
+            siblings = [j for j in by_source[name] if j != i] if same_source else []
             for passage in passages(rng, sentences, passages_per_chunk):
-                docs, position = draw_candidates(rng, pool, i, passage, candidates - 1)
+                docs, position = draw_candidates(rng, pool, i, passage, candidates - 1, siblings, same_source)
                 records.append({"question": passage, "docs": docs, "answer": name, "pos_index": [position],
                                 **({"split": "eval"} if split == "eval" else {})})
         counts[split] = (len(records) - n_before, len(pool), len({name for name, _ in mine}))
@@ -206,8 +230,8 @@ def write_passages(out, seed=0, chunk_words=130, candidates=20, eval_every=10, p
         write_jsonl(tmp, lines)
         os.replace(tmp, path)
     (r, c, m), (er, ec, em) = counts["train"], counts["eval"]
-    return [f"{out}: {r + er} records ({r} train / {er} eval), {c + ec} chunks ({c} / {ec}), {m + em} modules "
-            f"({m} / {em}); Python {' '.join(sys.version.split())}"] + \
+    return [f"{out}: {r + er} records ({r} train / {er} eval), {c + ec} chunks ({c} / {ec}), {m + em} "
+            f"{'modules' if texts is None else 'texts'} ({m} / {em}); Python {' '.join(sys.version.split())}"] + \
         ([f"{chunks_out}: {len(rows)} chunks, for clara.py index --data"] if chunks_out else [])
 
 
@@ -222,6 +246,10 @@ def main(argv=None):
     parser.add_argument("--passages-per-chunk", type=int, default=2, help="records per chunk, at most")
     parser.add_argument("--max-chunks", type=int, default=None, help="chunks per split, at most (for tests)")
     parser.add_argument("--chunks-out", default=None, help="also write the chunks as {text, source} lines")
+    parser.add_argument("--texts", default=None, help="a JSONL of {source, text} (data/local_prose.py writes one) "
+                        "instead of the standard library's docstrings; every Nth source is held out")
+    parser.add_argument("--same-source", type=int, default=0,
+                        help="up to this many of a record's other candidates come from its chunk's own source")
     run_main(parser, write_passages, argv)
 
 

@@ -1,29 +1,36 @@
-"""The data of the shipped-adapter recipe (README, "Making memory carry facts"), made in about a minute.
+"""The shipped-adapter recipe (README, "Making memory carry facts"): its data, made in about a minute, and its runs.
 
     python data/ship.py data --out runs/ship
     python data/ship.py script --out runs/ship --clara "--base bfloat16" > ship.sh
     END=$(($(date +%s) + 1500)) bash ship.sh   # stop every run 25 minutes from now
     python data/ship.py levers --out runs/ship --clara "--base bfloat16" > levers.sh && bash levers.sh
 
-`script` prints the recipe's training and scoring commands as one bash script that runs them side by side on
-one GPU: stage 1 with LoRA on every linear layer (data/adapters/facts-stage1), the mixed stage 2 from it (stage
-1's generator carried over, stage-1 records mixed in: data/adapters/facts), the query reasoner, the no-documents
-and text baselines with the same LoRA and steps, and the scores on unseen documents; what each measured is in the
-README. `levers` prints the stage-1 experiment that chose every linear layer: three stage-1 runs side by side (x4,
-x8, and x16 with every linear layer adapted) that each end with data/memory_facts.py, whose control is the q/v
-stage 1 of the earlier recipe (0 of 40 numbers, 24 of 56 other facts). Measured (README): x16 with every linear
-layer keeps 14 of 40 numbers after 1,000 steps, x4 with q/v 12 after 2,000. In every script, END (epoch seconds:
-a device lease's end) stops each run cleanly then, with its adapters saved, so the scores still run.
+`script` prints the recipe's training and scoring commands as one bash script that runs four chains side by side
+on one GPU, which together are the README's evidence table: stage 1 with LoRA on every linear layer
+(data/adapters/facts-stage1) and the mixed stage 2 from it (stage 1's generator carried over, stage-1 records
+mixed in: data/adapters/facts) at x16, and the same two stages at x4 and x32; the no-documents and text baselines
+with the same LoRA and steps; the name task and the code task from the x16 stage 1; stage 3 and the query
+reasoner from the x16 stage 2; each scored on documents no run trained on. `levers` prints the stage-1
+experiment that chose every linear layer: three stage-1 runs side by side (x4, x8, and x16 with every linear
+layer adapted) that each end with data/memory_facts.py, whose control is the q/v stage 1 of the earlier recipe
+(0 of 40 numbers, 24 of 56 other facts). Measured (README): x16 with every linear layer keeps 14 of 40 numbers
+after 1,000 steps, x4 with q/v 12 after 2,000. In every script, END (epoch seconds: a device lease's end) stops
+each run cleanly then, with its adapters saved, so the scores still run.
 
 Data (all made here, none downloaded; Apple's example files are not used):
-  stage1.jsonl    qa + paraphrase records of TRAIN_DOCS fictional documents (data/make_facts.py, seed 0), and of
-                  EVAL_DOCS documents never trained on ("split": "eval": compress validates on them)
-  stage2.jsonl    QUESTIONS_PER_DOC questions of every training document, each with 2 distractors, and every
-                  question of the evaluation documents ("split": "eval")
-  mix.jsonl       the qa records of the first MIX_DOCS training documents (sft --stage1-data)
-  heldout.jsonl   every question of 200 documents made with seed 1, which no run ever saw ("split": "eval")
-  passages.jsonl  passage -> chunk retrieval records from the Python standard library's docstrings
-                  (data/make_passages.py), for the query reasoner
+  stage1.jsonl     qa + paraphrase records of TRAIN_DOCS fictional documents (data/make_facts.py, seed 0), and of
+                   EVAL_DOCS documents never trained on ("split": "eval": compress validates on them)
+  stage2.jsonl     QUESTIONS_PER_DOC questions of every training document, each with 2 distractors, and every
+                   question of the evaluation documents ("split": "eval")
+  mix.jsonl        the qa records of the first MIX_DOCS training documents (sft --stage1-data)
+  heldout.jsonl    every question of 200 documents made with seed 1, which no run ever saw ("split": "eval")
+  stage3.jsonl     QUESTIONS_PER_DOC questions of the first STAGE3_DOCS training documents and every question of
+                   the 200 held-out ones ("split": "eval"), each among CANDIDATES documents of its own pool
+  code_task.jsonl  "What is the code in the background?" about CODE_DOCS filler documents, the last CODE_EVAL
+                   never trained on: only the memory can answer
+  name_task.jsonl  "What is the name of the subject of the background?" about each held-out document
+  passages.jsonl   passage -> chunk retrieval records from the Python standard library's docstrings
+                   (data/make_passages.py), for the query reasoner
 """
 
 import argparse
@@ -39,43 +46,60 @@ import make_facts  # noqa: E402
 TRAIN_DOCS, EVAL_DOCS, HELDOUT_SEED = 40_000, 200, 1
 QUESTIONS_PER_DOC = 2  # of each training document's eight: more documents rather than more epochs
 MIX_DOCS = 5_000  # sft --stage1-data: the qa records of this many training documents, mixed into stage 2
+STAGE3_DOCS, CANDIDATES = 2_000, 20  # stage 3 trains on the questions of this many documents, each among 20
+CODE_DOCS, CODE_EVAL = 2_000, 200  # the code task's documents, the last CODE_EVAL of them never trained on
 
 
-def stage2_records(rng, pool, per_doc, split):
-    """per_doc questions of each document of pool (all eight: None), each beside two distractors of pool."""
+def question_records(rng, pool, per_doc, split, others=2):
+    """per_doc questions of each document of pool (all eight: None), each beside `others` other documents of pool;
+    with more than two others (stage 3's candidates) the record says where its document is ("pos_index")."""
     records = []
     for i, d in enumerate(pool):
         for question, answer in d["qa"] if per_doc is None else rng.sample(d["qa"], per_doc):
-            docs, _ = make_facts.with_others(rng, pool, i, 2)
-            records.append({"question": question, "docs": docs, "answer": answer, **split})
+            docs, position = make_facts.with_others(rng, pool, i, others)
+            records.append({"question": question, "docs": docs, "answer": answer, **split,
+                             **({"pos_index": [position]} if others > 2 else {})})
     return records
 
 
-STEPS = {"S1": 1000, "S2": 1800, "S3": 300}  # stage 1, stage 2 and the reasoner's steps (the baselines: S1 + S2)
+# stage 1, stage 2, and stage 3's (the code task's, the query reasoner's) steps; the baselines get S1 + S2. The
+# shipped facts are step 751 of an 1800-step schedule (the lease ended); the table's stage 2 runs 751 of 751.
+STEPS = {"S1": 1000, "S2": 751, "S3": 300}
 PRELUDE = r"""mkdir -p {out}; R={out}; S1=${{S1:-{S1}}}; S2=${{S2:-{S2}}}; S3=${{S3:-{S3}}}
-M="--batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --memory-limit 24 $CADENCE {clara}"  # --clara last: it wins
+M="--batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --memory-limit ${{MEM:-16}} $CADENCE"
 [ -f $R/stage1.jsonl ] || python3 {ship} data --out $R > $R.data.log 2>&1 || exit 1
 train() {{  # train NAME COMMAND OPTIONS...: its log in $R/NAME.log, its exit code in $R/done.txt; with END set
-  # (epoch seconds, a device lease's end) the run gets SIGTERM then, finishes its step and checkpoints
-  name=$1; shift; ${{END:+timeout -s TERM $((END - $(date +%s)))}} python3 {clara_py} "$@" $M --out $R/$name \
-    > $R/$name.log 2>&1; echo "$name rc=$? $(date +%T)" >> $R/done.txt; }}
-score() {{  # score RUN DATA CONTEXT TAG: eval writes beside the adapters, so it scores a copy of them in RUN-TAG
+  # (epoch seconds, a device lease's end) the run gets SIGTERM then, finishes its step and checkpoints. Options
+  # win from left to right: the recipe's ($M), the run's, then --clara's
+  name=$1; command=$2; shift 2; ${{END:+timeout -s TERM $((END - $(date +%s)))}} python3 {clara_py} $command $M \
+    "$@" {clara} --out $R/$name > $R/$name.log 2>&1; echo "$name rc=$? $(date +%T)" >> $R/done.txt; }}
+score() {{  # score RUN DATA "CONTEXTS" TAG: eval writes beside the adapters, so it scores a copy of them in RUN-TAG
   mkdir -p $R/$1-$4 && cp $R/$1/clara.safetensors $R/$1/config.json $R/$1-$4/ &&
   python3 {clara_py} eval --adapters $R/$1-$4 --data $2 --contexts $3 --max-records 300 > $R/$1-$4.log 2>&1
   echo "eval $1-$4 rc=$?" >> $R/done.txt; }}
 """
-RECIPE = "# the shipped-adapter recipe (data/ship.py script): every run in the background, side by side\n" + \
+RECIPE = "# the shipped-adapter recipe and its evidence table (data/ship.py script): four chains side by side\n" + \
     'CADENCE="--eval-every 250 --save-every 500"\n' + PRELUDE + \
     r"""A="--lora-keys all"  # Apple's LoRA on every linear layer: what makes x16 memory carry numbers (README)
-for base in none text; do  # the baselines, with the same LoRA and as many steps as stages 1 + 2
-  ( train $base sft --data $R/stage2.jsonl --context $base $A --steps $((S1 + S2))
-    score $base $R/stage2.jsonl $base e0 & score $base $R/heldout.jsonl $base e1 & wait ) &
-done
-( train s1 compress --data $R/stage1.jsonl $A --steps $S1  # data/adapters/facts-stage1
-  # stage 2: stage 1's generator carried over, stage-1 records mixed in; the adapted layers come with --init
-  train s2 sft --data $R/stage2.jsonl --init $R/s1 --init-generator --stage1-data $R/mix.jsonl --compile on \
-    --steps $S2  # data/adapters/facts
-  score s2 $R/stage2.jsonl compressed e0 & score s2 $R/heldout.jsonl compressed e1 &
+stages() {{  # stages RATE STAGE1 STAGE2: stage 1, then stage 2 with stage 1's generator carried over and stage-1
+  # records mixed in (the adapted layers come with --init)
+  train $2 compress --data $R/stage1.jsonl --compression-rate $1 $A --steps $S1
+  train $3 sft --data $R/stage2.jsonl --init $R/$2 --init-generator --stage1-data $R/mix.jsonl --compile on \
+    --steps $S2; }}
+( for base in none text; do  # the baselines, with the same LoRA and as many steps as stages 1 + 2
+    train $base sft --data $R/stage2.jsonl --context $base $A --compile on --steps $((S1 + S2))
+    score $base $R/stage2.jsonl $base e0 & score $base $R/heldout.jsonl $base e1 &
+  done; wait ) &
+( for rate in 4 32; do stages $rate x$rate-s1 x$rate-s2; score x$rate-s2 $R/heldout.jsonl compressed e1 & done; wait ) &
+after() {{ while ! grep -q "^$1 rc=" $R/done.txt 2>/dev/null; do sleep 10; done; }}  # after RUN: once it ended
+( stages 16 s1 s2 &  # data/adapters/facts-stage1 and data/adapters/facts
+  after s1; score s1 $R/name_task.jsonl "compressed none" e1 &  # the name task: only the memory holds the name
+  train code sft --data $R/code_task.jsonl --init $R/s1 --init-generator --compile on --steps $S3  # the code task
+  score code $R/code_task.jsonl "compressed none" e1; wait ) &
+( after s2; score s2 $R/stage2.jsonl compressed e0 & score s2 $R/heldout.jsonl compressed e1 &
+  score s2 $R/stage3.jsonl retrieved r1 &  # recall before stage 3: the query reasoner is still the compressor
+  ( train stage3 e2e --data $R/stage3.jsonl --init $R/s2 --steps $S3 --lr 5e-4  # stage 3 on the facts
+    score stage3 $R/stage3.jsonl "retrieved oracle" e1 ) &
   train r-s2 e2e --data $R/passages.jsonl --init $R/s2 --retrieval-loss contrastive --steps $S3 --batch-size 16
   score r-s2 $R/passages.jsonl retrieved e0; wait ) &
 wait; echo ALL DONE >> $R/done.txt
@@ -97,18 +121,20 @@ def write_data(out, train_docs=None):
     train_docs = train_docs or TRAIN_DOCS
     train = make_facts.make_documents(train_docs, 0)
     evaluation = make_facts.make_documents(EVAL_DOCS, 0, start=train_docs)
-    stage1 = [record for pool, split in ((train, {}), (evaluation, {"split": "eval"})) for d in pool
-              for record in ({"data_type": "qa", "question": [q for q, _ in d["qa"]],
-                              "answers": [a for _, a in d["qa"]],
-                              "docs": [d["text"]], **split},
-                             {"data_type": "paraphrase", "docs": [d["text"]], "answers": [d["paraphrase"]], **split})]
+    heldout_docs = make_facts.make_documents(200, HELDOUT_SEED)
+    stage1 = make_facts.stage1_records(train, {}) + make_facts.stage1_records(evaluation, {"split": "eval"})
     rng = random.Random("ship-stage2")
-    stage2 = stage2_records(rng, train, QUESTIONS_PER_DOC, {}) + \
-        stage2_records(rng, evaluation, None, {"split": "eval"})
-    heldout = stage2_records(random.Random("ship-heldout"), make_facts.make_documents(200, HELDOUT_SEED), None,
-                             {"split": "eval"})
+    stage2 = question_records(rng, train, QUESTIONS_PER_DOC, {}) + \
+        question_records(rng, evaluation, None, {"split": "eval"})
+    heldout = question_records(random.Random("ship-heldout"), heldout_docs, None, {"split": "eval"})
     mix = make_facts.first_qa_records(stage1, MIX_DOCS)
-    for name, records in (("stage1", stage1), ("stage2", stage2), ("heldout", heldout), ("mix", mix)):
+    rng = random.Random("ship-stage3")  # candidates from the record's own pool: training or held-out documents
+    stage3 = question_records(rng, train[:STAGE3_DOCS], QUESTIONS_PER_DOC, {}, CANDIDATES - 1) + \
+        question_records(rng, heldout_docs, None, {"split": "eval"}, CANDIDATES - 1)
+    code = make_facts.code_records(CODE_DOCS, 0, CODE_EVAL)
+    names = make_facts.name_records(heldout_docs, {"split": "eval"})
+    for name, records in (("stage1", stage1), ("stage2", stage2), ("heldout", heldout), ("mix", mix),
+                          ("stage3", stage3), ("code_task", code), ("name_task", names)):
         print(f"{out / name}.jsonl: {make_facts.write_jsonl(out / f'{name}.jsonl', records)} records")
     subprocess.run([sys.executable, str(HERE / "make_passages.py"), "--out", str(out / "passages.jsonl")], check=True)
 
