@@ -77,9 +77,7 @@ def main():
     parser.add_argument("--exclude-packages", nargs="*", default=[], help="Debian packages whose files are left out")
     args = parser.parse_args()
     texts = local_texts(package_files(args.exclude_packages))
-    tmp = args.out.with_name(f".{args.out.name}.tmp")  # renamed when complete: a killed run leaves no half file
-    write_jsonl(tmp, [{"source": source, "text": "\n\n".join(paragraphs)} for source, paragraphs in texts])
-    os.replace(tmp, args.out)
+    write_jsonl(args.out, [{"source": source, "text": "\n\n".join(paragraphs)} for source, paragraphs in texts])
     words = sum(len(p.split()) for _, paragraphs in texts for p in paragraphs)
     print(f"{args.out}: {len(texts)} texts, {words:,} words")
 

@@ -28,6 +28,7 @@ The output depends only on the options: every random draw comes from a random.Ra
 import argparse
 import json
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -296,6 +297,18 @@ def check_options(train_docs, eval_docs, distractors, candidates, code_docs, cod
         raise ValueError(f"at most {len(WORDS) ** 2} documents have unique names")
 
 
+def question_records(rng, pool, per_doc, split, others, marked=False):
+    """per_doc questions of each document of pool (all eight: None), each beside `others` other documents of pool
+    drawn with rng; marked (stage 3): the record says where its own document is ("pos_index")."""
+    records = []
+    for i, d in enumerate(pool):
+        for question, answer in d["qa"] if per_doc is None else rng.sample(d["qa"], per_doc):
+            docs, position = with_others(rng, pool, i, others)
+            records.append({"question": question, "docs": docs, "answer": answer,
+                            **({"pos_index": [position]} if marked else {}), **split})
+    return records
+
+
 def stage1_records(pool, split):
     """Apple's stage-1 records of each document of pool: one "qa" (its eight questions) and one "paraphrase"."""
     return [record for d in pool
@@ -325,8 +338,13 @@ def first_qa_records(stage1, n_docs):
 
 
 def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as f:
+    """One JSON line per record, written beside the file and renamed when complete, so a killed run leaves no half
+    file. Returns the number of records."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    os.replace(tmp, path)
     return len(records)
 
 
@@ -340,14 +358,10 @@ def write_all(out, train_docs=2000, eval_docs=200, seed=0, distractors=2, candid
     evaluation = make_documents(eval_docs, seed, start=train_docs)  # the indices after train: unseen names
     stage1 = stage1_records(train, {}) + stage1_records(evaluation, {"split": "eval"})
     stage2, stage3 = [], []
-    rng2, rng3 = random.Random(f"{seed}-stage2"), random.Random(f"{seed}-stage3")
-    for pool, split in ((train, {}), (evaluation, {"split": "eval"})):
-        for i, d in enumerate(pool):
-            for question, answer in d["qa"]:
-                docs, _ = with_others(rng2, pool, i, distractors)
-                stage2.append({"question": question, "docs": docs, "answer": answer, **split})
-                docs, position = with_others(rng3, pool, i, candidates - 1)
-                stage3.append({"question": question, "docs": docs, "answer": answer, "pos_index": [position], **split})
+    rng2, rng3 = random.Random(f"{seed}-stage2"), random.Random(f"{seed}-stage3")  # one each: stage 2 draws the same
+    for pool, split in ((train, {}), (evaluation, {"split": "eval"})):  # distractors with or without stage 3
+        stage2 += question_records(rng2, pool, None, split, distractors)
+        stage3 += question_records(rng3, pool, None, split, candidates - 1, marked=True)
     code = code_records(code_docs, seed, code_eval)
     names = name_records(train, {}) + name_records(evaluation, {"split": "eval"})
     n_docs = train_docs + eval_docs

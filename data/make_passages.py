@@ -22,7 +22,6 @@ import contextlib
 import inspect
 import io
 import json
-import os
 import random
 import re
 import sys
@@ -163,7 +162,7 @@ def source_chunks(sources, chunk_words=130, max_chunks=None, eval_every=10):
     for name, sentences in sources:
         chunks = pack_chunks(sentences, chunk_words)
         split = "eval" if kept % eval_every == eval_every - 1 else "train"
-        kept += bool(chunks)  # only modules that give chunks count, so the eval share stays ~1/eval_every
+        kept += bool(chunks)  # only sources that give chunks count, so the eval share stays ~1/eval_every
         for sentences in chunks[:sys.maxsize if max_chunks is None else max_chunks - counts[split]]:
             counts[split] += 1
             out.append((name, split, sentences))
@@ -224,11 +223,8 @@ def write_passages(out, seed=0, chunk_words=130, candidates=20, eval_every=10, p
         counts[split] = (len(records) - n_before, len(pool), len({name for name, _ in mine}))
     rows = [{"text": " ".join(sentences), "source": name} for name, _, sentences in chunks]
     for path, lines in [(out, records)] + ([(chunks_out, rows)] if chunks_out else []):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")  # renamed when complete: a killed run leaves no half file
-        write_jsonl(tmp, lines)
-        os.replace(tmp, path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, lines)  # renamed when complete: a killed run leaves no half file
     (r, c, m), (er, ec, em) = counts["train"], counts["eval"]
     return [f"{out}: {r + er} records ({r} train / {er} eval), {c + ec} chunks ({c} / {ec}), {m + em} "
             f"{'modules' if texts is None else 'texts'} ({m} / {em}); Python {' '.join(sys.version.split())}"] + \

@@ -50,18 +50,6 @@ STAGE3_DOCS, CANDIDATES = 2_000, 20  # stage 3 trains on the questions of this m
 CODE_DOCS, CODE_EVAL = 2_000, 200  # the code task's documents, the last CODE_EVAL of them never trained on
 
 
-def question_records(rng, pool, per_doc, split, others=2):
-    """per_doc questions of each document of pool (all eight: None), each beside `others` other documents of pool;
-    with more than two others (stage 3's candidates) the record says where its document is ("pos_index")."""
-    records = []
-    for i, d in enumerate(pool):
-        for question, answer in d["qa"] if per_doc is None else rng.sample(d["qa"], per_doc):
-            docs, position = make_facts.with_others(rng, pool, i, others)
-            records.append({"question": question, "docs": docs, "answer": answer, **split,
-                             **({"pos_index": [position]} if others > 2 else {})})
-    return records
-
-
 # stage 1, stage 2, and stage 3's (the code task's, the query reasoner's) steps; the baselines get S1 + S2. The
 # shipped facts are step 751 of an 1800-step schedule (the lease ended); the table's stage 2 runs 751 of 751.
 STEPS = {"S1": 1000, "S2": 751, "S3": 300}
@@ -124,13 +112,13 @@ def write_data(out, train_docs=None):
     heldout_docs = make_facts.make_documents(200, HELDOUT_SEED)
     stage1 = make_facts.stage1_records(train, {}) + make_facts.stage1_records(evaluation, {"split": "eval"})
     rng = random.Random("ship-stage2")
-    stage2 = question_records(rng, train, QUESTIONS_PER_DOC, {}) + \
-        question_records(rng, evaluation, None, {"split": "eval"})
-    heldout = question_records(random.Random("ship-heldout"), heldout_docs, None, {"split": "eval"})
+    stage2 = make_facts.question_records(rng, train, QUESTIONS_PER_DOC, {}, 2) + \
+        make_facts.question_records(rng, evaluation, None, {"split": "eval"}, 2)
+    heldout = make_facts.question_records(random.Random("ship-heldout"), heldout_docs, None, {"split": "eval"}, 2)
     mix = make_facts.first_qa_records(stage1, MIX_DOCS)
     rng = random.Random("ship-stage3")  # candidates from the record's own pool: training or held-out documents
-    stage3 = question_records(rng, train[:STAGE3_DOCS], QUESTIONS_PER_DOC, {}, CANDIDATES - 1) + \
-        question_records(rng, heldout_docs, None, {"split": "eval"}, CANDIDATES - 1)
+    stage3 = make_facts.question_records(rng, train[:STAGE3_DOCS], QUESTIONS_PER_DOC, {}, CANDIDATES - 1, True) + \
+        make_facts.question_records(rng, heldout_docs, None, {"split": "eval"}, CANDIDATES - 1, True)
     code = make_facts.code_records(CODE_DOCS, 0, CODE_EVAL)
     names = make_facts.name_records(heldout_docs, {"split": "eval"})
     for name, records in (("stage1", stage1), ("stage2", stage2), ("heldout", heldout), ("mix", mix),
