@@ -338,9 +338,10 @@ def first_qa_records(stage1, n_docs):
 
 
 def write_jsonl(path, records):
-    """One JSON line per record, written beside the file and renamed when complete, so a killed run leaves no half
-    file. Returns the number of records."""
+    """One JSON line per record, written beside the file (its folder made if missing) and renamed when complete, so
+    a killed run leaves no half file. Returns the number of records."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -181,8 +181,8 @@ def draw_candidates(rng, pool, i, passage, count, siblings=(), n_near=0):
     position; up to n_near of them drawn from `siblings` (indices of other chunks of pool[i]'s own source, the
     hardest to tell apart, as a PDF's chunks are among each other). Returns (texts, that position)."""
     near = rng.sample(siblings, min(n_near, len(siblings))) if n_near else []
-    drawn = [j + (j >= i) for j in rng.sample(range(len(pool) - 1), min(count + len(near), len(pool) - 1))]
-    others = [pool[j] for j in (near + [j for j in drawn if j not in near])[:count]]  # skips i itself
+    drawn = [j + (j >= i) for j in rng.sample(range(len(pool) - 1), min(count + len(near), len(pool) - 1))]  # not i
+    others = [pool[j] for j in (near + [j for j in drawn if j not in near])[:count]]
     if any(passage in text for text in others):  # rare (repeated paragraphs were dropped), so filter only then
         others = rng.sample([text for j, text in enumerate(pool) if j != i and passage not in text], count)
     position = rng.randint(0, count)
@@ -223,8 +223,7 @@ def write_passages(out, seed=0, chunk_words=130, candidates=20, eval_every=10, p
         counts[split] = (len(records) - n_before, len(pool), len({name for name, _ in mine}))
     rows = [{"text": " ".join(sentences), "source": name} for name, _, sentences in chunks]
     for path, lines in [(out, records)] + ([(chunks_out, rows)] if chunks_out else []):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(path, lines)  # renamed when complete: a killed run leaves no half file
+        write_jsonl(path, lines)  # its folder made, renamed when complete: a killed run leaves no half file
     (r, c, m), (er, ec, em) = counts["train"], counts["eval"]
     return [f"{out}: {r + er} records ({r} train / {er} eval), {c + ec} chunks ({c} / {ec}), {m + em} "
             f"{'modules' if texts is None else 'texts'} ({m} / {em}); Python {' '.join(sys.version.split())}"] + \
