@@ -2171,6 +2171,17 @@ def test_passage_records_copy_their_question_from_the_marked_chunk_only_and_hold
     assert not (tmp_path / "bad.jsonl").exists()
 
 
+def write_texts(path, sources=24):
+    """A data/local_prose.py file of invented manuals: eight paragraphs of six sentences each."""
+    words = "river stone garden window letter market summer bridge lantern orchard harbour meadow".split()
+    rng = random.Random("texts")
+    texts = [{"source": f"manual-{k}", "text": "\n\n".join(
+        " ".join(f"The {rng.choice(words)} of part {k}.{p}.{i} keeps the {rng.choice(words)} near the "
+                 f"{rng.choice(words)} and the {rng.choice(words)}." for i in range(6)) for p in range(8))}
+             for k in range(sources)]
+    path.write_text("".join(json.dumps(t) + "\n" for t in texts))
+
+
 def test_passages_from_a_texts_file_hold_out_whole_sources_and_draw_hard_candidates_from_their_own(tmp_path):
     sys.path.insert(0, str(ROOT / "data"))
     import local_prose
@@ -2179,13 +2190,7 @@ def test_passages_from_a_texts_file_hold_out_whole_sources_and_draw_hard_candida
     info = ("File: x.info,  Node: Top,  Next: Intro\n\nIntro\n*****\n\n* Menu:\n\n* Intro::   the start\n\n"
             "   The tool reads a file\nand writes it back.\n\n     an example, indented\n     as code is\n")
     assert local_prose.info_paragraphs(info) == ["The tool reads a file and writes it back."]
-    words = "river stone garden window letter market summer bridge lantern orchard harbour meadow".split()
-    rng = random.Random("texts")
-    texts = [{"source": f"manual-{k}", "text": "\n\n".join(
-        " ".join(f"The {rng.choice(words)} of part {k}.{p}.{i} keeps the {rng.choice(words)} near the "
-                 f"{rng.choice(words)} and the {rng.choice(words)}." for i in range(6)) for p in range(8))}
-             for k in range(24)]
-    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    write_texts(tmp_path / "texts.jsonl")
     make_passages.write_passages(tmp_path / "p.jsonl", candidates=6, eval_every=4, texts=tmp_path / "texts.jsonl",
                                  same_source=3, chunks_out=tmp_path / "chunks.jsonl")
     records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -2209,7 +2214,8 @@ def test_the_shipped_recipes_data_never_trains_on_its_evaluation_or_heldout_docu
     monkeypatch.setattr(ship, "EVAL_DOCS", 10)
     monkeypatch.setattr(ship, "MIX_DOCS", 5)
     monkeypatch.setattr(ship, "STAGE3_DOCS", 30)
-    ship.write_data(tmp_path)
+    write_texts(tmp_path / "prose.jsonl", sources=60)  # 6 held out: enough chunks for 20 candidates
+    ship.write_data(tmp_path, prose=tmp_path / "prose.jsonl")
     read = lambda name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
     stage1, stage2, heldout, mix = (read(n) for n in ("stage1", "stage2", "heldout", "mix"))
     stage3, code, names = (read(n) for n in ("stage3", "code_task", "name_task"))
@@ -2230,13 +2236,15 @@ def test_the_shipped_recipes_data_never_trains_on_its_evaluation_or_heldout_docu
     assert all(r.get("split") == "eval" and r["answer"] in r["docs"][0] for r in names) and len(names) == 200
     assert sum(r.get("split") == "eval" for r in code) == ship.CODE_EVAL and len(code) == ship.CODE_DOCS
     assert all(r["answer"] in r["docs"][0] for r in code)
-    assert read("passages")  # the query reasoner's passage -> chunk records come with it
+    passages, val = read("prose-passages"), read("prose-val")  # the query reasoner's, from real text
+    assert passages and val == [r for r in passages if r.get("split") == "eval"][:ship.VAL_PASSAGES]
     script = subprocess.run([sys.executable, str(ROOT / "data" / "ship.py"), "script", "--out", tmp_path / "r"],
                             capture_output=True, text=True, check=True).stdout
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # a script bash can run
     assert f"R={tmp_path / 'r'};" in script and "for base in none text" in script and "--lora-keys all" in script
     assert "--init $R/$2 --init-generator --stage1-data $R/mix.jsonl" in script and "--retrieval-loss contrastive" \
         in script and "score s2 $R/heldout.jsonl compressed e1" in script and "timeout -s TERM" in script
+    assert "e2e --data $R/prose-passages.jsonl --init $R/s2 --retrieval-loss contrastive --steps $S3" in script
     assert "stages 16 s1 s2" in script and "for rate in 4 32" in script and "score s1 $R/name_task.jsonl" in script
     assert "train code sft --data $R/code_task.jsonl --init $R/s1" in script and "e2e --data $R/stage3.jsonl" in script
     levers = subprocess.run([sys.executable, str(ROOT / "data" / "ship.py"), "levers", "--out", tmp_path / "r"],

@@ -1,21 +1,22 @@
-"""The shipped-adapter recipe (README, "Making memory carry facts"): its data, made in about a minute, and its runs.
+"""The shipped-adapter recipe (README, "Does the generator read memory of documents it has never seen?"):
+its data (4 minutes on 2 cores) and its runs.
 
     python data/ship.py data --out runs/ship
     python data/ship.py script --out runs/ship --clara "--base bfloat16" > ship.sh
     END=$(($(date +%s) + 1500)) bash ship.sh   # stop every run 25 minutes from now
     python data/ship.py levers --out runs/ship --clara "--base bfloat16" > levers.sh && bash levers.sh
 
-`script` prints the recipe's training and scoring commands as one bash script that runs four chains side by side
-on one GPU, which together are the README's evidence table: stage 1 with LoRA on every linear layer
-(data/adapters/facts-stage1) and the mixed stage 2 from it (stage 1's generator carried over, stage-1 records
-mixed in: data/adapters/facts) at x16, and the same two stages at x4 and x32; the no-documents and text baselines
-with the same LoRA and steps; the name task and the code task from the x16 stage 1; stage 3 and the query
-reasoner from the x16 stage 2; each scored on documents no run trained on. `levers` prints the stage-1
-experiment that chose every linear layer: three stage-1 runs side by side (x4, x8, and x16 with every linear
-layer adapted) that each end with data/memory_facts.py, whose control is the q/v stage 1 of the earlier recipe
-(0 of 40 numbers, 24 of 56 other facts). Measured (README): x16 with every linear layer keeps 14 of 40 numbers
-after 1,000 steps, x4 with q/v 12 after 2,000. In every script, END (epoch seconds: a device lease's end) stops
-each run cleanly then, with its adapters saved, so the scores still run.
+`script` prints the recipe's training and scoring commands as one bash script that runs four chains side by side on
+one GPU, which together are the README's evidence table: stage 1 with LoRA on every linear layer
+(data/adapters/facts-stage1) and the mixed stage 2 from it (stage 1's generator carried over, stage-1 records mixed
+in: data/adapters/facts) at x16, and the same two stages at x4 and x32; the no-documents and text baselines with the
+same LoRA and steps; the name task and the code task from the x16 stage 1; stage 3 and the query reasoner
+(data/adapters/reasoner) from the x16 stage 2; each scored on documents no run trained on. `levers` prints the
+stage-1 experiment that chose every linear layer: three stage-1 runs side by side (x4, x8, and x16 with every linear
+layer adapted) that each end with data/memory_facts.py, whose control is the q/v stage 1 of the earlier recipe (0 of
+40 numbers, 24 of 56 other facts). Measured (README): x16 with every linear layer keeps 14 of 40 numbers after 1,000
+steps, x4 with q/v 12 after 2,000. In every script, END (epoch seconds: a device lease's end) stops each run cleanly
+then, with its adapters saved, so the scores still run.
 
 Data (all made here, none downloaded; Apple's example files are not used):
   stage1.jsonl     qa + paraphrase records of TRAIN_DOCS fictional documents (data/make_facts.py, seed 0), and of
@@ -29,11 +30,15 @@ Data (all made here, none downloaded; Apple's example files are not used):
   code_task.jsonl  "What is the code in the background?" about CODE_DOCS filler documents, the last CODE_EVAL
                    never trained on: only the memory can answer
   name_task.jsonl  "What is the name of the subject of the background?" about each held-out document
-  passages.jsonl   passage -> chunk retrieval records from the Python standard library's docstrings
-                   (data/make_passages.py), for the query reasoner
+  prose-passages.jsonl  passage -> chunk retrieval records (data/make_passages.py --texts, up to 7 of a record's
+                   19 other candidates from its own text) of the prose this machine's Debian packages ship
+                   (data/local_prose.py; --prose FILE gives one made elsewhere), every file of the packages of
+                   the README's two PDFs left out, for the query reasoner
+  prose-val.jsonl  the first VAL_PASSAGES held-out ones of those: the query reasoner's validation set
 """
 
 import argparse
+import json
 import random
 import subprocess
 import sys
@@ -47,6 +52,8 @@ TRAIN_DOCS, EVAL_DOCS, HELDOUT_SEED = 40_000, 200, 1
 QUESTIONS_PER_DOC = 2  # of each training document's eight: more documents rather than more epochs
 MIX_DOCS = 5_000  # sft --stage1-data: the qa records of this many training documents, mixed into stage 2
 STAGE3_DOCS, CANDIDATES = 2_000, 20  # stage 3 trains on the questions of this many documents, each among 20
+PDF_PACKAGES = ("shared-mime-info", "libtasn1-doc", "libtasn1-6")  # the README's PDF check: their text never trains
+SAME_SOURCE, VAL_PASSAGES = 7, 320  # the query reasoner's hard candidates from a passage's own text; its validation
 CODE_DOCS, CODE_EVAL = 2_000, 200  # the code task's documents, the last CODE_EVAL of them never trained on
 
 
@@ -88,8 +95,9 @@ after() {{ while ! grep -q "^$1 rc=" $R/done.txt 2>/dev/null; do sleep 10; done;
   score s2 $R/stage3.jsonl retrieved r1 &  # recall before stage 3: the query reasoner is still the compressor
   ( train stage3 e2e --data $R/stage3.jsonl --init $R/s2 --steps $S3 --lr 5e-4  # stage 3 on the facts
     score stage3 $R/stage3.jsonl "retrieved oracle" e1 ) &
-  train r-s2 e2e --data $R/passages.jsonl --init $R/s2 --retrieval-loss contrastive --steps $S3 --batch-size 16
-  score r-s2 $R/passages.jsonl retrieved e0; wait ) &
+  train reasoner e2e --data $R/prose-passages.jsonl --init $R/s2 --retrieval-loss contrastive --steps $S3 \
+    --val-data $R/prose-val.jsonl  # the query reasoner for real text: data/adapters/reasoner
+  score reasoner $R/prose-passages.jsonl retrieved e1; wait ) &
 wait; echo ALL DONE >> $R/done.txt
 """
 
@@ -104,7 +112,7 @@ wait; echo ALL DONE >> $R/done.txt
 """
 
 
-def write_data(out, train_docs=None):
+def write_data(out, train_docs=None, prose=None):
     out.mkdir(parents=True, exist_ok=True)
     train_docs = train_docs or TRAIN_DOCS
     train = make_facts.make_documents(train_docs, 0)
@@ -124,7 +132,19 @@ def write_data(out, train_docs=None):
     for name, records in (("stage1", stage1), ("stage2", stage2), ("heldout", heldout), ("mix", mix),
                           ("stage3", stage3), ("code_task", code), ("name_task", names)):
         print(f"{out / name}.jsonl: {make_facts.write_jsonl(out / f'{name}.jsonl', records)} records")
-    subprocess.run([sys.executable, str(HERE / "make_passages.py"), "--out", str(out / "passages.jsonl")], check=True)
+    if prose is None:
+        prose = out / "prose.jsonl"
+        run_script("local_prose.py", "--out", prose, "--exclude-packages", *PDF_PACKAGES)
+    run_script("make_passages.py", "--texts", prose, "--same-source", SAME_SOURCE,
+               "--out", out / "prose-passages.jsonl")
+    with open(out / "prose-passages.jsonl") as passages:  # 0.4 GB: only the held-out lines are parsed
+        held_out = [json.loads(line) for line in passages if '"split": "eval"' in line][:VAL_PASSAGES]
+    print(f"{out / 'prose-val.jsonl'}: {make_facts.write_jsonl(out / 'prose-val.jsonl', held_out)} records")
+
+
+def run_script(name, *arguments):
+    """Runs one of data/'s scripts, which prints what it wrote; a failure ends this one."""
+    subprocess.run([sys.executable, str(HERE / name), *map(str, arguments)], check=True)
 
 
 if __name__ == "__main__":
@@ -132,11 +152,13 @@ if __name__ == "__main__":
     parser.add_argument("step", choices=("data", "script", "levers"))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--train-docs", type=int, help=f"data: training documents of seed 0 (default: {TRAIN_DOCS:,})")
+    parser.add_argument("--prose", type=Path, help="data: a data/local_prose.py file for the query reasoner's passages "
+                        "(default: made here, from this machine's info manuals and man pages)")
     parser.add_argument("--clara", default="", help="script, levers: further clara.py options of every run "
                         "(--model, --base; given after the recipe's, they win: --batch-size 2 for a CPU)")
     args = parser.parse_args()
     if args.step == "data":
-        write_data(args.out, args.train_docs)
+        write_data(args.out, args.train_docs, args.prose)
     else:
         print({"script": RECIPE, "levers": LEVERS}[args.step].format(
             out=args.out, clara=args.clara, ship=Path(__file__), clara_py=HERE.parent / "clara.py",
