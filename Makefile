@@ -27,13 +27,15 @@ blas: $(STAMP)
 
 SLOW := test_clara.py::test_the_evidence_experiment_runs_end_to_end_in_parts_and_writes_every_row \
 	test_clara.py::test_the_shipped_adapters_answer_from_the_memory_of_documents_no_run_saw \
-	test_clara.py::test_memory_alone_gives_the_invented_name_of_a_document_no_run_saw
+	test_clara.py::test_memory_alone_gives_the_invented_name_of_a_document_no_run_saw \
+	test_clara.py::test_the_shipped_query_reasoner_finds_copied_passages_of_text_it_never_saw_better_than_the_compressor
 
 test: blas
 	$(PY) -m pytest -q test_clara.py $(addprefix --deselect ,$(SLOW))
 
 # the minutes-long tests CI runs after make test: the evidence experiment end to end on the tiny model, and the
-# shipped adapters answering from the memory of documents no run saw (the facts, and the name only memory holds)
+# shipped adapters answering from the memory of documents no run saw (the facts, and the name only memory holds),
+# and the shipped query reasoner finding passages of text it never saw
 test-slow: blas
 	$(PY) -m pytest -q $(SLOW)
 
