@@ -1460,6 +1460,8 @@ def main(argv=None):
 
 TRAINING_COMMANDS = ("compress", "sft", "e2e")
 
+OUT_OF_MEMORY = ("out of memory", "Unable to allocate", "maximum allowed buffer size")  # CUDA's and Metal's words
+
 def run_command(args):
     """Run one command; every way it can end becomes one line on stderr and an exit code."""
     try:
@@ -1491,6 +1493,11 @@ def run_command(args):
             print(f"error: a process of this {process_group().size()}-process run ended or cannot be reached "
                   f"({one_line(e)[:120]}); checkpoints already written are intact: the same command with --resume "
                   "continues it, with any number of processes", file=sys.stderr)
+            return 1
+        if any(sign in str(e) for sign in OUT_OF_MEMORY):  # not a bug: the step does not fit the device as it is
+            print(f"error: the device ran out of memory ({one_line(e)[:120]}): a smaller --batch-size (--grad-accum "
+                  "keeps the batch), --grad-checkpoint, or, for runs that share a card, --memory-limit on each; "
+                  "checkpoints already written are intact (--resume continues)", file=sys.stderr)
             return 1
         report = Path(tempfile.gettempdir()) / f"clara-error-{os.getpid()}.txt"
         report.write_text(traceback.format_exc())

@@ -1995,6 +1995,19 @@ def test_an_unexpected_error_is_one_line_exit_1_with_the_traceback_in_a_file(mon
         clara.main(["eval", "--adapters", "x", "--data", "data/sft.jsonl"])
 
 
+def test_running_out_of_device_memory_is_one_line_that_names_the_options_that_fit_the_step(monkeypatch, capsys):
+    def too_big(cfg, args, trained, checkpoint):  # the words MLX's CUDA backend uses (measured on an H100)
+        raise RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory")
+
+    monkeypatch.setitem(clara.COMMANDS, "eval", too_big)
+    monkeypatch.setattr(clara, "read_trained", lambda path: ({}, None))
+    monkeypatch.delenv("CLARA_DEBUG", raising=False)
+    assert clara.main(["eval", "--adapters", "x", "--data", "data/sft.jsonl"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ran out of memory" in err[0] and "--batch-size" in err[0] and "--memory-limit" in err[0]
+    assert "unexpected" not in err[0] and "traceback" not in err[0]
+
+
 def test_a_closed_standard_output_stops_the_reports_not_the_training(tmp_path, tiny_model_folder):
     process = start_cli("sft", "--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32,
                         "--compression-rate", 8, "--steps", 30, "--out", tmp_path / "run")
