@@ -1489,15 +1489,15 @@ def run_command(args):
     except Exception as e:  # a bug: one line for the user, the traceback in a file for the report
         if os.environ.get("CLARA_DEBUG"):
             raise
-        if isinstance(e, RuntimeError) and process_group().size() > 1:  # mx.distributed lost a process
-            print(f"error: a process of this {process_group().size()}-process run ended or cannot be reached "
-                  f"({one_line(e)[:120]}); checkpoints already written are intact: the same command with --resume "
-                  "continues it, with any number of processes", file=sys.stderr)
-            return 1
         if any(sign in str(e) for sign in OUT_OF_MEMORY):  # not a bug: the step does not fit the device as it is
             print(f"error: the device ran out of memory ({one_line(e)[:120]}): a smaller --batch-size (--grad-accum "
                   "keeps the batch), --grad-checkpoint, or, for runs that share a card, --memory-limit on each; "
                   "checkpoints already written are intact (--resume continues)", file=sys.stderr)
+            return 1
+        if isinstance(e, RuntimeError) and process_group().size() > 1:  # mx.distributed lost a process
+            print(f"error: a process of this {process_group().size()}-process run ended or cannot be reached "
+                  f"({one_line(e)[:120]}); checkpoints already written are intact: the same command with --resume "
+                  "continues it, with any number of processes", file=sys.stderr)
             return 1
         report = Path(tempfile.gettempdir()) / f"clara-error-{os.getpid()}.txt"
         report.write_text(traceback.format_exc())
