@@ -1590,7 +1590,8 @@ def load_gguf(path):
         if f"{path}.scales" not in renamed:
             return False
         packed, groups = renamed[f"{path}.weight"].shape[1], renamed[f"{path}.scales"].shape[1]
-        return {"group_size": 32, "bits": packed * 32 // (groups * 32)}  # GGUF's Q4_0/Q4_1/Q8_0 groups are 32 wide
+        group_size = 32  # GGUF's Q4_0/Q4_1/Q8_0 groups are 32 weights wide; each packed column holds 32 bits
+        return {"group_size": group_size, "bits": packed * 32 // (groups * group_size)}
 
     nn.quantize(model, class_predicate=quantization)
     model.load_weights(list(renamed.items()), strict=True)
