@@ -3,6 +3,7 @@ guarded divisions, stage 3, training and exact resume, the default model and the
 plumbing: model families, input reading, reliability, and the evidence experiment. Tiny models are built
 inline; the default model is the real one."""
 
+import gzip
 import json
 import math
 import os
@@ -2265,6 +2266,75 @@ def test_the_shipped_recipes_data_never_trains_on_its_evaluation_or_heldout_docu
     assert subprocess.run(["bash", "-n"], input=levers, text=True).returncode == 0
     assert "--compression-rate 4 " in levers and "--compression-rate 8 " in levers and "--lora-keys all" in levers
     assert levers.count("; facts x") == 3 and "memory_facts.py --adapters $R/$1" in levers  # each run ends checked
+
+
+def write_squad_and_qed(folder, articles=40):
+    """A tiny SQuAD file in the official format (gzipped) and a QED file: every paragraph names its article, one long
+    paragraph has an answer past MAX_CHARS, and one QED paragraph belongs to a SQuAD article (same title)."""
+    sentence = "The {what} of article {k} part {j} is {value}."
+    data = []
+    for k in range(articles):
+        paragraphs = []
+        for j in range(3):
+            facts = [("colour", f"colour{k}x{j}"), ("river", f"river{k}x{j}")]
+            text = " ".join(sentence.format(what=w, k=k, j=j, value=v) for w, v in facts)
+            if k == 0 and j == 0:  # the long one: its second answer lies past the cut
+                text = sentence.format(what="colour", k=k, j=j, value=facts[0][1]) + " Filler words go on." * 60 + \
+                    " " + sentence.format(what="river", k=k, j=j, value=facts[1][1])
+            qas = [{"question": f"What is the {w} of article {k} part {j}?", "id": f"q{k}-{j}-{w}",
+                    "answers": [{"text": v, "answer_start": text.index(v)}]} for w, v in facts]
+            paragraphs.append({"context": text, "qas": qas})
+        data.append({"title": f"Article_{k}", "paragraphs": paragraphs})
+    with gzip.open(folder / "squad.json.gz", "wt") as f:
+        json.dump({"version": "1.1", "data": data}, f)
+    qed = [{"paragraph_text": f"The bell of article {k} part 9 is bell{k}.", "question_text": f"bell of article {k}",
+            "title_text": f"Article {k}", "answer_text": json.dumps([f"bell{k}"]) if k % 2 else [f"bell{k}"]}
+           for k in range(articles)]
+    (folder / "qed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qed))
+
+
+def test_real_qa_records_hold_out_whole_articles_and_every_answer_is_in_what_the_compressor_reads(tmp_path,
+                                                                                                   monkeypatch):
+    sys.path.insert(0, str(ROOT / "data"))
+    import make_wiki
+
+    for name, value in (("VAL_SHARE", 0.2), ("TEST_SHARE", 0.3), ("CANDIDATES", 6), ("SAME_ARTICLE", 2)):
+        monkeypatch.setattr(make_wiki, name, value)
+    write_squad_and_qed(tmp_path)
+    make_wiki.write_all(tmp_path / "w", squad=tmp_path / "squad.json.gz", nq=tmp_path / "qed.jsonl")
+    read = lambda name: [json.loads(line) for line in (tmp_path / "w" / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
+    article = lambda text: re.search(r"article (\d+) part", text).group(1)  # noqa: E731
+    stage1, stage2, stage3 = read("stage1"), read("stage2"), read("stage3")
+    tests = {name: read(name) for name in ("test-squad", "test-nq", "test-squad-stage3", "test-nq-stage3")}
+    by_split = {"train": set(), "val": set(), "test": set()}
+    for records, split in ((stage1 + stage2 + stage3, None), ([r for t in tests.values() for r in t], "test")):
+        for r in records:
+            by_split[split or ("val" if r.get("split") == "eval" else "train")] |= {article(d) for d in r["docs"]}
+    assert all(by_split.values()) and not any(by_split[a] & by_split[b] for a, b in
+                                              (("train", "val"), ("train", "test"), ("val", "test")))
+    assert all(r.get("split") == "eval" for t in tests.values() for r in t)
+    for r in stage2 + stage3 + [r for t in tests.values() for r in t]:
+        own = r["docs"][r["pos_index"][0]] if "pos_index" in r else next(d for d in r["docs"] if r["answer"] in d)
+        assert r["answer"] in own and len(own) <= make_wiki.MAX_CHARS  # the answer is in what the compressor reads
+        assert len(r["docs"]) == (make_wiki.CANDIDATES if "pos_index" in r else make_wiki.DISTRACTORS + 1)
+        same = sum(article(d) == article(own) for d in r["docs"]) - 1  # SQuAD: both others of its article
+        assert same == 2 or "bell" in own  # NQ (one paragraph an article): others of its source
+    docs = {d for r in stage1 + stage2 + [r for t in tests.values() for r in t] for d in r["docs"]}
+    (cut,) = [d for d in docs if "article 0 part 0 is colour" in d]
+    assert cut.endswith("Filler words go on.") and len(cut) <= make_wiki.MAX_CHARS  # cut at a sentence end
+    questions = [q for r in stage1 if r["data_type"] == "qa" for q in r["question"]] + \
+        [r["question"] for t in tests.values() for r in t]
+    assert "What is the river of article 0 part 0?" not in questions  # its answer was past the cut: dropped
+    assert "What is the colour of article 0 part 0?" in questions
+    assert all(r["answers"] == r["docs"] for r in stage1 if r["data_type"] == "paraphrase")
+    assert {r["answer"] for r in tests["test-nq"]} == {r["answer"] for r in tests["test-nq-stage3"]} > set()
+    make_wiki.write_all(tmp_path / "again", squad=tmp_path / "squad.json.gz", nq=tmp_path / "qed.jsonl")
+    assert all((tmp_path / "again" / f.name).read_bytes() == f.read_bytes() for f in (tmp_path / "w").iterdir())
+    (tmp_path / "bad.json").write_text('{"data": [{"title": "x"}]}')
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "make_wiki.py"), "--out", tmp_path / "b", "--squad",
+                          tmp_path / "bad.json", "--nq", ""], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "bad.json: not a SQuAD file" in run.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_the_shipped_adapters_answer_from_the_memory_of_documents_no_run_saw():

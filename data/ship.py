@@ -62,7 +62,7 @@ CODE_DOCS, CODE_EVAL = 2_000, 200  # the code task's documents, the last CODE_EV
 STEPS = {"S1": 1000, "S2": 751, "S3": 300}
 PRELUDE = r"""mkdir -p {out}; R={out}; S1=${{S1:-{S1}}}; S2=${{S2:-{S2}}}; S3=${{S3:-{S3}}}
 M="--batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --memory-limit ${{MEM:-16}} $CADENCE"
-[ -f $R/stage1.jsonl ] || python3 {ship} data --out $R > $R.data.log 2>&1 || exit 1
+[ -f $R/stage1.jsonl ] || {make_data} > $R.data.log 2>&1 || exit 1
 train() {{  # train NAME COMMAND OPTIONS...: its log in $R/NAME.log, its exit code in $R/done.txt; with END set
   # (epoch seconds, a device lease's end) the run gets SIGTERM then, finishes its step and checkpoints. Options
   # win from left to right: the recipe's ($M), the run's, then --clara's
@@ -70,7 +70,7 @@ train() {{  # train NAME COMMAND OPTIONS...: its log in $R/NAME.log, its exit co
     "$@" {clara} --out $R/$name > $R/$name.log 2>&1; echo "$name rc=$? $(date +%T)" >> $R/done.txt; }}
 score() {{  # score RUN DATA "CONTEXTS" TAG: eval writes beside the adapters, so it scores a copy of them in RUN-TAG
   mkdir -p $R/$1-$4 && cp $R/$1/clara.safetensors $R/$1/config.json $R/$1-$4/ &&
-  python3 {clara_py} eval --adapters $R/$1-$4 --data $2 --contexts $3 --max-records 300 > $R/$1-$4.log 2>&1
+  python3 {clara_py} eval --adapters $R/$1-$4 --data $2 --contexts $3 --max-records ${{N:-300}} > $R/$1-$4.log 2>&1
   echo "eval $1-$4 rc=$?" >> $R/done.txt; }}
 """
 RECIPE = "# the shipped-adapter recipe and its evidence table (data/ship.py script): four chains side by side\n" + \
@@ -161,5 +161,6 @@ if __name__ == "__main__":
         write_data(args.out, args.train_docs, args.prose)
     else:
         print({"script": RECIPE, "levers": LEVERS}[args.step].format(
-            out=args.out, clara=args.clara, ship=Path(__file__), clara_py=HERE.parent / "clara.py",
+            out=args.out, clara=args.clara, make_data=f"python3 {Path(__file__)} data --out $R",
+            clara_py=HERE.parent / "clara.py",
             memory_facts=HERE / "memory_facts.py", **STEPS), end="")
