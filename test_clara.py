@@ -2330,6 +2330,13 @@ def test_real_qa_records_hold_out_whole_articles_and_every_answer_is_in_what_the
     assert {r["answer"] for r in tests["test-nq"]} == {r["answer"] for r in tests["test-nq-stage3"]} > set()
     make_wiki.write_all(tmp_path / "again", squad=tmp_path / "squad.json.gz", nq=tmp_path / "qed.jsonl")
     assert all((tmp_path / "again" / f.name).read_bytes() == f.read_bytes() for f in (tmp_path / "w").iterdir())
+    mix = read("mix")
+    assert mix and all(r["data_type"] == "qa" and article(r["docs"][0]) in by_split["train"] for r in mix)
+    script = subprocess.run([sys.executable, str(ROOT / "data" / "wiki.py"), "script", "--out", tmp_path / "r"],
+                            capture_output=True, text=True, check=True).stdout
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # a script bash can run
+    assert "make_wiki.py --out $R" in script and "--stage1-data $R/mix.jsonl" in script and "--max-records ${N:-" \
+        in script and "stages x4" in script and "--compression-rate 4" in script and "for base in none text" in script
     (tmp_path / "bad.json").write_text('{"data": [{"title": "x"}]}')
     run = subprocess.run([sys.executable, str(ROOT / "data" / "make_wiki.py"), "--out", tmp_path / "b", "--squad",
                           tmp_path / "bad.json", "--nq", ""], capture_output=True, text=True)

@@ -15,6 +15,8 @@ Files written into --out (JSON Lines; "split": "eval" marks validation records, 
   stage1.jsonl        per training and validation paragraph: a "qa" record (its questions and answers) and a
                       "paraphrase" record whose target is the paragraph itself (there is no paraphrasing model
                       offline: it is Apple's paraphrase prompt with a verbatim target, README)
+  mix.jsonl           the qa records of MIX_PARAGRAPHS training paragraphs drawn at random, which sft --stage1-data
+                      mixes into stage 2 (the shipped fictional recipe does so)
   stage2.jsonl        each training question with its paragraph among DISTRACTORS others of its own article
                       (fewer there: others of its source and split), then VAL_QUESTIONS validation ones
   stage3.jsonl        each training question among CANDIDATES paragraphs, up to SAME_ARTICLE of them from its own
@@ -41,6 +43,7 @@ SHARED = HERE.parent.parent / "shared" / "data"
 VAL_SHARE, TEST_SHARE = 0.04, 0.07  # of the articles: validation, and the test set (7% of NQ's gives ~500)
 MAX_CHARS = 1000  # a paragraph is cut at the last sentence end before this (the compressor reads 256 tokens)
 DISTRACTORS, CANDIDATES, SAME_ARTICLE = 2, 20, 7  # stage 2's other paragraphs; stage 3's candidates, hard ones
+MIX_PARAGRAPHS = 5_000  # mix.jsonl: the qa records of this many training paragraphs (sft --stage1-data)
 VAL_QUESTIONS = 800  # validation questions in stage 2 and 3 (a validation pass scores each one)
 STAGE3_QUESTIONS = 20_000  # training questions in stage 3 (each carries 20 paragraphs: 0.3 GB)
 TEST_QUESTIONS = 1_000  # test questions kept per source, shuffled across its articles
@@ -169,6 +172,7 @@ def write_all(out, squad=str(SHARED / "squad" / "train-v1.1.json.gz"),
     rng = random.Random("wiki")
     val = {"split": "eval"}
     files = {"stage1": stage1_records(parts["train"], {}) + stage1_records(parts["val"], val),
+             "mix": stage1_records(sample(random.Random("wiki-mix"), parts["train"], MIX_PARAGRAPHS), {})[::2],
              "stage2": question_records(rng, parts["train"], DISTRACTORS, {}) +
              sample(rng, question_records(rng, parts["val"], DISTRACTORS, val), VAL_QUESTIONS),
              "stage3": sample(rng, question_records(rng, parts["train"], CANDIDATES - 1, {}, True), STAGE3_QUESTIONS) +

@@ -64,10 +64,11 @@ PRELUDE = r"""mkdir -p {out}; R={out}; S1=${{S1:-{S1}}}; S2=${{S2:-{S2}}}; S3=${
 M="--batch-size 32 --lr 1e-3 --warmup 0.1 --log-every 50 --memory-limit ${{MEM:-16}} $CADENCE"
 [ -f $R/stage1.jsonl ] || {make_data} > $R.data.log 2>&1 || exit 1
 train() {{  # train NAME COMMAND OPTIONS...: its log in $R/NAME.log, its exit code in $R/done.txt; with END set
-  # (epoch seconds, a device lease's end) the run gets SIGTERM then, finishes its step and checkpoints. Options
-  # win from left to right: the recipe's ($M), the run's, then --clara's
+  # (epoch seconds, a device lease's end) the run gets SIGTERM then, finishes its step and checkpoints. It returns
+  # the run's exit code, so a chain can stop at a failed run. Options win from left to right: the recipe's ($M),
+  # the run's, then --clara's
   name=$1; command=$2; shift 2; ${{END:+timeout -s TERM $((END - $(date +%s)))}} python3 {clara_py} $command $M \
-    "$@" {clara} --out $R/$name > $R/$name.log 2>&1; echo "$name rc=$? $(date +%T)" >> $R/done.txt; }}
+    "$@" {clara} --out $R/$name > $R/$name.log 2>&1; rc=$?; echo "$name rc=$rc $(date +%T)" >> $R/done.txt; return $rc; }}
 score() {{  # score RUN DATA "CONTEXTS" TAG: eval writes beside the adapters, so it scores a copy of them in RUN-TAG
   mkdir -p $R/$1-$4 && cp $R/$1/clara.safetensors $R/$1/config.json $R/$1-$4/ &&
   python3 {clara_py} eval --adapters $R/$1-$4 --data $2 --contexts $3 --max-records ${{N:-300}} > $R/$1-$4.log 2>&1
