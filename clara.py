@@ -394,6 +394,9 @@ def add_lora(llm, cfg):
     hidden = text_model(llm).args.hidden_size
     if cfg.lora_rank > hidden:  # more than full rank: memory spent on nothing
         raise InputError(f"--lora-rank {cfg.lora_rank} is above the model's hidden size {hidden}")
+    if cfg.lora_layers > len(llm.layers):
+        raise InputError(f"--lora-layers {cfg.lora_layers} is more than the model's {len(llm.layers)} blocks "
+                         "('all' adapts every block)")
     keys = lora_key_names(llm, cfg)
     for layer in lora_blocks(llm, cfg):
         wrapped = dict(layer.named_modules())
@@ -1114,9 +1117,11 @@ class Reader:
     def check_memory(self, memory, where):
         """Memory vectors these adapters can read: (D, n_mem, H) as compress() returns them."""
         hidden = self.model.memory.shape[-1]
-        if not isinstance(memory, mx.array) or memory.ndim != 3 or memory.shape[1:] != (self.cfg.n_mem, hidden):
+        if not isinstance(memory, mx.array) or memory.ndim != 3 or memory.shape[1:] != (self.cfg.n_mem, hidden) or \
+                not mx.issubdtype(memory.dtype, mx.floating):
             raise InputError(f"{where}: expected memory vectors of shape (documents, {self.cfg.n_mem}, {hidden}) "
-                             f"as compress() returns them, got {getattr(memory, 'shape', type(memory).__name__)}")
+                             f"as compress() returns them, got {getattr(memory, 'shape', type(memory).__name__)} "
+                             f"{getattr(memory, 'dtype', '')}")
 
     def index(self, chunks, progress=""):
         """A searchable corpus: {"text", "source", "pages"} chunks, each compressed once. -> {"memory" (N, n_mem,
@@ -1217,7 +1222,7 @@ def eval_contexts(records, contexts, flag):
     fit the records."""
     retrieval = any(r["positives"] for r in records)  # stage 3 records: candidates with the relevant ones marked
     allowed = RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS
-    contexts = tuple(contexts or allowed)
+    contexts = tuple(dict.fromkeys([contexts] if isinstance(contexts, str) else contexts or allowed))  # once each
     wrong = set(contexts) - set(allowed)
     if wrong:
         raise InputError(f"{flag} {' '.join(sorted(map(str, wrong)))}: not for {'stage 3' if retrieval else 'stage 2'} "
@@ -1296,6 +1301,10 @@ def train_stage(cfg, model, tokenizer, examples, val_examples, files):
     """Shared by the training commands: report what truncation cut, train (checkpointing into --out through
     `files`, a RunFiles: it knows the command and the checkpoint a --resume continues)."""
     kept = trainable_examples(cfg, examples, files)
+    if files.resumed and int(files.resumed[1]["step"]) == cfg.steps:  # a finished run: nothing to do or write
+        print(f"the checkpoint is at step {cfg.steps} of --steps {cfg.steps}: nothing left to train (more --steps "
+              "go on)")
+        return []
     report_cuts(cfg, examples + val_examples)
     val_examples = [ex for ex in val_examples if keeps_memory(ex)]
     print(f"{len(kept)} training example(s), {len(val_examples)} for validation", flush=True)
@@ -1350,6 +1359,8 @@ def split_validation(items, fraction, seed):
     if fraction <= 0:
         return items, []
     n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
+    if n_val == 0:
+        warn(f"--val-fraction {fraction} of {len(items)} record(s) holds none out (one must train): no validation")
     held = set(random.Random(seed).sample(range(len(items)), n_val))
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
@@ -1891,7 +1902,7 @@ def read_jsonl(path):
     records = []
     for number, raw in enumerate(read_input_bytes(path, "JSONL").split(b"\n"), 1):
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM (Windows editors) is no text
         except UnicodeDecodeError as e:
             raise InputError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
         if not line.strip():
@@ -2104,15 +2115,19 @@ class RunFiles:
         self.cfg, self.data = cfg, {"command": self.command, "n_examples": str(len(examples)),
                                     "data_fingerprint": examples_fingerprint(examples)}
         first, best_val, trained_tokens = 1, math.inf, 0
-        self.claim()
         if self.resumed:
             arrays, metadata = self.resumed
             check_same_data(self.resumed, examples, self.command, self.data["data_fingerprint"])
             load_trained(model, checkpoint_part(arrays, "model."))
             optimizer.init(model.trainable_parameters())
-            optimizer.state = tree_unflatten(list(checkpoint_part(arrays, "optimizer.").items()))
+            saved, fresh = checkpoint_part(arrays, "optimizer."), dict(tree_flatten(optimizer.state))
+            if {k: v.shape for k, v in saved.items()} != {k: v.shape for k, v in fresh.items()}:
+                raise InputError(f"--resume: the checkpoint's optimizer state ({len(saved)} arrays) does not fit "
+                                 f"this model's ({len(fresh)}): an edited checkpoint, or one of another run?")
+            optimizer.state = tree_unflatten(list(saved.items()))
             first, best_val = int(metadata["step"]) + 1, float(metadata["best_val_loss"])
             trained_tokens = int(metadata["trained_tokens"])
+        self.claim()
         self.metrics = MetricsLog(self.out, keep_until=first - 1)
         return first, best_val, trained_tokens
 
@@ -2243,6 +2258,14 @@ def signals_handled_by(handler, signals):
         for signum, earlier in previous.items():
             signal.signal(signum, earlier)
 
+def row_step(line):
+    """The step of a metrics.jsonl line; 0 for a line torn by a crash or edited into something else."""
+    with contextlib.suppress(ValueError, RecursionError):
+        row = json.loads(line)
+        if isinstance(row, dict) and type(row.get("step")) is int:
+            return row["step"]
+    return 0
+
 class MetricsLog:
     """out/metrics.jsonl: one JSON object per report and per validation. A resumed run first drops the rows
     after its checkpoint, so the file tells one uninterrupted story."""
@@ -2251,8 +2274,8 @@ class MetricsLog:
         self.path = Path(out) / "metrics.jsonl" if out else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            old = self.path.read_text().splitlines() if self.path.is_file() and keep_until > 0 else []
-            kept = [line for line in old if line.endswith("}") and json.loads(line)["step"] <= keep_until]
+            old = self.path.read_text(errors="replace").splitlines() if self.path.is_file() and keep_until else []
+            kept = [line for line in old if 0 < row_step(line) <= keep_until]
             save_atomically(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
     def write(self, row):
@@ -2484,6 +2507,9 @@ def resolve_config(args):
     """Config = defaults, then the saved config (ask/eval: their adapters'; --resume: the checkpoint's), then
     the options given on the command line. Returns (cfg, trained arrays or None, checkpoint or None)."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
+    empty = [option_flag(name) for name in ("model", "out", "init", "resume", "val_data") if given.get(name) == ""]
+    if empty:  # `--out "$DIR"` with DIR unset: never the default folder in its place
+        raise InputError(f"{empty[0]} is empty: give a path")
     saved, trained, checkpoint = {}, None, None
     if args.command == "ask" and args.index and not args.adapters:
         args.adapters = read_index(args.index)[0]["adapters"]  # the adapters the index was built with
@@ -2505,6 +2531,10 @@ def resolve_config(args):
         saved = {k: v for k, v in init_config.items() if k in SHAPE_OPTIONS}
     cfg = config_from(saved, given)
     cfg.out = cfg.out or f"runs/{args.command}"
+    done = int(checkpoint[1]["step"]) if checkpoint else 0
+    if checkpoint and cfg.steps < done:
+        raise InputError(f"--steps {cfg.steps}: the checkpoint of --resume {cfg.resume} is at step {done} already; "
+                         "give more --steps to go on")
     return cfg, trained, checkpoint
 
 INVOCATION = ("overwrite", "resume")  # what one command line asks for: never taken back from a saved config
@@ -2541,6 +2571,7 @@ def checked_config(obj, source, unknown_ok=True):
         checked[name] = value
     return checked
 
+FLOAT32_TINY = 1.1754944e-38  # the smallest normal float32: a learning rate or temperature below it computes as 0
 MAX_MEMORY_GB = 2**20  # --memory-limit: a petabyte is more than any device holds (and fits MLX's byte count)
 
 def validate_config(cfg):
@@ -2551,9 +2582,9 @@ def validate_config(cfg):
     for name in ("lr", "min_lr", "mse_weight", "clip_norm", "temperature", "lora_scale", "memory_limit"):
         positive = name in ("lr", "temperature")
         value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise InputError(f"{option_flag(name)} must be a finite number "
-                             f"{'above 0' if positive else 'of at least 0'}, got {value}")
+        if not math.isfinite(value) or value < 0 or (positive and value < FLOAT32_TINY):  # float32 would keep 0
+            raise InputError(f"{option_flag(name)} must be a finite number {'above 0' if positive else 'of at least 0'}"
+                             f", got {value}" + (" (float32 computes it as 0)" if 0 < value < FLOAT32_TINY else ""))
     for name in ("warmup", "val_fraction", "lora_dropout"):
         if not 0 <= getattr(cfg, name) < 1:
             raise InputError(f"{option_flag(name)} is a fraction: at least 0 and below 1")
@@ -2597,6 +2628,8 @@ def check_options(cfg, args):
                          f"{n_processes} processes: give a multiple of {n_processes}")
     if args.command == "index" and Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
         raise InputError(f"--out {cfg.out}: already holds files; an index is written to a new or empty folder")
+    if args.command == "compress" and args.chunks_out and not args.pdf:
+        raise InputError("--chunks-out goes with --pdf: it is where the PDF's chunks are written")
     if args.command == "compress" and args.pdf:
         args.chunks_out = args.chunks_out or str(Path(cfg.out) / "chunks.jsonl")  # beside the run they trained
         check_writable(args.chunks_out, "--chunks-out", is_folder=False)

@@ -2083,7 +2083,7 @@ def test_edited_run_and_index_folders_are_one_line_naming_the_file_and_field(tmp
             ("chunks.jsonl", lambda c: [{**c[0], "pages": 3}, *c[1:]], "chunks.jsonl:1: field 'pages' must be a list"),
             ("chunks.jsonl", lambda c: [{**c[0], "source": None}, *c[1:]], "chunks.jsonl:1: field 'source' must be"),
             ("chunks.jsonl", lambda c: c[1:], "its parts disagree: memory (6, 4, 64), keys (6, 256), 5 chunk(s)"),
-            ("index.json", lambda info: {**info, "fingerprint": 7}, "index.json: field 'fingerprint' must be a string")]:
+            ("index.json", lambda info: {**info, "fingerprint": 7}, "field 'fingerprint' must be a string")]:
         edited = tmp_path / f"edited-{len(list(tmp_path.iterdir()))}"
         shutil.copytree(index, edited)
         if name == "chunks.jsonl":
@@ -2145,6 +2145,54 @@ def test_a_non_finite_stage_3_update_names_the_temperature_beside_the_learning_r
     assert "--temperature" not in clara.RunFiles(tmp_path / "s", command="sft").advice(True)
 
 
+ROUND_41_OPTIONS = [
+    (["sft", "--data", "data/sft.jsonl", "--out", ""], "--out is empty: give a path"),
+    (["compress", "--data", "{tmp}/text.jsonl", "--chunks-out", "{tmp}/chunks.jsonl", "--out", "{tmp}/out"],
+     "--chunks-out goes with --pdf"),
+    (["sft", "--data", "data/sft.jsonl", "--lr", "1e-320", "--out", "{tmp}/out"], "(float32 computes it as 0)"),
+    (["sft", "--data", "data/sft.jsonl", "--lora-layers", "50", "--model", "{model}", "--out", "{tmp}/out"],
+     "--lora-layers 50 is more than the model's 2 blocks"),
+    (["sft", "--data", "data/sft.jsonl", "--steps", "1", "--resume", "{run}"],
+     "--steps 1: the checkpoint of --resume {run} is at step 2 already"),
+]
+
+
+@pytest.mark.parametrize("args, message", ROUND_41_OPTIONS)
+def test_options_the_round_of_issue_41_found_accepted_are_refused_in_one_line(tmp_path, tiny_sft_run,
+                                                                             tiny_model_folder, capsys, args, message):
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": "a chunk"}) + "\n")
+    fill = {"tmp": tmp_path, "model": tiny_model_folder, "run": tiny_sft_run}
+    code, _, err = main_cli(capsys, *[a.format(**fill) for a in args])
+    assert_one_line(code, err, message.format(**fill))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "chunks.jsonl").exists()
+
+
+def test_a_finished_run_resumes_as_a_no_op_and_an_edited_checkpoint_or_metrics_file_is_no_bug(tmp_path, tiny_sft_run,
+                                                                                            capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sft_run, run)
+    before = folder_bytes(run)
+    code, out, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", "--resume", run)  # its own --steps 2
+    assert code == 0 and "nothing left to train" in out and folder_bytes(run) == before, err
+    arrays, metadata = clara.read_checkpoint(run / clara.CHECKPOINT)
+    without_optimizer = {name: value for name, value in arrays.items() if name.startswith("model.")}
+    mx.save_safetensors(str(run / clara.CHECKPOINT), without_optimizer, metadata=metadata)
+    code, _, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", "--steps", 3, "--resume", run)
+    assert code == 2 and "error: --resume: the checkpoint's optimizer state (0 arrays) does not fit this model's" in \
+        err.splitlines()[-1], err  # after the warning that the sample's documents are cut to 32 tokens
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": "x"}\n[1]\n"text"\n{"step": 2}\n{"step": 3}\n')
+    clara.MetricsLog(run, keep_until=2)  # a resume keeps the rows up to its step and drops lines edited into others
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_a_byte_order_mark_is_no_text_and_eval_scores_each_context_once(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "t"}).encode() + b"\r\n")
+    assert clara.read_jsonl(tmp_path / "bom.jsonl") == [(1, {"text": "t"})]
+    records = [{"positives": []}]
+    assert clara.eval_contexts(records, ["none", "text", "none"], "--contexts") == (False, ("none", "text"))
+    assert clara.eval_contexts(records, "none", "contexts") == (False, ("none",))  # a string is one context
+
+
 API_MISTAKES = [
     (lambda r: r.ask("q", docs="one document"), "docs: expected a list of documents (strings), got str"),
     (lambda r: r.ask(None, docs=["d"]), "question: a question must be a non-empty string, got None"),
@@ -2152,6 +2200,7 @@ API_MISTAKES = [
     (lambda r: r.ask("q", docs=["d", " "]), "docs[1]: the document is empty (no text to compress)"),
     (lambda r: r.ask("q", docs=["d"], max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
     (lambda r: r.ask("q", memory=mx.zeros((2, 3))), "memory: expected memory vectors of shape (documents, 4, 64)"),
+    (lambda r: r.ask("q", memory=mx.zeros((1, 4, 64), dtype=mx.int32)), "memory: expected memory vectors of shape"),
     (lambda r: r.index([]), "chunks: expected a non-empty list"),
     (lambda r: r.index([{"text": "t", "pages": 3}]), "chunks[0]: field 'pages' must be a list of page numbers"),
     (lambda r: r.evaluate([]), "records: expected a non-empty list of records to score"),
