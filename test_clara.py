@@ -2021,6 +2021,28 @@ def test_no_option_combination_replaces_or_deletes_an_earlier_run(tmp_path, tiny
     assert {name: (run / name).read_bytes() for name in ("eval.json", "eval.md")} == first
     assert f"wrote {run / 'eval-2.json'} and {run / 'eval-2.md'}" in out
     assert json.loads((run / "eval-2.json").read_text())["results"]["none"]["records"] == 1
+    code, _, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", "--steps", 2, "--resume", run)
+    assert code == 0, err  # the same data: it goes on, and keeps the metrics rows of its first step
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"train"' in line] == [1, 2]
+
+
+def test_an_index_run_that_finds_its_out_taken_meanwhile_is_refused_and_leaves_no_temporary_folder(
+        tmp_path, tiny_sft_run, capsys, monkeypatch):
+    (tmp_path / "chunks.jsonl").write_text("".join(json.dumps({"text": f"chunk {i}"}) + "\n" for i in range(3)))
+    index = clara.Reader.index
+
+    def another_run_finishes_first(reader, chunks, progress=""):  # a second `index` on the same --out, faster
+        (tmp_path / "idx").mkdir()
+        (tmp_path / "idx" / "index.json").write_text("{}")
+        return index(reader, chunks, progress)
+
+    monkeypatch.setattr(clara.Reader, "index", another_run_finishes_first)
+    code, _, err = main_cli(capsys, "index", "--data", tmp_path / "chunks.jsonl", "--adapters", tiny_sft_run,
+                            "--out", tmp_path / "idx")
+    assert_one_line(code, err, f"--out {tmp_path / 'idx'}: already holds files")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunks.jsonl", "idx"]  # no .idx.*.tmp left
+    assert (tmp_path / "idx" / "index.json").read_text() == "{}"  # the other run's index, untouched
 
 
 def test_a_run_that_ends_before_its_first_checkpoint_leaves_nothing_behind(tmp_path, tiny_model_folder, capsys):
