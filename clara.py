@@ -1301,9 +1301,9 @@ def train_stage(cfg, model, tokenizer, examples, val_examples, files):
     """Shared by the training commands: report what truncation cut, train (checkpointing into --out through
     `files`, a RunFiles: it knows the command and the checkpoint a --resume continues)."""
     kept = trainable_examples(cfg, examples, files)
-    if files.resumed and int(files.resumed[1]["step"]) == cfg.steps:  # a finished run: nothing to do or write
-        print(f"the checkpoint is at step {cfg.steps} of --steps {cfg.steps}: nothing left to train (more --steps "
-              "go on)")
+    done = int(files.resumed[1]["step"]) if files.resumed else 0
+    if done >= cfg.steps:  # a finished run (or --steps below its step): nothing to do, nothing written
+        print(f"the checkpoint is at step {done}, --steps {cfg.steps}: nothing left to train (more --steps go on)")
         return []
     report_cuts(cfg, examples + val_examples)
     val_examples = [ex for ex in val_examples if keeps_memory(ex)]
@@ -2101,6 +2101,7 @@ class RunFiles:
                 out.rmdir()
 
     def take_back(self):
+        """The run's own new files go, unless --out holds a checkpoint (a run --resume can continue)."""
         if self.before is None or (self.out / CHECKPOINT).exists():  # nothing written, or a run --resume continues
             return
         for path in run_outputs(self.out):
@@ -2531,10 +2532,6 @@ def resolve_config(args):
         saved = {k: v for k, v in init_config.items() if k in SHAPE_OPTIONS}
     cfg = config_from(saved, given)
     cfg.out = cfg.out or f"runs/{args.command}"
-    done = int(checkpoint[1]["step"]) if checkpoint else 0
-    if checkpoint and cfg.steps < done:
-        raise InputError(f"--steps {cfg.steps}: the checkpoint of --resume {cfg.resume} is at step {done} already; "
-                         "give more --steps to go on")
     return cfg, trained, checkpoint
 
 INVOCATION = ("overwrite", "resume")  # what one command line asks for: never taken back from a saved config
