@@ -1194,9 +1194,8 @@ def question_text(question, where):
 def documents(docs, where, allow_none=False):
     """A list of documents, each a string with text in it (NUL, the slot marker's character, taken out)."""
     if isinstance(docs, str) or not isinstance(docs, list | tuple) or not (docs or allow_none):
-        raise InputError(f"{where}: expected a {'' if allow_none else 'non-empty '}list of documents (strings), got "
-                         f"{type(docs).__name__}" + (f"; for one document give [{where}]" if isinstance(docs, str)
-                                                    else ""))
+        got = "one string (for one document: [text])" if isinstance(docs, str) else one_line(repr(docs))[:40]
+        raise InputError(f"{where}: expected a list of documents (strings), got {got}")
     return [document_text(d, f"{where}[{i}]") for i, d in enumerate(docs)]
 
 def document_text(text, where):
@@ -2550,7 +2549,8 @@ def checked_config(obj, source, unknown_ok=True):
     for name, value in obj.items():
         if name not in defaults or name in INVOCATION:
             if not unknown_ok:
-                raise InputError(f"{source}: no option {name!r} (the options are Config's fields)")
+                raise InputError(f"{source}: no option {name!r}" + (" (it belongs to a training command line)"
+                                                                     if name in INVOCATION else ""))
             continue
         if name == "compile" and isinstance(value, bool):  # a run saved before --compile took auto / on / off
             value = "on" if value else "off"

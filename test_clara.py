@@ -2216,7 +2216,7 @@ def test_a_byte_order_mark_is_no_text_and_eval_scores_each_context_once(tmp_path
 
 
 API_MISTAKES = [
-    (lambda r: r.ask("q", docs="one document"), "docs: expected a list of documents (strings), got str"),
+    (lambda r: r.ask("q", docs="one document"), "docs: expected a list of documents (strings), got one string"),
     (lambda r: r.ask(None, docs=["d"]), "question: a question must be a non-empty string, got None"),
     (lambda r: r.ask(5, docs=["d"]), "question: a question must be a non-empty string, got 5"),
     (lambda r: r.ask("q", docs=["d", " "]), "docs[1]: the document is empty (no text to compress)"),
@@ -2232,6 +2232,7 @@ API_MISTAKES = [
     (lambda r: r.ask_index({"memory": 1}, "q"), "index: expected what index() or clara.read_index returns"),
     (lambda r: clara.load(r.adapters, top_k="3"), "load(): field 'top_k' must be an integer, got \"3\""),
     (lambda r: clara.load(r.adapters, topk=3), "load(): no option 'topk'"),
+    (lambda r: clara.load(r.adapters, overwrite=True), "load(): no option 'overwrite' (it belongs to a training"),
     (lambda r: clara.load(r.adapters, top_k=0), "--top-k must be positive, got 0"),
 ]
 
