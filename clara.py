@@ -394,6 +394,9 @@ def add_lora(llm, cfg):
     hidden = text_model(llm).args.hidden_size
     if cfg.lora_rank > hidden:  # more than full rank: memory spent on nothing
         raise InputError(f"--lora-rank {cfg.lora_rank} is above the model's hidden size {hidden}")
+    if cfg.lora_layers > len(llm.layers):
+        raise InputError(f"--lora-layers {cfg.lora_layers} is more than the model's {len(llm.layers)} blocks "
+                         "('all' adapts every block)")
     keys = lora_key_names(llm, cfg)
     for layer in lora_blocks(llm, cfg):
         wrapped = dict(layer.named_modules())
@@ -808,7 +811,7 @@ def read_back(pending, since, trained_tokens, files):
     for u in pending:
         (loss, ce, mse), grad_norm = u["losses"].tolist(), u["grad_norm"].item()
         if not u["healthy"].item():  # every checkpoint was finite: none is written after this
-            advice = (files and files.advice(failed=True)) or "nothing was saved; run again with a lower --lr"
+            advice = files.advice(failed=True) if files else "nothing was saved; run again with a lower --lr"
             raise TrainingStopped(f"step {u['step']}: loss {loss} / gradient norm {grad_norm} is not finite; {advice}",
                                   1)
         trained_tokens += u["n_trained"].item()
@@ -1091,33 +1094,58 @@ class Reader:
 
     def compress(self, texts):
         """Each text's memory vectors, from the compressor. -> (len(texts), n_mem, H)"""
-        return compress_corpus(self.model, self.tokenizer, self.cfg, list(texts))
+        texts = documents(texts, "texts")
+        return compress_corpus(self.model, self.tokenizer, self.cfg, texts)
 
     def ask(self, question, docs=(), memory=None, max_new_tokens=64, context="compressed"):
         """The generator's greedy answer from documents: their memory (compressed here, or `memory` from
         compress()), or with context="text" their text in the prompt."""
+        question, docs = question_text(question, "question"), documents(docs, "docs", allow_none=True)
+        positive_count(max_new_tokens, "max_new_tokens")
+        if context not in ("compressed", "text"):
+            raise InputError(f"context must be 'compressed' or 'text', got {context!r}")
         if memory is not None:
+            self.check_memory(memory, "memory")
             example = retrieval_prompt(self.tokenizer, self.cfg, question, memory.shape[0])
         else:
-            example = build_example(self.tokenizer, self.cfg, list(docs), USER_ANSWER, None, context=context,
+            example = build_example(self.tokenizer, self.cfg, docs, USER_ANSWER, None, context=context,
                                     question=question)
             memory = self.compress(docs) if example["doc_ids"] else None
+        warn_cut_prompt(example, self.cfg)
         return generate_answer(self.model, self.tokenizer, self.cfg, example, max_new_tokens, memory)[0]
+
+    def check_memory(self, memory, where):
+        """Memory vectors these adapters can read: (D, n_mem, H) as compress() returns them."""
+        hidden = self.model.memory.shape[-1]
+        if not isinstance(memory, mx.array) or memory.ndim != 3 or memory.shape[1:] != (self.cfg.n_mem, hidden) or \
+                not mx.issubdtype(memory.dtype, mx.floating):
+            raise InputError(f"{where}: expected memory vectors of shape (documents, {self.cfg.n_mem}, {hidden}) "
+                             f"as compress() returns them, got {getattr(memory, 'shape', type(memory).__name__)} "
+                             f"{getattr(memory, 'dtype', '')}")
 
     def index(self, chunks, progress=""):
         """A searchable corpus: {"text", "source", "pages"} chunks, each compressed once. -> {"memory" (N, n_mem,
         H), "keys" (N, n_mem * H) unit retrieval keys, "chunks", "fingerprint" of the compressor that built it}"""
+        if isinstance(chunks, str | dict) or not isinstance(chunks, list | tuple) or not chunks:
+            raise InputError("chunks: expected a non-empty list of {\"text\", \"source\", \"pages\"} chunks")
+        chunks = [parse_chunk(c, f"chunks[{i}]") for i, c in enumerate(chunks)]
         memory = compress_corpus(self.model, self.tokenizer, self.cfg, [c["text"] for c in chunks], progress=progress)
         keys = unit(memory.reshape(len(chunks), -1).astype(mx.float32))  # (N, n_mem * H): cosine = keys @ unit query
         mx.eval(keys)
-        return {"memory": memory, "keys": keys, "chunks": list(chunks), "fingerprint": self.fingerprint}
+        return {"memory": memory, "keys": keys, "chunks": chunks, "fingerprint": self.fingerprint}
 
     def ask_index(self, index, question, max_new_tokens=64):
         """The query reasoner encodes the question, an exact cosine search picks the index's top-k chunks, the generator
         reads their memory. -> (answer, [{"source", "pages", "score", "text"}] best first); self.timing in ms"""
+        question = question_text(question, "question")
+        positive_count(max_new_tokens, "max_new_tokens")
+        if not isinstance(index, dict) or not {"memory", "keys", "chunks", "fingerprint"} <= set(index):
+            raise InputError("index: expected what index() or clara.read_index returns")
         if index["fingerprint"] != self.fingerprint:
             raise InputError(f"the index was built with other adapters (compressor {index['fingerprint']}) than these "
                              f"({self.fingerprint}); rebuild it with them")
+        self.check_memory(index["memory"], "index")
+        check_index(index, "index")
         tic = time.perf_counter()
         query = encode_question(self.model, self.tokenizer, self.cfg, question).astype(mx.float32)  # (n_mem * H,)
         mx.eval(query)
@@ -1127,6 +1155,7 @@ class Reader:
         mx.eval(top)
         retrieved = time.perf_counter()
         example = retrieval_prompt(self.tokenizer, self.cfg, question, top.size)
+        warn_cut_prompt(example, self.cfg)
         answer = generate_answer(self.model, self.tokenizer, self.cfg, example, max_new_tokens, index["memory"][top])[0]
         self.timing = {"encode_ms": 1000 * (encoded - tic), "retrieve_ms": 1000 * (retrieved - encoded),
                        "generate_ms": 1000 * (time.perf_counter() - retrieved)}
@@ -1136,17 +1165,74 @@ class Reader:
 
     def evaluate(self, records, contexts=None, max_new_tokens=64):
         """Scores greedy answers as `eval` does (stage-2 records: compressed, text, none; stage-3 records, with
-        "positives": recall@k, retrieved, marked, none). -> {context: summary with every answer}"""
-        retrieval = any(r.get("positives") for r in records)
+        "positives": recall@k, retrieved, marked, none). Records: {"question", "docs", "gold", "positives"
+        (optional)}, or lines of an eval file. -> {context: summary with every answer}"""
+        if isinstance(records, str | dict) or not isinstance(records, list | tuple) or not records:
+            raise InputError("records: expected a non-empty list of records to score")
+        records = [eval_record({**r, **({"gold_answer": r["gold"]} if "gold" in r else {}),
+                                **({"pos_index": r["positives"]} if "positives" in r else {})}
+                               if isinstance(r, dict) else r, f"records[{i}]", self.cfg.top_k)
+                   for i, r in enumerate(records)]
+        positive_count(max_new_tokens, "max_new_tokens")
+        retrieval, contexts = eval_contexts(records, contexts, "contexts")
         evaluation = evaluate_retrieval if retrieval else evaluate
-        return evaluation(self.model, self.tokenizer, self.cfg, records, max_new_tokens,
-                          contexts or (RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS))
+        return evaluation(self.model, self.tokenizer, self.cfg, records, max_new_tokens, contexts)
 
 def load(adapters, **options):
     """A Reader of trained adapters (a run's --out folder or a checkpoint file) with the config they were trained
-    with; `options` override it, e.g. load("runs/e2e", top_k=3)."""
+    with; `options` override it, e.g. load("runs/e2e", top_k=3). Bad input raises clara.InputError, one line."""
     saved, trained = read_trained(adapters)
-    return Reader(config_from(saved, options), trained)
+    return Reader(validate_config(config_from(saved, checked_config(options, "load()", unknown_ok=False))), trained)
+
+# ---- the checks the commands and the Python API share: one message for one mistake, wherever it comes from ----
+
+def question_text(question, where):
+    if not isinstance(question, str) or not question.replace("\x00", "").strip():
+        raise InputError(f"{where}: a question must be a non-empty string, got {one_line(repr(question))[:40]}")
+    return question.replace("\x00", "").strip()  # NUL is the slot marker's character: never taken from input
+
+def documents(docs, where, allow_none=False):
+    """A list of documents, each a string with text in it (NUL, the slot marker's character, taken out)."""
+    if isinstance(docs, str) or not isinstance(docs, list | tuple) or not (docs or allow_none):
+        got = "one string (for one document: [text])" if isinstance(docs, str) else one_line(repr(docs))[:40]
+        raise InputError(f"{where}: expected a list of documents (strings), got {got}")
+    return [document_text(d, f"{where}[{i}]") for i, d in enumerate(docs)]
+
+def document_text(text, where):
+    if not isinstance(text, str):
+        raise InputError(f"{where}: a document must be a string, got {type(text).__name__}")
+    if not text.replace("\x00", "").strip():
+        raise InputError(f"{where}: the document is empty (no text to compress)")
+    return text.replace("\x00", "")
+
+def positive_count(value, where):
+    if type(value) is not int or value <= 0:
+        raise InputError(f"{where} must be a positive integer, got {one_line(repr(value))[:40]}")
+    return value
+
+def eval_record(obj, where, top_k):
+    """An eval record: a stage-2 record, or a stage-3 one (marked candidates) with at least --top-k candidates, since
+    its answers come from the top k."""
+    record = parse_e2e_record(obj, where)
+    return parse_e2e_record(obj, where, min_candidates=top_k) if record["positives"] else record
+
+def eval_contexts(records, contexts, flag):
+    """(whether the records are stage 3's, the contexts to score) for eval, or one line on contexts that do not
+    fit the records."""
+    retrieval = any(r["positives"] for r in records)  # stage 3 records: candidates with the relevant ones marked
+    allowed = RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS
+    contexts = tuple(dict.fromkeys([contexts] if isinstance(contexts, str) else contexts or allowed))  # once each
+    wrong = set(contexts) - set(allowed)
+    if wrong:
+        raise InputError(f"{flag} {' '.join(sorted(map(str, wrong)))}: not for {'stage 3' if retrieval else 'stage 2'} "
+                         f"records; choose from {' '.join(allowed)}")
+    return retrieval, contexts
+
+def warn_cut_prompt(example, cfg):
+    """ask: say when a long question pushed documents' memory out of --max-len (the answer cannot use it)."""
+    if example["docs_dropped"]:
+        warn(f"{example['docs_dropped']} of {example['n_slot_docs']} document(s) lost memory slots: the question "
+             f"and prompt do not fit --max-len {cfg.max_len} (raise --max-len, or ask a shorter question)")
 
 
 # ---- commands -----------------------------------------------------------------
@@ -1199,28 +1285,42 @@ def report_cuts(cfg, examples):
     if cut_targets:
         warn(f"{cut_targets} target(s) were cut at their end to fit --max-len {cfg.max_len}; prompts and memory kept")
 
-def train_stage(cfg, command, model, tokenizer, examples, val_examples, checkpoint):
-    """Shared by the training commands: report what truncation cut, train (checkpointing into --out).
-    checkpoint: (arrays, metadata) of the run that --resume continues, or None."""
+def trainable_examples(cfg, examples, files):
+    """The examples that keep some memory, checked against the checkpoint a resume continues (before anything is
+    written); none of them: the options, not the data, are wrong."""
     kept = [ex for ex in examples if keeps_memory(ex)]
-    if not kept:  # no record of the file fits: the options, not the data, are wrong
+    if not kept:
         raise InputError(f"no record can hold even one document's {cfg.n_mem} memory slots in --max-len "
                          f"{cfg.max_len}: raise --max-len or --compression-rate, or give fewer documents per record")
-    if checkpoint:
-        check_same_data(checkpoint, kept, command)  # before anything else is said or written
+    if files.resumed:
+        check_same_data(files.resumed, kept, files.command)
+    return kept
+
+def train_stage(cfg, model, tokenizer, examples, val_examples, files):
+    """Shared by the training commands: report what truncation cut, train (checkpointing into --out through
+    `files`, a RunFiles: it knows the command and the checkpoint a --resume continues)."""
+    kept = trainable_examples(cfg, examples, files)
+    done = int(files.resumed[1]["step"]) if files.resumed else 0
+    if done >= cfg.steps:  # a finished run (or --steps below its step): nothing to do, nothing written
+        print(f"the checkpoint is at step {done}, --steps {cfg.steps}: nothing left to train (more --steps go on)")
+        return []
     report_cuts(cfg, examples + val_examples)
     val_examples = [ex for ex in val_examples if keeps_memory(ex)]
     print(f"{len(kept)} training example(s), {len(val_examples)} for validation", flush=True)
-    out = cfg.out if process_group().rank() == 0 else None  # data parallel: the first process writes
     with stop_on_signals() as stop:  # SIGINT / SIGTERM finish the step and checkpoint it
-        history = train(model, kept, cfg, tokenizer.pad_token_id, RunFiles(out, checkpoint, command), val_examples,
-                        stop)
+        history = train(model, kept, cfg, tokenizer.pad_token_id, files, val_examples, stop)
     print(f"saved adapters, memory embeddings, checkpoint and config to {cfg.out}/")
     return history
 
 def read_records(path, parse):
-    """[(split, record)] of a JSONL file, every line validated."""
-    return [(obj.get("split"), parse(obj, f"{path}:{n}")) for n, obj in read_jsonl(path)]
+    """[(split, record)] of a JSONL file, every line validated; "split" is "train" or "eval", when given."""
+    records = []
+    for n, obj in read_jsonl(path):
+        if obj.get("split", "train") not in ("train", "eval"):
+            raise InputError(f"{path}:{n}: field 'split' must be \"train\" or \"eval\", got "
+                             f"{one_line(json.dumps(obj['split']))[:40]}")
+        records.append((obj.get("split"), parse(obj, f"{path}:{n}")))
+    return records
 
 def pdf_chunks(pages, tokenizer, cfg):
     """A PDF's pages packed into chunks of at most --doc-max-len tokens: [{"text", "pages"}]."""
@@ -1233,7 +1333,7 @@ def pdf_pages_or_none(args):
         raise InputError(f"{args.command} needs exactly one of --pdf FILE or --data FILE.jsonl")
     return extract_pdf_pages(args.pdf, args.pdf_password, args.max_pages) if args.pdf else None
 
-def cmd_compress(cfg, args, trained, checkpoint):
+def cmd_compress(cfg, args, trained, files):
     pages = pdf_pages_or_none(args)
     if args.pdf:
         val_records = [r for _, r in read_records(cfg.val_data, parse_compress_record)] if cfg.val_data else []
@@ -1246,19 +1346,20 @@ def cmd_compress(cfg, args, trained, checkpoint):
         if not cfg.val_data:
             records, val_records = split_validation(records, cfg.val_fraction, cfg.seed)
     examples = compress_examples(tokenizer, cfg, records)
-    if checkpoint:  # before --chunks-out is written again
-        check_same_data(checkpoint, [ex for ex in examples if keeps_memory(ex)], "compress")
-    if args.pdf and process_group().rank() == 0:
+    trainable_examples(cfg, examples, files)  # refused here, before --chunks-out is written
+    if args.pdf and files.out:
+        files.claim()
         write_jsonl_atomically(args.chunks_out, chunks)
         print(f"{args.pdf}: {len(pages)} page(s) with text -> {len(chunks)} document(s), written to {args.chunks_out}")
-    return train_stage(cfg, "compress", model, tokenizer, examples, compress_examples(tokenizer, cfg, val_records),
-                       checkpoint)
+    return train_stage(cfg, model, tokenizer, examples, compress_examples(tokenizer, cfg, val_records), files)
 
 def split_validation(items, fraction, seed):
     """Hold out round(fraction * n) items (at least one when fraction > 0), chosen by the seed."""
     if fraction <= 0:
         return items, []
     n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
+    if n_val == 0:
+        warn(f"--val-fraction {fraction} of {len(items)} record(s) holds none out (one must train): no validation")
     held = set(random.Random(seed).sample(range(len(items)), n_val))
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
@@ -1276,10 +1377,10 @@ def split_records(cfg, path, parse):
         return *split_validation(records, cfg.val_fraction, cfg.seed), len(held_out)
     return records, held_out, len(held_out)
 
-def cmd_sft(cfg, args, trained, checkpoint):
+def cmd_sft(cfg, args, trained, files):
     records, val_records, n_held_out = split_records(cfg, args.data, parse_sft_record)
     # Apple's stage 2 takes the compressor and the memory from stage 1 and starts a fresh generator
-    fresh_roles = ("generator",) if cfg.init and not checkpoint and not cfg.init_generator else ()
+    fresh_roles = ("generator",) if cfg.init and not files.resumed and not cfg.init_generator else ()
     # stage-1 records trained alongside the questions (not Apple's recipe; README): the generator keeps reading
     # every fact of a document from its memory while it learns to answer briefly
     stage1 = [r for split, r in read_records(args.stage1_data, parse_compress_record) if split != "eval"] \
@@ -1287,11 +1388,11 @@ def cmd_sft(cfg, args, trained, checkpoint):
     model, tokenizer = load_clara(cfg, trained, fresh_roles)
     print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out (\"split\": \"eval\")"
           + (f"; {args.stage1_data}: {len(stage1)} stage-1 record(s) mixed in" if stage1 else ""))
-    return train_stage(cfg, "sft", model, tokenizer,
+    return train_stage(cfg, model, tokenizer,
                        sft_examples(tokenizer, cfg, records) + compress_examples(tokenizer, cfg, stage1),
-                       sft_examples(tokenizer, cfg, val_records), checkpoint)
+                       sft_examples(tokenizer, cfg, val_records), files)
 
-def cmd_e2e(cfg, args, trained, checkpoint):
+def cmd_e2e(cfg, args, trained, files):
     """Stage 3: the generator and the query reasoner learn from the answer loss, through the differentiable
     top-k; the compressor and the memory embeddings are frozen, so each candidate is compressed only once."""
     if trained is None:
@@ -1310,8 +1411,8 @@ def cmd_e2e(cfg, args, trained, checkpoint):
     bank, bank_rows = candidate_bank(model, tokenizer, cfg, records + val_records)  # (U, n_mem, H), {text: its row}
     print(f"{args.data}: {len(records)} training record(s), {n_held_out} held out; {len(bank_rows)} distinct candidate "
           f"documents compressed once in {time.perf_counter() - tic:.1f} s", flush=True)
-    return train_stage(cfg, "e2e", model, tokenizer, e2e_examples(tokenizer, cfg, records, bank, bank_rows),
-                       e2e_examples(tokenizer, cfg, val_records, bank, bank_rows), checkpoint)
+    return train_stage(cfg, model, tokenizer, e2e_examples(tokenizer, cfg, records, bank, bank_rows),
+                       e2e_examples(tokenizer, cfg, val_records, bank, bank_rows), files)
 
 INDEX_FORMAT = "clara-index/1"
 
@@ -1324,52 +1425,73 @@ def compressor_fingerprint(model):
             digest.update(memoryview(value.astype(mx.float32)))
     return digest.hexdigest()[:16]
 
-def cmd_index(cfg, args, trained, checkpoint):
+def cmd_index(cfg, args, trained, files):
     """Compress every chunk of a corpus once (a PDF chunked as compress --pdf does, or {"text"} JSONL lines) into
     --out: memory, retrieval keys, chunks, the compressor's fingerprint (written in a temporary folder, renamed)."""
     pages = pdf_pages_or_none(args)
     if not args.pdf:
-        chunks = [{"text": text_field(first_field(obj, ("text",), f"{args.data}:{n}")[1], "text", f"{args.data}:{n}"),
-                   "source": obj.get("source", Path(args.data).name), "pages": obj.get("pages", [])}
-                  for n, obj in read_jsonl(args.data)]
+        chunks = [parse_chunk(obj, f"{args.data}:{n}", Path(args.data).name) for n, obj in read_jsonl(args.data)]
     reader = Reader(cfg, trained)
     if args.pdf:
         chunks = [{**c, "source": Path(args.pdf).name} for c in pdf_chunks(pages, reader.tokenizer, cfg)]
     tic = time.perf_counter()
     index = reader.index(chunks, progress="index")
     seconds = time.perf_counter() - tic
-    out = Path(cfg.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a killed run: never a user's folder (the name starts with a dot)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "index.safetensors"), {"memory": index["memory"], "keys": index["keys"]})
-    write_jsonl_atomically(tmp / "chunks.jsonl", chunks)
-    info = {"format": INDEX_FORMAT, "adapters": str(Path(args.adapters).absolute()),
-            "fingerprint": index["fingerprint"], "chunks": len(chunks), "config": asdict(cfg)}
-    (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"indexed {len(chunks)} chunk(s) in {seconds:.1f} s ({len(chunks) / seconds:.1f} chunks/s) -> {out}/")
+    out = Path(cfg.out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # this run's own
+    try:
+        save_atomically(tmp / "index.safetensors", lambda p: mx.save_safetensors(
+            str(p), {"memory": index["memory"], "keys": index["keys"]}))
+        write_jsonl_atomically(tmp / "chunks.jsonl", chunks)
+        info = {"format": INDEX_FORMAT, "adapters": str(Path(args.adapters).absolute()),
+                "fingerprint": index["fingerprint"], "chunks": len(chunks), "config": asdict(cfg)}
+        save_atomically(tmp / "index.json", lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+        try:
+            os.rename(tmp, out)  # onto a new or empty folder only: another run's index is never replaced
+        except OSError as e:
+            raise InputError(f"--out {cfg.out}: {'already holds files' if out.exists() else e.strerror} (another "
+                             "index run wrote there meanwhile?); an index goes to a new or empty folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"indexed {len(chunks)} chunk(s) in {seconds:.1f} s ({len(chunks) / seconds:.1f} chunks/s) -> {cfg.out}/")
 
 def read_index(folder):
-    """(info, index) of an index folder (index as Reader.index returns it), or one clear error."""
+    """(info, index) of an index folder (index as Reader.index returns it), every file and field checked, or one
+    line naming what is wrong."""
     folder = Path(folder)
-    unreadable = InputError(f"{folder}: not a readable index (build one with: clara.py index --pdf FILE "
-                            "--adapters RUN --out DIR)")
+    unreadable = "not a readable index (build one with: clara.py index --pdf FILE --adapters RUN --out DIR)"
+    if not (folder / "index.json").is_file():
+        raise InputError(f"{folder}: {unreadable}")
     try:
         info = json.loads((folder / "index.json").read_text())
         arrays = mx.load(str(folder / "index.safetensors"))
-        memory, keys = arrays["memory"], arrays["keys"]
-        chunks = [json.loads(line) for line in (folder / "chunks.jsonl").read_text().splitlines()]
-    except Exception:  # missing, truncated or foreign files fail in many ways
-        raise unreadable from None
-    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT or \
-            not keys.shape[0] == memory.shape[0] == len(chunks):
-        raise unreadable
-    return info, {"memory": memory, "keys": keys, "chunks": chunks, "fingerprint": info.get("fingerprint")}
+    except Exception as e:  # missing, truncated or foreign files fail in many ways
+        raise InputError(f"{folder}: {unreadable} ({one_line(e)[:80]})") from None
+    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
+        raise InputError(f"{folder / 'index.json'}: {unreadable}")
+    for name in ("adapters", "fingerprint"):
+        if not isinstance(info.get(name), str):
+            raise InputError(f"{folder / 'index.json'}: field {name!r} must be a string")
+    where = folder / "chunks.jsonl"
+    chunks = [parse_chunk(obj, f"{where}:{n}") for n, obj in read_jsonl(where)]
+    if not isinstance(arrays, dict) or not all(isinstance(arrays.get(k), mx.array) for k in ("memory", "keys")):
+        raise InputError(f"{folder / 'index.safetensors'}: must hold the arrays 'memory' and 'keys'")
+    index = {"memory": arrays["memory"], "keys": arrays["keys"], "chunks": chunks, "fingerprint": info["fingerprint"]}
+    check_index(index, folder)
+    return info, index
 
-def ask_index(cfg, args, trained):
-    """Answer from a compressed corpus (Reader.ask_index); nothing is re-compressed."""
+def check_index(index, where):
+    """An index (Reader.index's or read_index's) whose parts agree: memory (N, n_mem, H), keys (N, n_mem * H) and N
+    chunks."""
+    memory, keys = index["memory"], index["keys"]
+    if memory.ndim != 3 or keys.shape != (memory.shape[0], memory.shape[1] * memory.shape[2]) or \
+            len(index["chunks"]) != memory.shape[0]:
+        raise InputError(f"{where}: its parts disagree: memory {memory.shape}, keys {keys.shape}, "
+                         f"{len(index['chunks'])} chunk(s) (edited, or files of two indexes?)")
+
+def ask_index(cfg, args, trained, answers):
+    """Answer from a compressed corpus (Reader.ask_index); nothing is re-compressed. Answers go to `answers`."""
     questions = read_questions(args)
     info, index = read_index(args.index)
     reader = Reader(cfg, trained)
@@ -1378,63 +1500,60 @@ def ask_index(cfg, args, trained):
                          f"{args.adapters} ({reader.fingerprint}); rebuild it with clara.py index")
     n_chunks = len(index["chunks"])
     if n_chunks < cfg.top_k:
-        print(f"note: the index holds {n_chunks} chunk(s); retrieving {n_chunks}, not --top-k {cfg.top_k}",
-              file=sys.stderr if args.questions else sys.stdout)
+        warn(f"the index holds {n_chunks} chunk(s); retrieving {n_chunks}, not --top-k {cfg.top_k}")
     for question in questions:
         answer, sources = reader.ask_index(index, question, args.max_new_tokens)
         if args.questions:
-            print(json.dumps({"question": question, "answer": answer, "sources": sources}), flush=True)
+            print(json.dumps({"question": question, "answer": answer, "sources": sources}), file=answers, flush=True)
             continue
-        print(answer)
         ms = reader.timing
-        print(f"\nsources (query encoding {ms['encode_ms']:.0f} ms, retrieval over {n_chunks} chunks "
-              f"{ms['retrieve_ms']:.1f} ms, generation {ms['generate_ms']:.0f} ms):")
+        print(f"{answer}\n\nsources (query encoding {ms['encode_ms']:.0f} ms, retrieval over {n_chunks} chunks "
+              f"{ms['retrieve_ms']:.1f} ms, generation {ms['generate_ms']:.0f} ms):", file=answers)
         for rank, c in enumerate(sources, 1):
             pages = f" p. {', '.join(map(str, c['pages']))}" if c["pages"] else ""
-            print(f"  [{rank}] score {c['score']:.3f} | {c['source']}{pages} | {' '.join(c['text'].split()[:12])} ...")
+            print(f"  [{rank}] score {c['score']:.3f} | {c['source']}{pages} | {' '.join(c['text'].split()[:12])} ...",
+                  file=answers)
 
 def read_documents(paths):
-    return [read_input_bytes(path, "document").decode("utf-8", errors="replace").replace("\x00", "") for path in paths]
+    """The text of each --docs file, checked as the Python API checks documents (a blank file is refused)."""
+    return [document_text(read_input_bytes(path, "document").decode("utf-8", errors="replace"), path)
+            for path in paths]
 
 def read_questions(args):
     """--question, or the non-blank lines of --questions FILE (one question a line), checked before any model loads."""
-    if bool(args.question) == bool(args.questions):
+    if (args.question is None) == (args.questions is None):
         raise InputError("ask needs --question TEXT or --questions FILE (one question a line), one of the two")
-    if args.question:
-        return [args.question]
+    if args.question is not None:
+        return [question_text(args.question, "--question")]
     text = read_input_bytes(args.questions, "questions").decode("utf-8", errors="replace")
-    questions = [line.strip() for line in text.splitlines() if line.strip()]
+    questions = [line.replace("\x00", "").strip() for line in text.splitlines() if line.replace("\x00", "").strip()]
     if not questions:
         raise InputError(f"{args.questions}: no questions in it (one question a line)")
     return questions
 
-def cmd_ask(cfg, args, trained, checkpoint):
-    """Answers --question, or each line of --questions (as JSON Lines), with the model loaded once."""
-    if args.index:
-        return ask_index(cfg, args, trained)
-    if not args.docs:
-        raise InputError("ask needs --docs FILE ... (documents to compress) or --index DIR (a compressed corpus)")
-    questions, docs = read_questions(args), read_documents(args.docs)
-    reader = Reader(cfg, trained)
-    memory = reader.compress(docs) if cfg.context == "compressed" else None  # (D, n_mem, H): once for all questions
-    for question in questions:
-        answer = reader.ask(question, docs, memory, args.max_new_tokens, cfg.context)
-        print(json.dumps({"question": question, "answer": answer}) if args.questions else answer, flush=True)
+def cmd_ask(cfg, args, trained, files):
+    """Answers --question, or each line of --questions (as JSON Lines), with the model loaded once. Answers go to
+    stdout; with --questions everything else (the model's line, notes) goes to stderr, so stdout is pure JSON Lines."""
+    answers = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr if args.questions else answers):
+        if args.index:
+            return ask_index(cfg, args, trained, answers)
+        questions, docs = read_questions(args), read_documents(args.docs)
+        reader = Reader(cfg, trained)
+        memory = reader.compress(docs) if cfg.context == "compressed" else None  # (D, n_mem, H): once for all
+        for question in questions:
+            answer = reader.ask(question, docs, memory, args.max_new_tokens, cfg.context)
+            print(json.dumps({"question": question, "answer": answer}) if args.questions else answer, file=answers,
+                  flush=True)
 
-def cmd_eval(cfg, args, trained, checkpoint):
+def cmd_eval(cfg, args, trained, files):
     where = Path(args.adapters) if Path(args.adapters).is_dir() else Path(args.adapters).parent  # eval.json goes here
     check_writable(where / "eval.json", "eval output", is_folder=False)
-    marked = read_records(args.data, parse_e2e_record)
+    marked = read_records(args.data, functools.partial(eval_record, top_k=cfg.top_k))
     records = [record for split, record in marked if split == "eval"] or [record for _, record in marked]
     which = "those marked \"split\": \"eval\"" if len(records) < len(marked) else "all of them"
     records = records[: args.max_records or None]
-    retrieval = any(r["positives"] for r in records)  # stage 3 records: candidates with the relevant ones marked
-    allowed = RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS
-    contexts = args.contexts or allowed
-    wrong = set(contexts) - set(allowed)
-    if wrong:
-        raise InputError(f"--contexts {' '.join(sorted(wrong))}: not for {'stage 3' if retrieval else 'stage 2'} "
-                         f"records; choose from {' '.join(allowed)}")
+    retrieval, contexts = eval_contexts(records, args.contexts, "--contexts")
     n_many = 0 if retrieval else sum(len(r["docs"]) > cfg.top_k for r in records)
     if n_many:
         print(f"note: {n_many} record(s) have more than --top-k {cfg.top_k} documents; their first {cfg.top_k} are "
@@ -1444,7 +1563,8 @@ def cmd_eval(cfg, args, trained, checkpoint):
     results = reader.evaluate(records, contexts, args.max_new_tokens)
     table = eval_table(results, cfg)
     print(table, end="")
-    write_report(where / "eval", {"data": str(args.data), "adapters": str(args.adapters), "results": results}, table)
+    write_report(unused_stem(where / "eval"), {"data": str(args.data), "adapters": str(args.adapters),
+                                               "results": results}, table)
 
 
 # ---- main ---------------------------------------------------------------------
@@ -1473,8 +1593,11 @@ def run_command(args):
             sys.stdout = open(os.devnull, "w")
         cfg, trained, checkpoint = resolve_config(args)
         check_options(validate_config(cfg), args)
-        with run_lock(cfg.out if args.command in TRAINING_COMMANDS and group.rank() == 0 else None, cfg.overwrite):
-            COMMANDS[args.command](cfg, args, trained, checkpoint)
+        training = args.command in TRAINING_COMMANDS
+        files = RunFiles(cfg.out if training and group.rank() == 0 else None, checkpoint, args.command, cfg.overwrite,
+                         cfg.resume, getattr(args, "chunks_out", None))  # the first process writes
+        with files.held():
+            COMMANDS[args.command](cfg, args, trained, files)
     except (InputError, WriteFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, InputError) else 1
@@ -1778,7 +1901,7 @@ def read_jsonl(path):
     records = []
     for number, raw in enumerate(read_input_bytes(path, "JSONL").split(b"\n"), 1):
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM (Windows editors) is no text
         except UnicodeDecodeError as e:
             raise InputError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
         if not line.strip():
@@ -1874,11 +1997,30 @@ def parse_compress_record(obj, where):
         raise InputError(f"{where}: 'question' is empty")
     return {"kind": kind, "doc": docs[0], "target": "\n".join(pairs)}
 
+def parse_chunk(obj, where, source=""):
+    """An index chunk -> {"text", "source" (default `source`), "pages" (the PDF pages it came from, or [])}."""
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a chunk, an object with 'text', got {type(obj).__name__}")
+    text = text_field(first_field(obj, ("text",), where)[1], "text", where)
+    source, pages = obj.get("source", source), obj.get("pages", [])
+    if not isinstance(source, str):
+        raise InputError(f"{where}: field 'source' must be a string")
+    if not isinstance(pages, list) or not all(type(p) is int and p > 0 for p in pages):
+        raise InputError(f"{where}: field 'pages' must be a list of page numbers (integers from 1)")
+    return {"text": text, "source": source, "pages": pages}
+
 def write_report(stem, obj, markdown):
     """stem.json (obj) and stem.md (a table), each written atomically, and a line saying so."""
     save_atomically(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
     save_atomically(stem.with_suffix(".md"), lambda p: p.write_text(markdown))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+def unused_stem(stem):
+    """stem, else stem-2, stem-3, ...: the first whose .json and .md are both free, so a report never replaces one."""
+    n = 1
+    while any(Path(f"{stem}{f'-{n}' if n > 1 else ''}{suffix}").exists() for suffix in (".json", ".md")):
+        n += 1
+    return Path(f"{stem}{f'-{n}' if n > 1 else ''}")
 
 def write_jsonl_atomically(path, records):
     path = Path(path)
@@ -1892,11 +2034,80 @@ def write_jsonl_atomically(path, records):
 CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
 
 class RunFiles:
-    """What a run keeps in --out (None: nothing): the last and best checkpoints, the outputs, metrics.jsonl; and
-    `resumed`, (arrays, metadata) of the checkpoint it continues, checked against its data and command."""
+    """What a run keeps in --out (None: nothing), and the one place that decides what may be written there and when.
+    A folder that holds another run's outputs is refused, unless --overwrite, whose earlier outputs (and an earlier
+    --chunks-out) go only when the run starts writing (claim): input refused or an interrupt before that leaves them as
+    they were. A run that ends before its first checkpoint takes back what it wrote, so the fixed command just runs
+    again. `resumed`: (arrays, metadata) of the checkpoint it continues, checked against its data and command."""
 
-    def __init__(self, out, resumed=None, command=""):
+    def __init__(self, out, resumed=None, command="", overwrite=False, resumed_from="", chunks_out=None):
         self.out, self.resumed, self.command = out and Path(out), resumed, command
+        self.resumed_from, self.chunks_out = resumed_from, chunks_out and Path(chunks_out)
+        # a run continued in its own folder replaces nothing there: --overwrite only lets it replace --chunks-out
+        self.own_folder = bool(out and resumed_from) and Path(resumed_from).resolve() == Path(out).resolve()
+        self.overwrite, self.before = overwrite, None  # before: what the folder held when the run claimed it
+
+    def check(self):
+        """Refuse, before any work, a run that would replace earlier work without --overwrite."""
+        earlier = [p.name for p in run_outputs(self.out)]
+        if earlier and not self.overwrite and not self.own_folder:
+            how = (f"--resume continues a run in the folder it gives ({self.resumed_from})" if self.resumed_from
+                   else f"continue it with --resume {self.out}")
+            raise InputError(f"--out {self.out}: already holds a run ({', '.join(earlier[:3])}); {how}, choose "
+                             "another --out, or pass --overwrite to replace it")
+        inside = self.chunks_out and self.chunks_out.absolute().parent == self.out.absolute()
+        if self.chunks_out and self.chunks_out.exists() and not self.overwrite and not (self.own_folder and inside):
+            raise InputError(f"--chunks-out {self.chunks_out}: already exists; choose another file, or pass "
+                             "--overwrite to replace it")
+
+    def claim(self):
+        """Called before the run's first write: now, and not earlier, --overwrite removes the earlier outputs."""
+        if not self.out or self.before is not None:
+            return
+        if self.overwrite:
+            for path in [*([] if self.own_folder else run_outputs(self.out)), *filter(None, [self.chunks_out])]:
+                path.unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.before = {p.name for p in run_outputs(self.out)}
+        self.chunks_before = bool(self.chunks_out and self.chunks_out.exists())
+
+    @contextlib.contextmanager
+    def held(self):
+        """Hold out/.lock for the run's life, so a second run on the same --out is refused (the operating system drops
+        an flock when its process dies, even by kill -9: no stale lock). A run that ends (refused, stopped, failed)
+        with no checkpoint in --out takes back the files it wrote, and a folder it made."""
+        if not self.out:
+            yield
+            return
+        out, created = self.out, not self.out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(out / ".lock", "w") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise InputError(f"--out {out}: another run is writing there right now; wait for it or choose "
+                                     "another --out") from None
+                self.check()
+                try:
+                    yield
+                except BaseException:
+                    self.take_back()
+                    raise
+        finally:
+            if created and [p.name for p in out.iterdir()] == [".lock"]:
+                (out / ".lock").unlink()
+                out.rmdir()
+
+    def take_back(self):
+        """The run's own new files go, unless --out holds a checkpoint (a run --resume can continue)."""
+        if self.before is None or (self.out / CHECKPOINT).exists():  # nothing written, or a run --resume continues
+            return
+        for path in run_outputs(self.out):
+            if path.name not in self.before:
+                path.unlink(missing_ok=True)
+        if self.chunks_out and not self.chunks_before:
+            self.chunks_out.unlink(missing_ok=True)
 
     def start(self, model, optimizer, examples, cfg):
         """Where the run starts: (first step, best validation loss, trained tokens), a resumed run's adapters,
@@ -1909,9 +2120,14 @@ class RunFiles:
             check_same_data(self.resumed, examples, self.command, self.data["data_fingerprint"])
             load_trained(model, checkpoint_part(arrays, "model."))
             optimizer.init(model.trainable_parameters())
-            optimizer.state = tree_unflatten(list(checkpoint_part(arrays, "optimizer.").items()))
+            saved, fresh = checkpoint_part(arrays, "optimizer."), dict(tree_flatten(optimizer.state))
+            if {k: v.shape for k, v in saved.items()} != {k: v.shape for k, v in fresh.items()}:
+                raise InputError(f"--resume: the checkpoint's optimizer state ({len(saved)} arrays) does not fit "
+                                 f"this model's ({len(fresh)}): an edited checkpoint, or one of another run?")
+            optimizer.state = tree_unflatten(list(saved.items()))
             first, best_val = int(metadata["step"]) + 1, float(metadata["best_val_loss"])
             trained_tokens = int(metadata["trained_tokens"])
+        self.claim()
         self.metrics = MetricsLog(self.out, keep_until=first - 1)
         return first, best_val, trained_tokens
 
@@ -1938,8 +2154,11 @@ class RunFiles:
         last = self.out and self.out / CHECKPOINT
         if not failed:
             return f"checkpoint saved to {last}; continue with --resume {self.out}" if last else ""
-        return (f"the last good checkpoint is {last}; start a new run from it with a lower --lr (--init {last} "
-                "--out NEW)") if last and last.is_file() else ""
+        remedy = "a lower --lr" + (" or a higher --temperature" if self.command == "e2e" else "")  # stage 3 divides
+        if last and last.is_file():
+            return (f"the last good checkpoint is {last}; start a new run from it with {remedy} (--init {last} "
+                    "--out NEW)")
+        return f"nothing was saved; run again with {remedy}"
 
 def examples_fingerprint(examples):
     """sha256 of the training examples' tokens (prompts, targets, documents, candidates): a resume must see
@@ -1974,22 +2193,41 @@ def save_atomically(path, write):
         reason = getattr(e, "strerror", None) or one_line(e)
         if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 2**20:
             reason = f"No space left on device: {reason}"
-        raise WriteFailed(f"{path}: could not be written ({reason}); the previous version is intact") from None
+        kept = "the previous version is intact" if path.exists() else "nothing was written"
+        raise WriteFailed(f"{path}: could not be written ({reason}); {kept}") from None
 
 def one_line(error):
     return " ".join(str(error).split())
 
+CHECKPOINT_NUMBERS = {"step": int, "trained_tokens": int, "n_examples": int, "best_val_loss": float}
+
 def read_checkpoint(path):
-    """(arrays, metadata) of a checkpoint file, or an InputError naming what is wrong with it."""
+    """(arrays, metadata) of a checkpoint file, its metadata checked (numbers, the config's fields), or an InputError
+    naming what is wrong with it."""
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint (is {path.parent} the --out folder of a clara.py run?)")
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
     except Exception as e:  # truncated or foreign files fail inside the safetensors reader
-        raise InputError(f"{path}: not a readable checkpoint ({e})") from None
-    if metadata.get("format") != "clara-checkpoint/1":
+        raise InputError(f"{path}: not a readable checkpoint ({one_line(e)[:120]})") from None
+    if not isinstance(arrays, dict) or metadata.get("format") != "clara-checkpoint/1":
         raise InputError(f"{path}: not a clara.py checkpoint")
+    for name, number in CHECKPOINT_NUMBERS.items():
+        try:
+            number(metadata.get(name, "0"))
+        except ValueError:
+            raise InputError(f"{path}: metadata {name!r} must be {'an integer' if number is int else 'a number'}, "
+                             f"got {metadata[name][:40]!r}") from None
+    try:
+        checked_config(json.loads(metadata.get("config", "")), f"{path}: metadata 'config'")
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: metadata 'config' is not valid JSON ({e.msg})") from None
     return arrays, metadata
+
+def checkpoint_config(checkpoint, path):
+    """The checked config fields a checkpoint (read_checkpoint's) was trained with."""
+    return checked_config(json.loads(checkpoint[1]["config"]), f"{path}: metadata 'config'")
 
 def checkpoint_part(arrays, part):
     """The "model." (adapters and memory) or "optimizer." arrays of a checkpoint, without that prefix."""
@@ -2020,6 +2258,14 @@ def signals_handled_by(handler, signals):
         for signum, earlier in previous.items():
             signal.signal(signum, earlier)
 
+def row_step(line):
+    """The step of a metrics.jsonl line; 0 for a line torn by a crash or edited into something else."""
+    with contextlib.suppress(ValueError, RecursionError):
+        row = json.loads(line)
+        if isinstance(row, dict) and type(row.get("step")) is int:
+            return row["step"]
+    return 0
+
 class MetricsLog:
     """out/metrics.jsonl: one JSON object per report and per validation. A resumed run first drops the rows
     after its checkpoint, so the file tells one uninterrupted story."""
@@ -2028,8 +2274,8 @@ class MetricsLog:
         self.path = Path(out) / "metrics.jsonl" if out else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            old = self.path.read_text().splitlines() if self.path.is_file() and keep_until > 0 else []
-            kept = [line for line in old if line.endswith("}") and json.loads(line)["step"] <= keep_until]
+            old = self.path.read_text(errors="replace").splitlines() if self.path.is_file() and keep_until else []
+            kept = [line for line in old if 0 < row_step(line) <= keep_until]
             save_atomically(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
     def write(self, row):
@@ -2072,12 +2318,16 @@ def read_trained(path):
     path = Path(path)
     if path.is_dir() and (path / "clara.safetensors").is_file() and (path / "config.json").is_file():
         try:
-            return json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
+            config, arrays = json.loads((path / "config.json").read_text()), mx.load(str(path / "clara.safetensors"))
         except Exception as e:  # truncated or foreign files fail inside the readers
-            raise InputError(f"{path}: its clara.safetensors or config.json is not readable ({one_line(e)[:120]})")
+            raise InputError(f"{path}: its clara.safetensors or config.json is not readable "
+                             f"({one_line(e)[:120]})") from None
+        if not isinstance(arrays, dict):
+            raise InputError(f"{path / 'clara.safetensors'}: not a safetensors file of named arrays")
+        return checked_config(config, path / "config.json"), arrays
     if path.is_file():
-        arrays, metadata = read_checkpoint(path)
-        return json.loads(metadata["config"]), checkpoint_part(arrays, "model.")
+        checkpoint = read_checkpoint(path)
+        return checkpoint_config(checkpoint, path), checkpoint_part(checkpoint[0], "model.")
     raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
 
 def adapter_role(name):
@@ -2137,6 +2387,15 @@ HIDDEN = {"compress": {"context", "init_generator", "top_k", "temperature", "ret
           "sft": {"top_k", "temperature", "retrieval_loss"},
           "e2e": {"context", "init_generator"}}
 
+def lora_layers_value(text):
+    """--lora-layers: a count of blocks, or "all" (stored as -1)."""
+    if text == "all":
+        return -1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of blocks or 'all', got {text!r}") from None
+
 def add_config_options(groups, hidden):
     """The Config fields not in `hidden`, as --options in their --help groups, each default said once."""
     helps, defaults = config_help(), Config()
@@ -2152,7 +2411,7 @@ def add_config_options(groups, hidden):
             elif isinstance(default, tuple):
                 options["nargs"] = "+"
             elif name == "lora_layers":
-                options["type"] = lambda v: -1 if v == "all" else int(v)
+                options["type"] = lora_layers_value
             elif name in CHOICES:  # --compile alone means --compile on
                 options.update(choices=CHOICES[name], **({"nargs": "?", "const": "on"} if name == "compile" else {}))
             else:
@@ -2231,14 +2490,26 @@ def add_reader_options(index, ask, evaluate_):
 
 SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys",
                  "memory_scale")
-RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "resume", "memory_limit")  # --resume changes
+RUN_CONTROL = ("steps", "out", "log_every", "eval_every", "save_every", "resume", "memory_limit",
+               "overwrite")  # what --resume changes
 RUN_OUTPUTS = (CHECKPOINT, BEST, "clara.safetensors", "adapters.safetensors", "adapter_config.json", "config.json",
-               "metrics.jsonl", "eval.json", "eval.md", "chunks.jsonl")  # what a training run writes into --out
+               "metrics.jsonl", "chunks.jsonl")  # what a training run writes into --out; eval adds its reports
+
+def run_outputs(folder):
+    """The files of a run (and of the evals of it) that `folder` holds."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.iterdir())
+            if p.name in RUN_OUTPUTS or re.fullmatch(r"eval(-\d+)?\.(json|md)", p.name)]
 
 def resolve_config(args):
     """Config = defaults, then the saved config (ask/eval: their adapters'; --resume: the checkpoint's), then
     the options given on the command line. Returns (cfg, trained arrays or None, checkpoint or None)."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
+    empty = [option_flag(name) for name in ("model", "out", "init", "resume", "val_data") if given.get(name) == ""]
+    if empty:  # `--out "$DIR"` with DIR unset: never the default folder in its place
+        raise InputError(f"{empty[0]} is empty: give a path")
     saved, trained, checkpoint = {}, None, None
     if args.command == "ask" and args.index and not args.adapters:
         args.adapters = read_index(args.index)[0]["adapters"]  # the adapters the index was built with
@@ -2248,7 +2519,7 @@ def resolve_config(args):
         saved, trained = read_trained(args.adapters)
     elif "resume" in given:
         checkpoint = read_checkpoint(Path(given["resume"]) / CHECKPOINT)
-        saved = json.loads(checkpoint[1]["config"])
+        saved = checkpoint_config(checkpoint, Path(given["resume"]) / CHECKPOINT)
         trained = checkpoint_part(checkpoint[0], "model.")
         ignored = sorted(set(given) - set(RUN_CONTROL))
         if ignored:
@@ -2262,12 +2533,43 @@ def resolve_config(args):
     cfg.out = cfg.out or f"runs/{args.command}"
     return cfg, trained, checkpoint
 
+INVOCATION = ("overwrite", "resume")  # what one command line asks for: never taken back from a saved config
+
 def config_from(saved, given):
-    """Config = defaults, then the fields of a saved config, then the options given."""
-    values = {**asdict(Config()), **{k: v for k, v in saved.items() if k in asdict(Config())}, **given}
-    if isinstance(values["compile"], bool):  # a run saved before --compile took auto / on / off
-        values["compile"] = "on" if values["compile"] else "off"
+    """Config = defaults, then the fields of a saved config (checked_config), then the options given."""
+    values = {**asdict(Config()), **saved, **given}
     return Config(**{**values, "lora_keys": tuple(values["lora_keys"])})
+
+def checked_config(obj, source, unknown_ok=True):
+    """The Config fields of a saved config (or of load()'s options), each of its field's type, or one line naming
+    `source` and the field; fields that are not Config's are dropped (unknown_ok) or refused."""
+    if not isinstance(obj, dict):
+        raise InputError(f"{source}: expected a JSON object of config fields, got {type(obj).__name__}")
+    defaults, checked = asdict(Config()), {}
+    for name, value in obj.items():
+        if name not in defaults or name in INVOCATION:
+            if not unknown_ok:
+                raise InputError(f"{source}: no option {name!r}" + (" (it belongs to a training command line)"
+                                                                     if name in INVOCATION else ""))
+            continue
+        if name == "compile" and isinstance(value, bool):  # a run saved before --compile took auto / on / off
+            value = "on" if value else "off"
+        default = defaults[name]
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                tuple: "a list of strings"}[type(default)]
+        if isinstance(default, tuple) and isinstance(value, list | tuple) and value and \
+                all(isinstance(v, str) for v in value):
+            value = tuple(value)
+        ok = isinstance(value, type(default)) and (isinstance(value, bool) == isinstance(default, bool)) or (
+            type(default) is float and type(value) is int)
+        if not ok:
+            shown = one_line(json.dumps(value, default=repr))[:40]
+            raise InputError(f"{source}: field {name!r} must be {kind}, got {shown}")
+        checked[name] = value
+    return checked
+
+FLOAT32_TINY = 1.1754944e-38  # the smallest normal float32: a learning rate or temperature below it computes as 0
+MAX_MEMORY_GB = 2**20  # --memory-limit: a petabyte is more than any device holds (and fits MLX's byte count)
 
 def validate_config(cfg):
     for name in ("steps", "batch_size", "doc_max_len", "compression_rate", "max_len", "lora_rank", "lora_layers",
@@ -2277,12 +2579,19 @@ def validate_config(cfg):
     for name in ("lr", "min_lr", "mse_weight", "clip_norm", "temperature", "lora_scale", "memory_limit"):
         positive = name in ("lr", "temperature")
         value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise InputError(f"{option_flag(name)} must be a finite number "
-                             f"{'above 0' if positive else 'of at least 0'}, got {value}")
+        if not math.isfinite(value) or value < 0 or (positive and value < FLOAT32_TINY):  # float32 would keep 0
+            raise InputError(f"{option_flag(name)} must be a finite number {'above 0' if positive else 'of at least 0'}"
+                             f", got {value}" + (" (float32 computes it as 0)" if 0 < value < FLOAT32_TINY else ""))
     for name in ("warmup", "val_fraction", "lora_dropout"):
         if not 0 <= getattr(cfg, name) < 1:
             raise InputError(f"{option_flag(name)} is a fraction: at least 0 and below 1")
+    if cfg.pad_to < 0:
+        raise InputError(f"--pad-to must be 0 (the default buckets) or positive, got {cfg.pad_to}")
+    if cfg.memory_limit > MAX_MEMORY_GB:
+        raise InputError(f"--memory-limit is in GB and at most {MAX_MEMORY_GB}, got {cfg.memory_limit}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise InputError(f"{option_flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if not 0 <= cfg.seed < 2**32:
         raise InputError(f"--seed must be from 0 to {2**32 - 1}, got {cfg.seed}")
     if cfg.compression_rate > cfg.doc_max_len:
@@ -2314,12 +2623,10 @@ def check_options(cfg, args):
     if args.command in TRAINING_COMMANDS and cfg.batch_size % n_processes:
         raise InputError(f"--batch-size {cfg.batch_size} (the batch of all processes together) does not split over "
                          f"{n_processes} processes: give a multiple of {n_processes}")
-    earlier = [name for name in RUN_OUTPUTS if (Path(cfg.out) / name).exists()]
-    if args.command in TRAINING_COMMANDS and earlier and not cfg.resume and not cfg.overwrite:
-        raise InputError(f"--out {cfg.out}: already holds a run ({', '.join(earlier[:3])}); continue it with "
-                         f"--resume {cfg.out}, choose another --out, or pass --overwrite to replace it")
     if args.command == "index" and Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
         raise InputError(f"--out {cfg.out}: already holds files; an index is written to a new or empty folder")
+    if args.command == "compress" and args.chunks_out and not args.pdf:
+        raise InputError("--chunks-out goes with --pdf: it is where the PDF's chunks are written")
     if args.command == "compress" and args.pdf:
         args.chunks_out = args.chunks_out or str(Path(cfg.out) / "chunks.jsonl")  # beside the run they trained
         check_writable(args.chunks_out, "--chunks-out", is_folder=False)
@@ -2327,9 +2634,16 @@ def check_options(cfg, args):
         raise InputError(f"--max-pages must be positive, got {args.max_pages}")
     if getattr(args, "max_new_tokens", 1) <= 0:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if getattr(args, "max_records", 0) < 0:
+        raise InputError(f"--max-records must be 0 (all) or positive, got {args.max_records}")
+    if args.command == "ask" and not args.index and not args.docs:
+        raise InputError("ask needs --docs FILE ... (documents to compress) or --index DIR (a compressed corpus)")
+    if args.command == "ask" and args.index and (args.docs or args.context):
+        raise InputError(f"ask --index answers from the index's memory: {'--docs' if args.docs else '--context'} "
+                         "does not go with it (ask with --docs, or with --index, not both)")
 
 
-# ---- run safety: a closed stdout, signals outside training, one run per --out ----
+# ---- run safety: a closed stdout, signals outside training ----
 
 class ClosedPipeSafe:
     """Standard output that, once its reader has gone, quietly sends what follows nowhere."""
@@ -2361,31 +2675,6 @@ class ClosedPipeSafe:
 def raise_interrupt(number, frame):
     """A signal handler that ends the run as Ctrl-C does (KeyboardInterrupt carrying the signal's number)."""
     raise KeyboardInterrupt(number)
-
-@contextlib.contextmanager
-def run_lock(out, overwrite):
-    """Hold out/.lock for the run's life, so a second run on the same --out is refused. The operating system
-    drops an flock when its process dies, even by kill -9, so a killed run leaves no stale lock behind."""
-    if out is None:
-        yield
-        return
-    out, created = Path(out), not Path(out).exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(out / ".lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise InputError(f"--out {out}: another run is writing there right now; wait for it or choose "
-                                 "another --out") from None
-            if overwrite:  # the earlier run's outputs go now, so none of them can be mistaken for this run's
-                for name in RUN_OUTPUTS:
-                    (out / name).unlink(missing_ok=True)
-            yield
-    finally:
-        if created and [p.name for p in out.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
-            (out / ".lock").unlink()
-            out.rmdir()
 
 # the commands by name (here at the end, where every cmd_* function is defined)
 COMMANDS = {"compress": cmd_compress, "sft": cmd_sft, "e2e": cmd_e2e, "index": cmd_index, "ask": cmd_ask,

@@ -3,6 +3,7 @@ guarded divisions, stage 3, training and exact resume, the default model and the
 plumbing: model families, input reading, reliability, and the evidence experiment. Tiny models are built
 inline; the default model is the real one."""
 
+import errno
 import gzip
 import json
 import math
@@ -504,9 +505,9 @@ def test_ask_questions_answers_each_line_of_a_file_as_json_lines_in_one_run(cli_
     ask = ["ask", "--adapters", cli_runs["root"] / "s", "--docs", tmp_path / "doc.txt", "--max-new-tokens", 3]
     run = run_cli(*ask, "--questions", tmp_path / "questions.txt")
     assert run.returncode == 0, run.stderr
-    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in run.stdout.splitlines()]  # stdout is JSON Lines and nothing else
     assert [a["question"] for a in lines] == ["What weight?", "Which loss?"]  # blank lines skipped, text stripped
-    assert all(isinstance(a["answer"], str) for a in lines) and run.stdout.count(" on Device(") == 1  # loaded once
+    assert all(isinstance(a["answer"], str) for a in lines) and run.stderr.count(" on Device(") == 1  # loaded once
     (tmp_path / "blank.txt").write_text("\n \n")
     for extra, message in ((["--questions", tmp_path / "blank.txt"], "blank.txt: no questions in it"),
                            (["--questions", tmp_path / "questions.txt", "--question", "q"], "one of the two"),
@@ -1961,6 +1962,296 @@ def test_resume_refuses_other_data_or_another_command_before_writing_anything(tm
     assert not (tmp_path / "chunks.jsonl").exists() and (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
 
 
+# -----------------------------------------------------------------------------
+# reliability round three (issue 41): earlier runs are never lost, refusals leave nothing, edited folders and the
+# Python API are one line
+
+
+def main_cli(capsys, *args):
+    """clara.main in this process (no interpreter to start): (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        code = clara.main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def folder_bytes(folder):
+    """The files of a folder and their bytes (the lock file a run holds there aside)."""
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def assert_one_line(code, err, message, expected_code=2):
+    assert code == expected_code and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+
+
+def test_no_option_combination_replaces_or_deletes_an_earlier_run(tmp_path, tiny_sft_run, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(tiny_sft_run, run)
+    shutil.copytree(tiny_sft_run, other)
+    code, _, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", "--init", tiny_sft_run, "--steps", 1,
+                            "--eval-every", 1000, "--out", run, "--overwrite")  # replaces, and saves overwrite: true
+    assert code == 0, err
+    kept, others = folder_bytes(run), folder_bytes(other)
+    records = (ROOT / "data" / "sft.jsonl").read_text().splitlines()
+    (tmp_path / "other.jsonl").write_text("\n".join(records[:5]) + "\n")
+    code, _, err = main_cli(capsys, "sft", "--data", tmp_path / "other.jsonl", "--steps", 2, "--resume", run)
+    assert_one_line(code, err, "trained on other data")  # the saved overwrite: true did not come back
+    code, _, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", "--steps", 2, "--resume", run, "--out", other)
+    assert_one_line(code, err, f"--out {other}: already holds a run")
+    (tmp_path / "bad.jsonl").write_text(records[0] + "\n{\"question\": 3}\n")
+    code, _, err = main_cli(capsys, "sft", "--data", tmp_path / "bad.jsonl", "--init", tiny_sft_run, "--out", run,
+                            "--overwrite")
+    assert_one_line(code, err, "bad.jsonl:2: field 'question'")  # --overwrite, then refused: nothing deleted
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = main_cli(capsys, "compress", "--pdf", "data/sample.pdf", "--init", tiny_sft_run, "--chunks-out",
+                            tmp_path / "notes.txt", "--out", tmp_path / "c")
+    assert_one_line(code, err, "notes.txt: already exists")
+    assert folder_bytes(run) == kept and folder_bytes(other) == others and not (tmp_path / "c").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "qa.jsonl").write_text(records[0] + "\n")
+    for n in (1, 2):  # a second eval keeps the first one's report
+        code, out, err = main_cli(capsys, "eval", "--adapters", run, "--data", tmp_path / "qa.jsonl", "--contexts",
+                                  "none", "--max-new-tokens", 1)
+        assert code == 0, err
+        if n == 1:
+            first = {name: (run / name).read_bytes() for name in ("eval.json", "eval.md")}
+    assert {name: (run / name).read_bytes() for name in ("eval.json", "eval.md")} == first
+    assert f"wrote {run / 'eval-2.json'} and {run / 'eval-2.md'}" in out
+    assert json.loads((run / "eval-2.json").read_text())["results"]["none"]["records"] == 1
+    code, _, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", "--steps", 2, "--resume", run)
+    assert code == 0, err  # the same data: it goes on, and keeps the metrics rows of its first step
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"train"' in line] == [1, 2]
+
+
+def test_an_index_run_that_finds_its_out_taken_meanwhile_is_refused_and_leaves_no_temporary_folder(
+        tmp_path, tiny_sft_run, capsys, monkeypatch):
+    (tmp_path / "chunks.jsonl").write_text("".join(json.dumps({"text": f"chunk {i}"}) + "\n" for i in range(3)))
+    index = clara.Reader.index
+
+    def another_run_finishes_first(reader, chunks, progress=""):  # a second `index` on the same --out, faster
+        (tmp_path / "idx").mkdir()
+        (tmp_path / "idx" / "index.json").write_text("{}")
+        return index(reader, chunks, progress)
+
+    monkeypatch.setattr(clara.Reader, "index", another_run_finishes_first)
+    code, _, err = main_cli(capsys, "index", "--data", tmp_path / "chunks.jsonl", "--adapters", tiny_sft_run,
+                            "--out", tmp_path / "idx")
+    assert_one_line(code, err, f"--out {tmp_path / 'idx'}: already holds files")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunks.jsonl", "idx"]  # no .idx.*.tmp left
+    assert (tmp_path / "idx" / "index.json").read_text() == "{}"  # the other run's index, untouched
+
+
+def test_a_run_that_ends_before_its_first_checkpoint_leaves_nothing_behind(tmp_path, tiny_model_folder, capsys):
+    tiny = ["--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8]
+    code, _, err = main_cli(capsys, "compress", "--pdf", "data/sample.pdf", *tiny, "--max-len", 6, "--chunks-out",
+                            tmp_path / "chunks.jsonl", "--out", tmp_path / "c")  # refused after the PDF was chunked
+    assert_one_line(code, err, "no record can hold even one document's 4 memory slots in --max-len 6")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "chunks.jsonl").exists()
+    code, _, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", *tiny, "--lr", 1e30, "--steps", 3,
+                            "--out", tmp_path / "nan")  # stopped by a non-finite update after metrics.jsonl
+    assert code == 1 and "is not finite; nothing was saved; run again with a lower --lr" in err, err
+    assert not (tmp_path / "nan").exists()  # so the fixed command runs as it is, no --resume or --overwrite needed
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "notes.txt").write_text("mine")  # a folder of the user's: only the run's files go
+    code, _, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", *tiny, "--lr", 1e30, "--steps", 3,
+                            "--out", tmp_path / "earlier")
+    assert code == 1 and folder_bytes(tmp_path / "earlier") == {"notes.txt": b"mine"}, err
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(clara.WriteFailed, match=r"new.json: could not be written \(No space left on device\); "
+                       "nothing was written$"):  # not "the previous version is intact": there was none
+        clara.save_atomically(tmp_path / "new.json", full_disk)
+
+
+def test_edited_run_and_index_folders_are_one_line_naming_the_file_and_field(tmp_path, tiny_sft_run, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sft_run, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "doc_max_len": "32"}))
+    (tmp_path / "doc.txt").write_text("The sky is blue.")
+    message = f"{run / 'config.json'}: field 'doc_max_len' must be an integer, got \"32\""
+    for args in (["ask", "--adapters", run, "--docs", tmp_path / "doc.txt", "--question", "q"],
+                 ["eval", "--adapters", run, "--data", "data/sft.jsonl"],
+                 ["sft", "--data", "data/sft.jsonl", "--init", run, "--out", tmp_path / "next"]):
+        assert_one_line(*main_cli(capsys, *args)[::2], message)
+    with pytest.raises(clara.InputError, match=re.escape(message)):
+        clara.load(run)
+    arrays, metadata = clara.read_checkpoint(tiny_sft_run / clara.CHECKPOINT)
+    mx.save_safetensors(str(run / clara.CHECKPOINT), arrays, metadata={**metadata, "step": "two"})
+    code, _, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", "--steps", 3, "--resume", run)
+    assert_one_line(code, err, "checkpoint.safetensors: metadata 'step' must be an integer, got 'two'")
+    code, _, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", "--memory-limit", 1e12, "--out", tmp_path / "m")
+    assert_one_line(code, err, "--memory-limit is in GB and at most 1048576")
+
+    chunks = [{"text": f"Chunk {i} says the sky is blue.", "source": "notes.txt", "pages": [i + 1]} for i in range(6)]
+    (tmp_path / "chunks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chunks))
+    (tmp_path / "here").mkdir()
+    os.chdir(tmp_path / "here")  # --out . : the empty folder it is run in
+    try:
+        code, _, err = main_cli(capsys, "index", "--data", tmp_path / "chunks.jsonl", "--adapters", tiny_sft_run,
+                                "--out", ".")
+    finally:
+        os.chdir(ROOT)
+    assert code == 0 and (tmp_path / "here" / "index.json").is_file(), err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    index = tmp_path / "here"
+    for name, edit, message in [
+            ("chunks.jsonl", lambda c: [{**c[0], "pages": 3}, *c[1:]], "chunks.jsonl:1: field 'pages' must be a list"),
+            ("chunks.jsonl", lambda c: [{**c[0], "source": None}, *c[1:]], "chunks.jsonl:1: field 'source' must be"),
+            ("chunks.jsonl", lambda c: c[1:], "its parts disagree: memory (6, 4, 64), keys (6, 256), 5 chunk(s)"),
+            ("index.json", lambda info: {**info, "fingerprint": 7}, "field 'fingerprint' must be a string")]:
+        edited = tmp_path / f"edited-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(index, edited)
+        if name == "chunks.jsonl":
+            rows = edit([json.loads(line) for line in (index / name).read_text().splitlines()])
+            (edited / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            (edited / name).write_text(json.dumps(edit(json.loads((index / name).read_text()))))
+        code, _, err = main_cli(capsys, "ask", "--index", edited, "--question", "q")
+        assert_one_line(code, err, message)
+
+
+BAD_SINCE_ISSUE_41 = [
+    (["ask", "--docs", "{tmp}/blank.txt", "--question", "q"], "blank.txt: the document is empty"),
+    (["ask", "--docs", "{tmp}/doc.txt", "--question", " "], "--question: a question must be a non-empty string"),
+    (["ask", "--index", "{tmp}/index", "--docs", "{tmp}/doc.txt", "--question", "q"], "--docs does not go with it"),
+    (["ask", "--index", "{tmp}/index", "--context", "text", "--question", "q"], "--context does not go with it"),
+    (["sft", "--data", "{tmp}/split.jsonl", "--out", "{tmp}/out"], "split.jsonl:2: field 'split' must be \"train\""),
+    (["sft", "--data", "data/sft.jsonl", "--pad-to", "-5", "--out", "{tmp}/out"], "--pad-to must be 0"),
+    (["sft", "--data", "data/sft.jsonl", "--lora-layers", "some", "--out", "{tmp}/out"],
+     "--lora-layers: a number of blocks or 'all', got 'some'"),
+    (["eval", "--data", "data/sft.jsonl", "--max-records", "-1"], "--max-records must be 0 (all) or positive"),
+    (["eval", "--data", "{tmp}/e2e.jsonl"], "e2e.jsonl:1: 2 candidate document(s) in 'docs', but --top-k 5"),
+    (["index", "--data", "{tmp}/pages.jsonl", "--out", "{tmp}/out"], "pages.jsonl:1: field 'pages' must be a list"),
+    (["index", "--data", "{tmp}/source.jsonl", "--out", "{tmp}/out"], "source.jsonl:1: field 'source' must be a"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_SINCE_ISSUE_41)
+def test_input_once_accepted_is_refused_in_one_line(tmp_path, tiny_sft_run, capsys, args, message):
+    good = {"question": "q", "docs": ["d"], "answer": "a"}
+    (tmp_path / "blank.txt").write_text(" \n\t\n")
+    (tmp_path / "doc.txt").write_text("The sky is blue.")
+    (tmp_path / "split.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "split": "Eval"}) + "\n")
+    (tmp_path / "e2e.jsonl").write_text(json.dumps({**good, "docs": ["d", "e"], "pos_index": [1]}) + "\n")
+    (tmp_path / "pages.jsonl").write_text(json.dumps({"text": "t", "pages": 3}) + "\n")
+    (tmp_path / "source.jsonl").write_text(json.dumps({"text": "t", "source": None}) + "\n")
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "index.json").write_text(json.dumps({"adapters": str(tiny_sft_run)}))
+    args = [a.format(tmp=tmp_path) for a in args]
+    if args[0] in ("ask", "eval", "index"):
+        args += ["--adapters", str(tiny_sft_run)]
+    code, _, err = main_cli(capsys, *args)
+    assert code == 2 and "Traceback" not in err and message in err.splitlines()[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_question_that_pushes_the_memory_out_of_max_len_is_answered_with_a_warning(tiny_sft_run, capsys):
+    reader = clara.load(tiny_sft_run, max_len=40)
+    capsys.readouterr()
+    assert isinstance(reader.ask("Why " * 60, docs=["The sky is blue."], max_new_tokens=1), str)
+    assert "1 of 1 document(s) lost memory slots: the question and prompt do not fit --max-len 40" in \
+        capsys.readouterr().err
+    reader.ask("Why?", docs=["The sky is blue."], max_new_tokens=1)
+    assert "lost memory slots" not in capsys.readouterr().err
+
+
+def test_a_non_finite_stage_3_update_names_the_temperature_beside_the_learning_rate(tmp_path):
+    assert "a lower --lr or a higher --temperature" in clara.RunFiles(tmp_path / "e", command="e2e").advice(True)
+    assert "--temperature" not in clara.RunFiles(tmp_path / "s", command="sft").advice(True)
+
+
+ROUND_41_OPTIONS = [
+    (["sft", "--data", "data/sft.jsonl", "--out", ""], "--out is empty: give a path"),
+    (["compress", "--data", "{tmp}/text.jsonl", "--chunks-out", "{tmp}/chunks.jsonl", "--out", "{tmp}/out"],
+     "--chunks-out goes with --pdf"),
+    (["sft", "--data", "data/sft.jsonl", "--lr", "1e-320", "--out", "{tmp}/out"], "(float32 computes it as 0)"),
+    (["sft", "--data", "data/sft.jsonl", "--lora-layers", "50", "--model", "{model}", "--out", "{tmp}/out"],
+     "--lora-layers 50 is more than the model's 2 blocks"),
+]
+
+
+@pytest.mark.parametrize("args, message", ROUND_41_OPTIONS)
+def test_options_the_round_of_issue_41_found_accepted_are_refused_in_one_line(tmp_path, tiny_sft_run,
+                                                                             tiny_model_folder, capsys, args, message):
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": "a chunk"}) + "\n")
+    fill = {"tmp": tmp_path, "model": tiny_model_folder, "run": tiny_sft_run}
+    code, _, err = main_cli(capsys, *[a.format(**fill) for a in args])
+    assert_one_line(code, err, message.format(**fill))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "chunks.jsonl").exists()
+
+
+def test_a_finished_run_resumes_as_a_no_op_and_an_edited_checkpoint_or_metrics_file_is_no_bug(tmp_path, tiny_sft_run,
+                                                                                            capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sft_run, run)
+    before = folder_bytes(run)
+    for steps in ([], ["--steps", 1]):  # its own --steps 2, or fewer
+        code, out, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", "--resume", run, *steps)
+        assert code == 0 and "the checkpoint is at step 2" in out and "nothing left to train" in out, err
+        assert folder_bytes(run) == before and "saved" not in out
+    arrays, metadata = clara.read_checkpoint(run / clara.CHECKPOINT)
+    without_optimizer = {name: value for name, value in arrays.items() if name.startswith("model.")}
+    mx.save_safetensors(str(run / clara.CHECKPOINT), without_optimizer, metadata=metadata)
+    code, _, err = main_cli(capsys, "sft", "--data", "data/sft.jsonl", "--steps", 3, "--resume", run)
+    assert code == 2 and "error: --resume: the checkpoint's optimizer state (0 arrays) does not fit this model's" in \
+        err.splitlines()[-1], err  # after the warning that the sample's documents are cut to 32 tokens
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": "x"}\n[1]\n"text"\n{"step": 2}\n{"step": 3}\n')
+    clara.MetricsLog(run, keep_until=2)  # a resume keeps the rows up to its step and drops lines edited into others
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_a_byte_order_mark_is_no_text_and_eval_scores_each_context_once(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "t"}).encode() + b"\r\n")
+    assert clara.read_jsonl(tmp_path / "bom.jsonl") == [(1, {"text": "t"})]
+    records = [{"positives": []}]
+    assert clara.eval_contexts(records, ["none", "text", "none"], "--contexts") == (False, ("none", "text"))
+    assert clara.eval_contexts(records, "none", "contexts") == (False, ("none",))  # a string is one context
+
+
+API_MISTAKES = [
+    (lambda r: r.ask("q", docs="one document"), "docs: expected a list of documents (strings), got one string"),
+    (lambda r: r.ask(None, docs=["d"]), "question: a question must be a non-empty string, got None"),
+    (lambda r: r.ask(5, docs=["d"]), "question: a question must be a non-empty string, got 5"),
+    (lambda r: r.ask("q", docs=["d", " "]), "docs[1]: the document is empty (no text to compress)"),
+    (lambda r: r.ask("q", docs=["d"], max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
+    (lambda r: r.ask("q", memory=mx.zeros((2, 3))), "memory: expected memory vectors of shape (documents, 4, 64)"),
+    (lambda r: r.ask("q", memory=mx.zeros((1, 4, 64), dtype=mx.int32)), "memory: expected memory vectors of shape"),
+    (lambda r: r.index([]), "chunks: expected a non-empty list"),
+    (lambda r: r.index([{"text": "t", "pages": 3}]), "chunks[0]: field 'pages' must be a list of page numbers"),
+    (lambda r: r.evaluate([]), "records: expected a non-empty list of records to score"),
+    (lambda r: r.evaluate([{"question": "q", "docs": ["d"]}]), "records[0]: missing field 'answer'"),
+    (lambda r: r.evaluate([{"question": "q", "docs": ["d"], "gold": "a"}], ["retrieved"]),
+     "contexts retrieved: not for stage 2 records"),
+    (lambda r: r.ask_index({"memory": 1}, "q"), "index: expected what index() or clara.read_index returns"),
+    (lambda r: clara.load(r.adapters, top_k="3"), "load(): field 'top_k' must be an integer, got \"3\""),
+    (lambda r: clara.load(r.adapters, topk=3), "load(): no option 'topk'"),
+    (lambda r: clara.load(r.adapters, overwrite=True), "load(): no option 'overwrite' (it belongs to a training"),
+    (lambda r: clara.load(r.adapters, top_k=0), "--top-k must be positive, got 0"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_reader(tiny_sft_run):
+    reader = clara.load(tiny_sft_run)
+    reader.adapters = tiny_sft_run
+    return reader
+
+
+@pytest.mark.parametrize("call, message", API_MISTAKES)
+def test_the_python_api_raises_input_error_with_the_clis_one_line_messages(tiny_reader, call, message):
+    with pytest.raises(clara.InputError) as raised:
+        call(tiny_reader)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
 def test_make_installs_openblas_as_root_or_prints_the_command_that_does(tmp_path):
     # CLARA_NO_BLAS=1 makes clara.py ignore any OpenBLAS; APT=false stands for an apt-get that cannot install
     run = subprocess.run(["make", "-s", "blas", "APT=false"], cwd=ROOT, capture_output=True, text=True,
@@ -2023,7 +2314,7 @@ def test_kill_9_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_p
     rng = np.random.default_rng(0)
     common = ["--data", "data/sft.jsonl", "--model", tiny_model_folder, "--doc-max-len", 32, "--compression-rate", 8,
               "--out", tmp_path / "run", "--save-every", 1, "--eval-every", 1000, "--steps", 1000]
-    model = tiny_clara(tiny_config(doc_max_len=32, compression_rate=8, lora_rank=16, lora_layers=8))
+    model = tiny_clara(tiny_config(doc_max_len=32, compression_rate=8, lora_rank=16, lora_layers=-1))
     for round_ in range(4):
         resume = ["--resume", tmp_path / "run"] if (tmp_path / "run" / clara.CHECKPOINT).exists() else []
         process = start_cli("sft", *common, *resume)

@@ -62,7 +62,8 @@ def score(adapters, data, contexts, args):
     if not kept.exists():
         clara("eval", "--adapters", adapters, "--data", data, "--contexts", *contexts,
               "--max-records", args.eval_records)  # up to 64 new tokens, as Apple's evaluate.py
-        (adapters / "eval.json").rename(kept)
+        (adapters / "eval.json").rename(kept)  # eval never replaces a report: the next one needs the name free
+        (adapters / "eval.md").unlink()
     return json.loads(kept.read_text())["results"]
 
 
