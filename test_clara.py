@@ -1093,9 +1093,10 @@ def dp_args(tiny_model_folder, steps):
             "--compression-rate", 8, "--batch-size", 4, "--lr", 1e-2, "--steps", steps, "--eval-every", 1000]
 
 
-def assert_same_adapters(a, b, atol=5e-4):
-    """To float tolerance: the processes pad their parts to other lengths and sum in another order (seen: 3e-5
-    apart after 4 steps at lr 1e-2; averaging the parts' plain means instead: 4e-2)."""
+def assert_same_adapters(a, b, atol=2e-3):
+    """To float tolerance: the processes pad their parts to other lengths and sum in another order, and Adam moves an
+    entry whose gradient is near zero by up to lr whatever its size (seen after 4 steps at lr 1e-2: 3e-5 apart on one
+    machine, 6.2e-4 on an AMD EPYC; averaging the parts' plain means instead: 4e-2)."""
     a, b = clara.read_trained(a)[1], clara.read_trained(b)[1]
     assert a.keys() == b.keys() and all(mx.allclose(a[k], b[k], rtol=0, atol=atol) for k in a)
 
