@@ -39,6 +39,7 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -513,9 +514,10 @@ def token_embeddings(llm, ids):
     """Rows of the token-embedding table: what a model's input_embeddings replace. ids (...) -> (..., H)"""
     return text_model(llm).model.embed_tokens(ids)
 
-def final_hidden(llm, ids, input_embeddings):
-    """The blocks and the final norm over input embeddings (B, T, H) -> final hidden states (B, T, H)."""
-    return text_model(llm).model(ids, input_embeddings=input_embeddings)
+def final_hidden(llm, ids, input_embeddings, cache=None):
+    """The blocks and the final norm over input embeddings (B, T, H) (None: ids' own) -> final hidden states (B, T, H).
+    With a KV cache (generation) the positions continue from it."""
+    return text_model(llm).model(ids, cache=cache, input_embeddings=input_embeddings)
 
 def output_logits(llm, hidden):
     """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
@@ -899,45 +901,94 @@ class RunRecord:
             print(text)
 
 
-# ---- generation: greedy decoding, the prompt arriving as embeddings -----------
+# ---- generation: greedy decoding of a batch of prompts, arriving as embeddings ----
 
-def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None):
-    """Greedy decoding with a KV cache; the prompt may arrive as embeddings.
-    ids (1, T) -> (new token ids, seconds to the first new token)."""
-    from mlx_lm.models.cache import make_prompt_cache
+def batch_cache(llm, left_padding):
+    """The KV cache of left-padded prompts: mlx-lm's BatchKVCache per layer (BatchRotatingKVCache for a sliding
+    window), which masks each row's padding out of attention and counts its positions (RoPE) from its first real
+    token. Prompts without padding take the plain cache; None where mlx-lm has no batch form of a layer's cache."""
+    from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache, make_prompt_cache
 
-    tic = time.perf_counter()
-    cache = make_prompt_cache(llm)
-    logits = llm(ids, cache=cache, input_embeddings=input_embeddings)  # (1, T, V)
-    new, first_token_s = [], None
+    caches = make_prompt_cache(llm)
+    batched = {KVCache: lambda c: BatchKVCache(left_padding),
+               RotatingKVCache: lambda c: BatchRotatingKVCache(c.max_size, left_padding)}
+    if not any(left_padding):
+        return caches
+    return [batched[type(c)](c) for c in caches] if all(type(c) in batched for c in caches) else None
+
+def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None, left_padding=None):
+    """Greedy decoding of a batch of prompts with a KV cache, each row until its own end-of-sequence token; the
+    prompts may arrive as embeddings. ids (B, T), row b left-padded by left_padding[b] tokens (None: no padding)
+    -> ([new token ids] per row, seconds to the first new tokens)"""
+    tic, left_padding = time.perf_counter(), left_padding or [0] * ids.shape[0]
+    cache = batch_cache(llm, left_padding)
+    if cache is None:  # a layer cache mlx-lm cannot batch (a state-space layer's): the rows one at a time
+        rows = [greedy_generate(llm, ids[b:b + 1, pad:], eos_id, max_new_tokens,
+                                None if input_embeddings is None else input_embeddings[b:b + 1, pad:])
+                for b, pad in enumerate(left_padding)]
+        return [new[0] for new, _ in rows], rows[0][1]
+    hidden = final_hidden(llm, ids, input_embeddings, cache)  # (B, T, H)
+    new, running, first_token_s = [[] for _ in left_padding], [True] * len(left_padding), None
     for _ in range(max_new_tokens):
-        token = logits[0, -1].argmax().item()
+        tokens = output_logits(llm, hidden[:, -1]).argmax(-1)  # (B,): only the last position is projected
+        step = tokens.tolist()
         first_token_s = first_token_s or time.perf_counter() - tic
-        if token == eos_id:
+        for row, token in enumerate(step):
+            running[row] = running[row] and token != eos_id
+            if running[row]:
+                new[row].append(token)
+        if not any(running):
             break
-        new.append(token)
-        logits = llm(mx.array([[token]]), cache=cache)
+        hidden = final_hidden(llm, tokens[:, None], None, cache)  # (B, 1, H)
     return new, first_token_s
 
-def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64, memory_states=None):
-    """Compress the example's documents once (or take the given memory states (D, n_mem, H), as retrieval
-    does), then (1) the CE of its target under teacher forcing (0 without a target) and (2) a greedy answer
-    to its prompt. Returns (answer text, CE, {"prompt_tokens", "compress_s", "first_token_s"})."""
-    batch = make_batch([example], cfg.n_mem, tokenizer.pad_token_id)
+def left_padded(rows, pad):
+    """[row] -> (rows left-padded to the longest as an array (B, T), pads per row)"""
+    width = max(len(r) for r in rows)
+    return mx.array([[pad] * (width - len(r)) + r for r in rows], dtype=mx.int32), [width - len(r) for r in rows]
+
+def answer_ces(model, batch, memory_states, counts):
+    """Each example's mean CE over its target tokens under teacher forcing (right-padded `batch`); the vocabulary
+    projection only at the target positions, as in training. counts: target tokens per example -> [CE]"""
+    if not sum(counts):
+        return [0.0] * len(counts)
+    hidden = generator_hidden(model, batch["ids"], batch["slot_index"], memory_states)  # (B, T, H)
+    positions = batch["label_positions"]  # (N,) row by row
+    logits = output_logits(model.llm, hidden.reshape(-1, hidden.shape[-1])[positions])  # (N, V)
+    labels, ends = batch["labels"].reshape(-1)[positions], list(itertools.accumulate(counts))
+    return [masked_cross_entropy(logits[end - n: end][None], labels[end - n: end][None])[0].item() if n else 0.0
+            for n, end in zip(counts, ends)]
+
+def distinct_documents(examples):
+    """The documents of a batch of examples, each once (one record's distractors are often others' documents)
+    -> ([token ids], the row in it of every example's every document, in order)"""
+    rows = {}
+    order = [rows.setdefault(tuple(ids), len(rows)) for ex in examples for ids in ex["doc_ids"]]
+    return [list(ids) for ids in rows], order
+
+def generate_answers(model, tokenizer, cfg, examples, max_new_tokens=64, memory_states=None):
+    """Answers to a batch of examples at once. Their distinct documents are compressed together (or memory_states
+    holds each example's (D_i, n_mem, H), as retrieval gives them); then (1) each target's CE under teacher forcing
+    (0 without a target) and (2) greedy answers to the prompts, left-padded. -> [(answer text, CE, {"prompt_tokens",
+    "compress_s": the batch's compression seconds shared out, "first_token_s": the batch's})], in order"""
+    batch, (docs, order) = make_batch(examples, cfg.n_mem, tokenizer.pad_token_id), distinct_documents(examples)
     tic = time.perf_counter()
-    if memory_states is None and example["doc_ids"]:
-        memory_states = encode_into_memory(model, batch["doc_ids"], batch["doc_lens"])[0]
+    if memory_states is not None:
+        memory_states = mx.concatenate(memory_states)  # (sum D_i, n_mem, H), in the order the slot indices count
+    elif docs:
+        doc_ids, doc_lens = with_memory_room(docs, cfg.n_mem, tokenizer.pad_token_id)
+        memory_states = encode_into_memory(model, doc_ids, doc_lens)[0][mx.array(order)]  # (sum D_i, n_mem, H)
         mx.eval(memory_states)
-    timing = {"prompt_tokens": example["n_prompt"], "compress_s": time.perf_counter() - tic}
-    ce = 0.0
-    if example["n_prompt"] < len(example["ids"]):  # a target to score (eval); ask has none
-        ce = masked_cross_entropy(generator_logits(model, batch["ids"], batch["slot_index"], memory_states),
-                                  batch["labels"])[0].item()
-    prompt, slots = batch["ids"][:, : example["n_prompt"]], batch["slot_index"][:, : example["n_prompt"]]
-    embeddings = generator_embeddings(model, prompt, slots, memory_states)  # also selects the generator adapter
-    new, timing["first_token_s"] = greedy_generate(model.llm, prompt, tokenizer.eos_token_id, max_new_tokens,
-                                                   embeddings)
-    return tokenizer.decode(new).strip(), ce, timing
+    compress_s = (time.perf_counter() - tic) / len(examples)
+    ces = answer_ces(model, batch, memory_states, [len(ex["ids"]) - ex["n_prompt"] for ex in examples])
+    ids, left_padding = left_padded([ex["ids"][: ex["n_prompt"]] for ex in examples], tokenizer.pad_token_id)
+    slots = left_padded([row[: ex["n_prompt"]] for row, ex in zip(batch["slot_index"].tolist(), examples)], -1)[0]
+    embeddings = generator_embeddings(model, ids, slots, memory_states)  # (B, T, H); also selects the generator
+    new, first_token_s = greedy_generate(model.llm, ids, tokenizer.eos_token_id, max_new_tokens, embeddings,
+                                         left_padding)
+    return [(tokenizer.decode(tokens).strip(), ce, {"prompt_tokens": ex["n_prompt"], "compress_s": compress_s,
+                                                     "first_token_s": first_token_s})
+            for tokens, ce, ex in zip(new, ces, examples)]
 
 
 # =============================================================================
@@ -1009,11 +1060,26 @@ EVAL_CONTEXTS = ("compressed", "text", "none")  # memory slots / document text i
 RETRIEVAL_CONTEXTS = ("retrieved", "oracle", "none")  # stage 3: top-k retrieved / the marked documents / none
 RECALL_AT = (1, 3, 5)
 
-def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens):
+# questions answered at once (--eval-batch-size): the CPU's by measurement (README, Performance); the GPU's awaits one
+ANSWER_BATCH = {"cpu": 16, "gpu": 32}
+
+def answer_batch_size(batch_size=None):
+    return batch_size or ANSWER_BATCH["gpu" if on_gpu() else "cpu"]
+
+def answer_in_batches(model, tokenizer, cfg, inputs, max_new_tokens, batch_size=None):
+    """generate_answers over (example, memory states or None) pairs, batch_size at a time -> [(answer, CE, timing)]"""
+    size, answers = answer_batch_size(batch_size), []
+    for i in range(0, len(inputs), size):
+        examples, memory = zip(*inputs[i: i + size])
+        answers += generate_answers(model, tokenizer, cfg, list(examples), max_new_tokens,
+                                    None if memory[0] is None else list(memory))
+    return answers
+
+def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens, batch_size=None):
     """Greedy answers scored against each record's gold. inputs[i] = (example, memory states or None)."""
     answers = []
-    for r, (example, memory) in zip(records, inputs):
-        prediction, ce, timing = generate_answer(model, tokenizer, cfg, example, max_new_tokens, memory)
+    generated = answer_in_batches(model, tokenizer, cfg, inputs, max_new_tokens, batch_size)
+    for r, (prediction, ce, timing) in zip(records, generated):
         answers.append({"question": r["question"], "gold": r["gold"], "prediction": prediction, "ce": ce,
                         "em": exact_match(prediction, r["gold"]), "f1": token_f1(prediction, r["gold"]),
                         "cover_em": cover_exact_match(prediction, r["gold"]), **timing})
@@ -1021,17 +1087,17 @@ def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens):
     means = {key: sum(answer[key] for answer in answers) / len(answers) for key in keys}
     return {**means, "records": len(answers), "answers": answers}
 
-def evaluate(model, tokenizer, cfg, records, max_new_tokens, contexts=EVAL_CONTEXTS):
+def evaluate(model, tokenizer, cfg, records, max_new_tokens, contexts=EVAL_CONTEXTS, batch_size=None):
     """Stages 1-2: greedy answers from compressed documents, document text and none. Returns {context: summary}.
     Each record's first cfg.top_k documents are read, as Apple's evaluate.py reads docs[:5]."""
     records = [{**r, "docs": r["docs"][: cfg.top_k]} for r in records]
     results = {}
     for context in contexts:
         inputs = [(question_example(tokenizer, cfg, r, context, r["gold"]), None) for r in records]
-        results[context] = score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens)
+        results[context] = score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens, batch_size)
     return results
 
-def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens, contexts=RETRIEVAL_CONTEXTS):
+def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens, contexts=RETRIEVAL_CONTEXTS, batch_size=None):
     """Stage 3: for records whose relevant candidates are marked, recall@1/3/5 of the query reasoner's ranking,
     and answers from the top-k retrieved memories, from the marked documents (oracle) and from none."""
     records = [r for r in records if r["positives"]]
@@ -1050,7 +1116,7 @@ def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens, contexts=
               "oracle": [(question_example(tokenizer, cfg, {**r, "docs": [r["docs"][i] for i in r["positives"]]},
                                            "compressed", r["gold"]), None) for r in records],
               "none": [(question_example(tokenizer, cfg, r, "none", r["gold"]), None) for r in records]}
-    results = {context: score_answers(model, tokenizer, cfg, records, inputs[context], max_new_tokens)
+    results = {context: score_answers(model, tokenizer, cfg, records, inputs[context], max_new_tokens, batch_size)
                for context in contexts}
     results["retrieval"] = {f"recall@{k}": sum(v) / len(v) for k, v in recalls.items()}
     return results
@@ -1079,6 +1145,7 @@ class Reader:
         reader.ask("What weight has the alignment loss?", docs=[open("a.txt").read(), open("b.txt").read()])
         memory = reader.compress(["first document", "second"])   # (2, n_mem, H): compress once, ask many times
         reader.ask("Which one?", memory=memory)
+        reader.ask(["Which one?", "Why?"], memory=memory)        # a list of questions: answered in batches, a list
         index = reader.index([{"text": "a chunk", "source": "paper.pdf", "pages": [1]}, ...])
         answer, sources = reader.ask_index(index, "What is it?")   # retrieve the top-k chunks, answer from them
         reader.evaluate(records)  # {context: {"em", "f1", "cover_em", "ce", ..., "answers"}}, as `eval` scores
@@ -1093,16 +1160,21 @@ class Reader:
         """Each text's memory vectors, from the compressor. -> (len(texts), n_mem, H)"""
         return compress_corpus(self.model, self.tokenizer, self.cfg, list(texts))
 
-    def ask(self, question, docs=(), memory=None, max_new_tokens=64, context="compressed"):
+    def ask(self, question, docs=(), memory=None, max_new_tokens=64, context="compressed", batch_size=None):
         """The generator's greedy answer from documents: their memory (compressed here, or `memory` from
-        compress()), or with context="text" their text in the prompt."""
+        compress()), or with context="text" their text in the prompt. A list of questions gets a list of answers,
+        batch_size questions answered at once (default: ANSWER_BATCH)."""
+        questions = [question] if isinstance(question, str) else list(question)
+        if memory is None and context == "compressed" and docs:
+            memory = self.compress(docs)  # (D, n_mem, H): once for all the questions
         if memory is not None:
-            example = retrieval_prompt(self.tokenizer, self.cfg, question, memory.shape[0])
+            inputs = [(retrieval_prompt(self.tokenizer, self.cfg, q, memory.shape[0]), memory) for q in questions]
         else:
-            example = build_example(self.tokenizer, self.cfg, list(docs), USER_ANSWER, None, context=context,
-                                    question=question)
-            memory = self.compress(docs) if example["doc_ids"] else None
-        return generate_answer(self.model, self.tokenizer, self.cfg, example, max_new_tokens, memory)[0]
+            inputs = [(build_example(self.tokenizer, self.cfg, list(docs), USER_ANSWER, None, context=context,
+                                     question=q), None) for q in questions]
+        answers = [answer for answer, _, _ in answer_in_batches(self.model, self.tokenizer, self.cfg, inputs,
+                                                                max_new_tokens, batch_size)]
+        return answers[0] if isinstance(question, str) else answers
 
     def index(self, chunks, progress=""):
         """A searchable corpus: {"text", "source", "pages"} chunks, each compressed once. -> {"memory" (N, n_mem,
@@ -1112,35 +1184,41 @@ class Reader:
         mx.eval(keys)
         return {"memory": memory, "keys": keys, "chunks": list(chunks), "fingerprint": self.fingerprint}
 
-    def ask_index(self, index, question, max_new_tokens=64):
+    def ask_index(self, index, question, max_new_tokens=64, batch_size=None):
         """The query reasoner encodes the question, an exact cosine search picks the index's top-k chunks, the generator
-        reads their memory. -> (answer, [{"source", "pages", "score", "text"}] best first); self.timing in ms"""
+        reads their memory. -> (answer, [{"source", "pages", "score", "text"}] best first); self.timing in ms. A list of
+        questions gets a list of such pairs, the answers generated batch_size at a time."""
         if index["fingerprint"] != self.fingerprint:
             raise InputError(f"the index was built with other adapters (compressor {index['fingerprint']}) than these "
                              f"({self.fingerprint}); rebuild it with them")
+        questions = [question] if isinstance(question, str) else list(question)
         tic = time.perf_counter()
-        query = encode_question(self.model, self.tokenizer, self.cfg, question).astype(mx.float32)  # (n_mem * H,)
-        mx.eval(query)
+        queries = [encode_question(self.model, self.tokenizer, self.cfg, q).astype(mx.float32) for q in questions]
+        mx.eval(queries)  # [(n_mem * H,)]
         encoded = time.perf_counter()
-        scores = index["keys"] @ unit(query)  # (N,) cosine similarities
-        top = mx.argsort(-scores)[: self.cfg.top_k]  # (k,) best first
-        mx.eval(top)
+        scores = [index["keys"] @ unit(query) for query in queries]  # [(N,)] cosine similarities
+        tops = [mx.argsort(-s)[: self.cfg.top_k] for s in scores]  # [(k,)] best first
+        mx.eval(tops)
         retrieved = time.perf_counter()
-        example = retrieval_prompt(self.tokenizer, self.cfg, question, top.size)
-        answer = generate_answer(self.model, self.tokenizer, self.cfg, example, max_new_tokens, index["memory"][top])[0]
+        inputs = [(retrieval_prompt(self.tokenizer, self.cfg, q, top.size), index["memory"][top])
+                  for q, top in zip(questions, tops)]
+        answers = answer_in_batches(self.model, self.tokenizer, self.cfg, inputs, max_new_tokens, batch_size)
         self.timing = {"encode_ms": 1000 * (encoded - tic), "retrieve_ms": 1000 * (retrieved - encoded),
                        "generate_ms": 1000 * (time.perf_counter() - retrieved)}
         chunks = index["chunks"]
-        return answer, [{"source": chunks[i].get("source", ""), "pages": chunks[i].get("pages", []),
-                         "score": scores[i].item(), "text": chunks[i]["text"]} for i in top.tolist()]
+        found = [(answer, [{"source": chunks[i].get("source", ""), "pages": chunks[i].get("pages", []),
+                            "score": s[i].item(), "text": chunks[i]["text"]} for i in top.tolist()])
+                 for (answer, _, _), s, top in zip(answers, scores, tops)]
+        return found[0] if isinstance(question, str) else found
 
-    def evaluate(self, records, contexts=None, max_new_tokens=64):
+    def evaluate(self, records, contexts=None, max_new_tokens=64, batch_size=None):
         """Scores greedy answers as `eval` does (stage-2 records: compressed, text, none; stage-3 records, with
-        "positives": recall@k, retrieved, marked, none). -> {context: summary with every answer}"""
+        "positives": recall@k, retrieved, marked, none), batch_size answers at a time. -> {context: summary with
+        every answer}"""
         retrieval = any(r.get("positives") for r in records)
         evaluation = evaluate_retrieval if retrieval else evaluate
         return evaluation(self.model, self.tokenizer, self.cfg, records, max_new_tokens,
-                          contexts or (RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS))
+                          contexts or (RETRIEVAL_CONTEXTS if retrieval else EVAL_CONTEXTS), batch_size)
 
 def load(adapters, **options):
     """A Reader of trained adapters (a run's --out folder or a checkpoint file) with the config they were trained
@@ -1380,11 +1458,13 @@ def ask_index(cfg, args, trained):
     if n_chunks < cfg.top_k:
         print(f"note: the index holds {n_chunks} chunk(s); retrieving {n_chunks}, not --top-k {cfg.top_k}",
               file=sys.stderr if args.questions else sys.stdout)
-    for question in questions:
-        answer, sources = reader.ask_index(index, question, args.max_new_tokens)
-        if args.questions:
-            print(json.dumps({"question": question, "answer": answer, "sources": sources}), flush=True)
-            continue
+    if args.questions:
+        for batch in question_batches(questions, args.eval_batch_size):
+            for question, (answer, sources) in zip(batch, reader.ask_index(index, batch, args.max_new_tokens,
+                                                                           args.eval_batch_size)):
+                print(json.dumps({"question": question, "answer": answer, "sources": sources}), flush=True)
+    else:
+        answer, sources = reader.ask_index(index, questions[0], args.max_new_tokens)
         print(answer)
         ms = reader.timing
         print(f"\nsources (query encoding {ms['encode_ms']:.0f} ms, retrieval over {n_chunks} chunks "
@@ -1395,6 +1475,11 @@ def ask_index(cfg, args, trained):
 
 def read_documents(paths):
     return [read_input_bytes(path, "document").decode("utf-8", errors="replace").replace("\x00", "") for path in paths]
+
+def question_batches(questions, batch_size):
+    """The questions in batches of --eval-batch-size: each batch's answers are printed as soon as they are made."""
+    size = answer_batch_size(batch_size)
+    return [questions[i: i + size] for i in range(0, len(questions), size)]
 
 def read_questions(args):
     """--question, or the non-blank lines of --questions FILE (one question a line), checked before any model loads."""
@@ -1417,9 +1502,10 @@ def cmd_ask(cfg, args, trained, checkpoint):
     questions, docs = read_questions(args), read_documents(args.docs)
     reader = Reader(cfg, trained)
     memory = reader.compress(docs) if cfg.context == "compressed" else None  # (D, n_mem, H): once for all questions
-    for question in questions:
-        answer = reader.ask(question, docs, memory, args.max_new_tokens, cfg.context)
-        print(json.dumps({"question": question, "answer": answer}) if args.questions else answer, flush=True)
+    for batch in question_batches(questions, args.eval_batch_size):
+        for question, answer in zip(batch, reader.ask(batch, docs, memory, args.max_new_tokens, cfg.context,
+                                                      args.eval_batch_size)):
+            print(json.dumps({"question": question, "answer": answer}) if args.questions else answer, flush=True)
 
 def cmd_eval(cfg, args, trained, checkpoint):
     where = Path(args.adapters) if Path(args.adapters).is_dir() else Path(args.adapters).parent  # eval.json goes here
@@ -1441,7 +1527,7 @@ def cmd_eval(cfg, args, trained, checkpoint):
               "read, as Apple's evaluate.py does")
     reader = Reader(cfg, trained)
     print(f"{args.data}: scoring {len(records)} record(s) ({which}) in {len(contexts)} context(s)", flush=True)
-    results = reader.evaluate(records, contexts, args.max_new_tokens)
+    results = reader.evaluate(records, contexts, args.max_new_tokens, args.eval_batch_size)
     table = eval_table(results, cfg)
     print(table, end="")
     write_report(where / "eval", {"data": str(args.data), "adapters": str(args.adapters), "results": results}, table)
@@ -2228,6 +2314,8 @@ def add_reader_options(index, ask, evaluate_):
     for sub in (ask, evaluate_):
         sub.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (Apple: 64)")
         sub.add_argument("--top-k", type=int, help="documents retrieved per question [default: the run's]")
+        sub.add_argument("--eval-batch-size", type=int, help="questions answered at once [default: "
+                         f"{ANSWER_BATCH['cpu']} on a CPU, {ANSWER_BATCH['gpu']} on a GPU]; answers do not change")
 
 SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys",
                  "memory_scale")
@@ -2327,6 +2415,8 @@ def check_options(cfg, args):
         raise InputError(f"--max-pages must be positive, got {args.max_pages}")
     if getattr(args, "max_new_tokens", 1) <= 0:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if getattr(args, "eval_batch_size", None) is not None and args.eval_batch_size <= 0:
+        raise InputError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
 
 
 # ---- run safety: a closed stdout, signals outside training, one run per --out ----
