@@ -905,14 +905,14 @@ class RunRecord:
 
 def batch_cache(llm, left_padding):
     """The KV cache of left-padded prompts: mlx-lm's BatchKVCache per layer (BatchRotatingKVCache for a sliding
-    window), which masks each row's padding out of attention and counts its positions (RoPE) from its first real
-    token. Prompts without padding take the plain cache; None where mlx-lm has no batch form of a layer's cache."""
+    window), which masks each row's padding out of attention, counts its positions (RoPE) from its first real token
+    and drops finished rows. One prompt takes the plain cache; None where mlx-lm has no batch form of a layer's."""
     from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache, make_prompt_cache
 
     caches = make_prompt_cache(llm)
     batched = {KVCache: lambda c: BatchKVCache(left_padding),
                RotatingKVCache: lambda c: BatchRotatingKVCache(c.max_size, left_padding)}
-    if not any(left_padding):
+    if len(left_padding) == 1:
         return caches
     return [batched[type(c)](c) for c in caches] if all(type(c) in batched for c in caches) else None
 
@@ -928,18 +928,21 @@ def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None, 
                 for b, pad in enumerate(left_padding)]
         return [new[0] for new, _ in rows], rows[0][1]
     hidden = final_hidden(llm, ids, input_embeddings, cache)  # (B, T, H)
-    new, running, first_token_s = [[] for _ in left_padding], [True] * len(left_padding), None
+    new, rows, first_token_s = [[] for _ in left_padding], list(range(len(left_padding))), None  # rows: still going
     for _ in range(max_new_tokens):
-        tokens = output_logits(llm, hidden[:, -1]).argmax(-1)  # (B,): only the last position is projected
+        tokens = output_logits(llm, hidden[:, -1]).argmax(-1)  # (R,): only the last position is projected
         step = tokens.tolist()
         first_token_s = first_token_s or time.perf_counter() - tic
-        for row, token in enumerate(step):
-            running[row] = running[row] and token != eos_id
-            if running[row]:
-                new[row].append(token)
-        if not any(running):
+        going = [i for i, token in enumerate(step) if token != eos_id]
+        for i in going:
+            new[rows[i]].append(step[i])
+        if not going:
             break
-        hidden = final_hidden(llm, tokens[:, None], None, cache)  # (B, 1, H)
+        if len(going) < len(rows):  # finished rows leave the batch and the cache
+            for layer in cache:
+                layer.filter(mx.array(going))
+            rows, tokens = [rows[i] for i in going], tokens[mx.array(going)]
+        hidden = final_hidden(llm, tokens[:, None], None, cache)  # (R, 1, H)
     return new, first_token_s
 
 def left_padded(rows, pad):

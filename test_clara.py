@@ -557,7 +557,8 @@ def test_ask_questions_answers_each_line_of_a_file_as_json_lines_in_one_run(cli_
     (tmp_path / "blank.txt").write_text("\n \n")
     for extra, message in ((["--questions", tmp_path / "blank.txt"], "blank.txt: no questions in it"),
                            (["--questions", tmp_path / "questions.txt", "--question", "q"], "one of the two"),
-                           ([], "ask needs --question TEXT or --questions FILE")):
+                           ([], "ask needs --question TEXT or --questions FILE"),
+                           (["--question", "q", "--eval-batch-size", "0"], "--eval-batch-size must be positive")):
         assert_clean_failure(run_cli(*ask, *extra), message, tmp_path)
 
 
@@ -572,12 +573,12 @@ def bench():
 BENCH_OPTIONS = {"doc_max_len": 32, "compression_rate": 8, "max_len": 160, "lora_rank": 4, "lora_layers": 2}
 
 
-def test_bench_times_every_step_beside_mlx_lm_on_the_same_tokens_and_names_its_options(tmp_path, tiny_model_folder,
-                                                                                       tokenizer, bench):
+def test_bench_times_every_step_beside_mlx_lm_and_answers_batched_and_one_by_one_and_names_its_options(
+        tmp_path, tiny_model_folder, tokenizer, bench):
     flags = [x for k, v in BENCH_OPTIONS.items() for x in (clara.option_flag(k), v)]
     run = subprocess.run([sys.executable, str(ROOT / "data" / "bench.py"), "--model", tiny_model_folder,
-                          *map(str, flags), "--bench-steps", "1", "--out", tmp_path], capture_output=True, text=True,
-                         timeout=600)
+                          *map(str, flags), "--bench-steps", "1", "--questions", "6", "--eval-batch-size", "4", "--out",
+                          tmp_path], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     cfg = clara.Config(model=str(tiny_model_folder), **BENCH_OPTIONS)
@@ -589,6 +590,10 @@ def test_bench_times_every_step_beside_mlx_lm_on_the_same_tokens_and_names_its_o
     assert report["text_vs_mlx_lm"] == pytest.approx(rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"])
     assert report["options"] == f"--model {tiny_model_folder} " + " ".join(map(str, flags))
     assert report["options"] in (tmp_path / "bench.md").read_text() and report["matmul_gflops"] > 0
+    answering = report["answering"]  # the same 6 questions in batches of 4 (4 + 2) and one by one, the same answers
+    assert answering["questions"] == 6 and answering["eval_batch_size"] == 4 and answering["same_answers"]
+    assert report["answers_batched_vs_single"] == pytest.approx(answering["batched_questions_per_s"]
+                                                                / answering["single_questions_per_s"])
 
 
 def test_bench_dp_times_one_process_against_two_on_the_same_batch_and_reports_their_ratio(tmp_path, tiny_model_folder):
