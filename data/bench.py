@@ -128,21 +128,21 @@ ANSWER_TOKENS = 32  # longest answer of the answering row; an untrained generato
 
 
 def answer_seconds(model, tokenizer, cfg, inputs, batch_size):
-    """Seconds to answer every input (eval's work: compression, the answer's CE, greedy decoding), after answering
-    one batch to warm up. -> (seconds, answers)"""
-    clara.answer_in_batches(model, tokenizer, cfg, inputs[:batch_size], ANSWER_TOKENS, batch_size)
+    """Seconds to answer every input (eval's work: compression, the answer's CE, greedy decoding) -> (seconds,
+    answers)"""
     tic = time.perf_counter()
     answers = clara.answer_in_batches(model, tokenizer, cfg, inputs, ANSWER_TOKENS, batch_size)
     return time.perf_counter() - tic, [answer for answer, _, _ in answers]
 
 
 def answering_row(model, tokenizer, cfg, args):
-    """The first --questions held-in records of data/sft.jsonl (their questions and documents, mixed lengths), answered
+    """The first --questions records of data/sft.jsonl (their questions and documents, mixed lengths), answered
     from compressed documents in batches of --eval-batch-size and one by one: questions per second and their ratio."""
     records = [r for _, r in clara.read_records(HERE / "sft.jsonl", clara.parse_e2e_record)][: args.questions]
     inputs = [(clara.question_example(tokenizer, cfg, {**r, "docs": r["docs"][: cfg.top_k]}, "compressed",
                                       r["gold"]), None) for r in records]
     size = clara.answer_batch_size(args.eval_batch_size)
+    clara.answer_in_batches(model, tokenizer, cfg, inputs[:1], ANSWER_TOKENS)  # warm-up: the first call's one-off costs
     (batched, answers), (single, alone) = (answer_seconds(model, tokenizer, cfg, inputs, n) for n in (size, 1))
     return {"questions": len(inputs), "eval_batch_size": size, "max_new_tokens": ANSWER_TOKENS,
             "batched_questions_per_s": len(inputs) / batched, "single_questions_per_s": len(inputs) / single,
