@@ -973,7 +973,7 @@ def generate_answers(model, tokenizer, cfg, examples, max_new_tokens=64, memory_
     """Answers to a batch of examples at once. Their distinct documents are compressed together (or memory_states
     holds each example's (D_i, n_mem, H), as retrieval gives them); then (1) each target's CE under teacher forcing
     (0 without a target) and (2) greedy answers to the prompts, left-padded. -> [(answer text, CE, {"prompt_tokens",
-    "compress_s": the batch's compression seconds shared out, "first_token_s": the batch's})], in order"""
+    "compress_s", "first_token_s": the batch's seconds to compress and to its first tokens, shared out})], in order"""
     batch, (docs, order) = make_batch(examples, cfg.n_mem, tokenizer.pad_token_id), distinct_documents(examples)
     tic = time.perf_counter()
     if memory_states is not None:
@@ -990,7 +990,7 @@ def generate_answers(model, tokenizer, cfg, examples, max_new_tokens=64, memory_
     new, first_token_s = greedy_generate(model.llm, ids, tokenizer.eos_token_id, max_new_tokens, embeddings,
                                          left_padding)
     return [(tokenizer.decode(tokens).strip(), ce, {"prompt_tokens": ex["n_prompt"], "compress_s": compress_s,
-                                                     "first_token_s": first_token_s})
+                                                     "first_token_s": first_token_s / len(examples)})
             for tokens, ce, ex in zip(new, ces, examples)]
 
 
