@@ -490,7 +490,7 @@ def generator_hidden(model, ids, slot_index, memory_states=None):
     return final_hidden(model.llm, ids, generator_embeddings(model, ids, slot_index, memory_states))
 
 def generator_logits(model, ids, slot_index, memory_states=None):
-    """Logits at every position (B, T, V): for evaluation and generation."""
+    """Logits at every position (B, T, V); training, eval's CE and generation project only the positions they need."""
     return output_logits(model.llm, generator_hidden(model, ids, slot_index, memory_states))
 
 

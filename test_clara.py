@@ -1258,7 +1258,7 @@ def test_batched_answers_equal_one_by_one_answers_from_memory_text_retrieval_and
     assert len({a["prediction"] for s in scores[4].values() if "answers" in s for a in s["answers"]}) > 3
 
 
-def test_the_default_model_answers_a_real_set_the_same_batched_as_one_by_one():
+def test_the_shipped_adapters_answer_a_real_set_the_same_batched_as_one_by_one():
     """The shipped adapters on SmolLM2, data/sft.jsonl's held-out records: equal tokens, answers that end at their
     own end-of-sequence token, from memory and from document text."""
     reader = clara.load(ROOT / "data" / "adapters" / "facts")
@@ -1280,6 +1280,20 @@ def test_default_model_answers_the_paris_prompt(default_model):
     answer = tokenizer.decode(clara.greedy_generate(llm, mx.array([ids]), tokenizer.eos_token_id, 16)[0][0])
     assert answer.strip() == "The capital of France is Paris."
     assert llm.model.embed_tokens.weight.dtype == mx.float32  # dequantized for the CPU
+
+
+def test_default_model_answers_prompts_of_mixed_lengths_the_same_batched_as_one_by_one(default_model):
+    llm, tokenizer = default_model
+    questions = ["What is the capital of France?", "Name a colour.", "In one short sentence, what does a library "
+                 "lend to the people of the town it serves, and for how long?"]
+    rows = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                           add_generation_prompt=True), add_special_tokens=False)
+            for q in questions]
+    ids, left_padding = clara.left_padded(rows, tokenizer.pad_token_id)
+    batched = clara.greedy_generate(llm, ids, tokenizer.eos_token_id, 16, clara.token_embeddings(llm, ids),
+                                    left_padding)[0]
+    assert batched == [clara.greedy_generate(llm, mx.array([r]), tokenizer.eos_token_id, 16)[0][0] for r in rows]
+    assert len({len(tokens) for tokens in batched}) > 1 and min(map(len, batched)) < 16  # each ended on its own
 
 
 def save_tiny_mlx_lm_folder(folder, tokenizer, seed=3):
