@@ -28,14 +28,16 @@ blas: $(STAMP)
 SLOW := test_clara.py::test_the_evidence_experiment_runs_end_to_end_in_parts_and_writes_every_row \
 	test_clara.py::test_the_shipped_adapters_answer_from_the_memory_of_documents_no_run_saw \
 	test_clara.py::test_memory_alone_gives_the_invented_name_of_a_document_no_run_saw \
-	test_clara.py::test_the_shipped_query_reasoner_finds_copied_passages_of_text_it_never_saw_better_than_the_compressor
+	test_clara.py::test_the_shipped_query_reasoner_finds_copied_passages_of_text_it_never_saw_better_than_the_compressor \
+	test_clara.py::test_the_shipped_adapters_answer_a_real_set_the_same_batched_as_one_by_one
 
 test: blas
 	$(PY) -m pytest -q test_clara.py $(addprefix --deselect ,$(SLOW))
 
 # the minutes-long tests CI runs after make test: the evidence experiment end to end on the tiny model, and the
 # shipped adapters answering from the memory of documents no run saw (the facts, and the name only memory holds),
-# and the shipped query reasoner finding passages of text it never saw
+# the shipped query reasoner finding passages of text it never saw, and the shipped adapters answering
+# data/sft.jsonl's held-out records the same in batches as one by one
 test-slow: blas
 	$(PY) -m pytest -q $(SLOW)
 
@@ -80,7 +82,8 @@ eval: blas
 	$(PY) clara.py eval --adapters runs/demo-sft --data data/sft.jsonl
 	$(PY) clara.py eval --adapters runs/demo-e2e --data data/e2e.jsonl
 
-# step time, tok/s, FLOP rate and peak memory of compress and sft beside mlx-lm's trainer (a few minutes)
+# step time, tok/s, FLOP rate and peak memory of compress and sft beside mlx-lm's trainer, and answering in
+# batches against one by one (several minutes; data/bench.py --rows answers runs the answering row alone)
 bench: blas
 	$(PY) data/bench.py --out runs/bench
 

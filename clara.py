@@ -39,6 +39,7 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -492,7 +493,7 @@ def generator_hidden(model, ids, slot_index, memory_states=None):
     return final_hidden(model.llm, ids, generator_embeddings(model, ids, slot_index, memory_states))
 
 def generator_logits(model, ids, slot_index, memory_states=None):
-    """Logits at every position (B, T, V): for evaluation and generation."""
+    """Logits at every position (B, T, V); training, eval's CE and generation project only the positions they need."""
     return output_logits(model.llm, generator_hidden(model, ids, slot_index, memory_states))
 
 
@@ -516,9 +517,10 @@ def token_embeddings(llm, ids):
     """Rows of the token-embedding table: what a model's input_embeddings replace. ids (...) -> (..., H)"""
     return text_model(llm).model.embed_tokens(ids)
 
-def final_hidden(llm, ids, input_embeddings):
-    """The blocks and the final norm over input embeddings (B, T, H) -> final hidden states (B, T, H)."""
-    return text_model(llm).model(ids, input_embeddings=input_embeddings)
+def final_hidden(llm, ids, input_embeddings, cache=None):
+    """The blocks and the final norm over input embeddings (B, T, H) (None: ids' own) -> final hidden states (B, T, H).
+    With a KV cache (generation) the positions continue from it."""
+    return text_model(llm).model(ids, cache=cache, input_embeddings=input_embeddings)
 
 def output_logits(llm, hidden):
     """The vocabulary projection: the tied embedding matrix or a separate lm_head. (..., H) -> (..., V)"""
@@ -902,45 +904,97 @@ class RunRecord:
             print(text)
 
 
-# ---- generation: greedy decoding, the prompt arriving as embeddings -----------
+# ---- generation: greedy decoding of a batch of prompts, arriving as embeddings ----
 
-def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None):
-    """Greedy decoding with a KV cache; the prompt may arrive as embeddings.
-    ids (1, T) -> (new token ids, seconds to the first new token)."""
-    from mlx_lm.models.cache import make_prompt_cache
+def batch_cache(llm, left_padding):
+    """The KV cache of left-padded prompts: mlx-lm's BatchKVCache per layer (BatchRotatingKVCache for a sliding
+    window), which masks each row's padding out of attention, counts its positions (RoPE) from its first real token
+    and drops finished rows. One prompt takes the plain cache; None where mlx-lm has no batch form of a layer's."""
+    from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache, make_prompt_cache
 
-    tic = time.perf_counter()
-    cache = make_prompt_cache(llm)
-    logits = llm(ids, cache=cache, input_embeddings=input_embeddings)  # (1, T, V)
-    new, first_token_s = [], None
+    caches = make_prompt_cache(llm)
+    if len(left_padding) == 1:
+        return caches
+    batched = {KVCache: lambda c: BatchKVCache(left_padding),
+               RotatingKVCache: lambda c: BatchRotatingKVCache(c.max_size, left_padding)}
+    return [batched[type(c)](c) for c in caches] if all(type(c) in batched for c in caches) else None
+
+def greedy_generate(llm, ids, eos_id, max_new_tokens=64, input_embeddings=None, left_padding=None):
+    """Greedy decoding of a batch of prompts with a KV cache, each row until its own end-of-sequence token; the
+    prompts may arrive as embeddings. ids (B, T), row b left-padded by left_padding[b] tokens (None: no padding)
+    -> ([new token ids] per row, seconds to the first new tokens)"""
+    tic, left_padding = time.perf_counter(), left_padding or [0] * ids.shape[0]
+    cache = batch_cache(llm, left_padding)
+    if cache is None:  # a layer cache mlx-lm cannot batch (a state-space layer's): the rows one at a time
+        rows = [greedy_generate(llm, ids[b:b + 1, pad:], eos_id, max_new_tokens,
+                                None if input_embeddings is None else input_embeddings[b:b + 1, pad:])
+                for b, pad in enumerate(left_padding)]
+        return [new[0] for new, _ in rows], rows[0][1]
+    hidden = final_hidden(llm, ids, input_embeddings, cache)  # (B, T, H)
+    new, rows, first_token_s = [[] for _ in left_padding], list(range(len(left_padding))), None  # rows: still going
     for _ in range(max_new_tokens):
-        token = logits[0, -1].argmax().item()
+        tokens = output_logits(llm, hidden[:, -1]).argmax(-1)  # (R,): only the last position is projected
+        step = tokens.tolist()
         first_token_s = first_token_s or time.perf_counter() - tic
-        if token == eos_id:
+        going = [i for i, token in enumerate(step) if token != eos_id]
+        for i in going:
+            new[rows[i]].append(step[i])
+        if not going:
             break
-        new.append(token)
-        logits = llm(mx.array([[token]]), cache=cache)
+        if len(going) < len(rows):  # finished rows leave the batch and the cache
+            for layer in cache:
+                layer.filter(mx.array(going))
+            rows, tokens = [rows[i] for i in going], tokens[mx.array(going)]
+        hidden = final_hidden(llm, tokens[:, None], None, cache)  # (R, 1, H)
     return new, first_token_s
 
-def generate_answer(model, tokenizer, cfg, example, max_new_tokens=64, memory_states=None):
-    """Compress the example's documents once (or take the given memory states (D, n_mem, H), as retrieval
-    does), then (1) the CE of its target under teacher forcing (0 without a target) and (2) a greedy answer
-    to its prompt. Returns (answer text, CE, {"prompt_tokens", "compress_s", "first_token_s"})."""
-    batch = make_batch([example], cfg.n_mem, tokenizer.pad_token_id)
+def left_padded(rows, pad):
+    """[row] -> (rows left-padded to the longest as an array (B, T), pads per row)"""
+    width = max(len(r) for r in rows)
+    return mx.array([[pad] * (width - len(r)) + r for r in rows], dtype=mx.int32), [width - len(r) for r in rows]
+
+def answer_ces(model, batch, memory_states, counts):
+    """Each example's mean CE over its target tokens under teacher forcing (right-padded `batch`); the vocabulary
+    projection only at the target positions, as in training. counts: target tokens per example -> [CE]"""
+    if not sum(counts):
+        return [0.0] * len(counts)
+    hidden = generator_hidden(model, batch["ids"], batch["slot_index"], memory_states)  # (B, T, H)
+    positions = batch["label_positions"]  # (N,) row by row
+    logits = output_logits(model.llm, hidden.reshape(-1, hidden.shape[-1])[positions])  # (N, V)
+    labels, ends = batch["labels"].reshape(-1)[positions], list(itertools.accumulate(counts))
+    return [masked_cross_entropy(logits[end - n: end][None], labels[end - n: end][None])[0].item() if n else 0.0
+            for n, end in zip(counts, ends)]
+
+def distinct_documents(examples):
+    """The documents of a batch of examples, each once (one record's distractors are often others' documents)
+    -> ([token ids], the row in it of every example's every document, in order)"""
+    rows = {}
+    order = [rows.setdefault(tuple(ids), len(rows)) for ex in examples for ids in ex["doc_ids"]]
+    return [list(ids) for ids in rows], order
+
+def generate_answers(model, tokenizer, cfg, examples, max_new_tokens=64, memory_states=None):
+    """Answers to a batch of examples at once. Their distinct documents are compressed together (or memory_states
+    holds each example's (D_i, n_mem, H), as retrieval gives them); then (1) each target's CE under teacher forcing
+    (0 without a target) and (2) greedy answers to the prompts, left-padded. -> [(answer text, CE, {"prompt_tokens",
+    "compress_s", "first_token_s": the batch's seconds to compress and to its first tokens, shared out})], in order"""
+    batch, (docs, order) = make_batch(examples, cfg.n_mem, tokenizer.pad_token_id), distinct_documents(examples)
     tic = time.perf_counter()
-    if memory_states is None and example["doc_ids"]:
-        memory_states = encode_into_memory(model, batch["doc_ids"], batch["doc_lens"])[0]
+    if memory_states is not None:
+        memory_states = mx.concatenate(memory_states)  # (sum D_i, n_mem, H), in the order the slot indices count
+    elif docs:
+        doc_ids, doc_lens = with_memory_room(docs, cfg.n_mem, tokenizer.pad_token_id)
+        memory_states = encode_into_memory(model, doc_ids, doc_lens)[0][mx.array(order)]  # (sum D_i, n_mem, H)
         mx.eval(memory_states)
-    timing = {"prompt_tokens": example["n_prompt"], "compress_s": time.perf_counter() - tic}
-    ce = 0.0
-    if example["n_prompt"] < len(example["ids"]):  # a target to score (eval); ask has none
-        ce = masked_cross_entropy(generator_logits(model, batch["ids"], batch["slot_index"], memory_states),
-                                  batch["labels"])[0].item()
-    prompt, slots = batch["ids"][:, : example["n_prompt"]], batch["slot_index"][:, : example["n_prompt"]]
-    embeddings = generator_embeddings(model, prompt, slots, memory_states)  # also selects the generator adapter
-    new, timing["first_token_s"] = greedy_generate(model.llm, prompt, tokenizer.eos_token_id, max_new_tokens,
-                                                   embeddings)
-    return tokenizer.decode(new).strip(), ce, timing
+    compress_s = (time.perf_counter() - tic) / len(examples)
+    ces = answer_ces(model, batch, memory_states, [len(ex["ids"]) - ex["n_prompt"] for ex in examples])
+    ids, left_padding = left_padded([ex["ids"][: ex["n_prompt"]] for ex in examples], tokenizer.pad_token_id)
+    slots = left_padded([row[: ex["n_prompt"]] for row, ex in zip(batch["slot_index"].tolist(), examples)], -1)[0]
+    embeddings = generator_embeddings(model, ids, slots, memory_states)  # (B, T, H); also selects the generator
+    new, first_token_s = greedy_generate(model.llm, ids, tokenizer.eos_token_id, max_new_tokens, embeddings,
+                                         left_padding)
+    return [(tokenizer.decode(tokens).strip(), ce, {"prompt_tokens": ex["n_prompt"], "compress_s": compress_s,
+                                                     "first_token_s": first_token_s / len(examples)})
+            for tokens, ce, ex in zip(new, ces, examples)]
 
 
 # =============================================================================
@@ -1012,11 +1066,27 @@ EVAL_CONTEXTS = ("compressed", "text", "none")  # memory slots / document text i
 RETRIEVAL_CONTEXTS = ("retrieved", "oracle", "none")  # stage 3: top-k retrieved / the marked documents / none
 RECALL_AT = (1, 3, 5)
 
-def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens):
+# questions answered at once (--eval-batch-size): the CPU's the fastest of 4, 8, 16 and 32 in data/bench.py (README,
+# Performance); the GPU's a placeholder until a GPU measurement
+ANSWER_BATCH = {"cpu": 32, "gpu": 32}
+
+def answer_batch_size(batch_size=None):
+    return batch_size or ANSWER_BATCH["gpu" if on_gpu() else "cpu"]
+
+def answer_in_batches(model, tokenizer, cfg, inputs, max_new_tokens, batch_size=None):
+    """generate_answers over (example, memory states or None) pairs, batch_size at a time -> [(answer, CE, timing)]"""
+    size, answers = answer_batch_size(batch_size), []
+    for i in range(0, len(inputs), size):
+        examples, memory = zip(*inputs[i: i + size])
+        answers += generate_answers(model, tokenizer, cfg, list(examples), max_new_tokens,
+                                    None if memory[0] is None else list(memory))
+    return answers
+
+def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens, batch_size=None):
     """Greedy answers scored against each record's gold. inputs[i] = (example, memory states or None)."""
     answers = []
-    for r, (example, memory) in zip(records, inputs):
-        prediction, ce, timing = generate_answer(model, tokenizer, cfg, example, max_new_tokens, memory)
+    generated = answer_in_batches(model, tokenizer, cfg, inputs, max_new_tokens, batch_size)
+    for r, (prediction, ce, timing) in zip(records, generated):
         answers.append({"question": r["question"], "gold": r["gold"], "prediction": prediction, "ce": ce,
                         "em": exact_match(prediction, r["gold"]), "f1": token_f1(prediction, r["gold"]),
                         "cover_em": cover_exact_match(prediction, r["gold"]), **timing})
@@ -1024,17 +1094,17 @@ def score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens):
     means = {key: sum(answer[key] for answer in answers) / len(answers) for key in keys}
     return {**means, "records": len(answers), "answers": answers}
 
-def evaluate(model, tokenizer, cfg, records, max_new_tokens, contexts=EVAL_CONTEXTS):
+def evaluate(model, tokenizer, cfg, records, max_new_tokens, contexts=EVAL_CONTEXTS, batch_size=None):
     """Stages 1-2: greedy answers from compressed documents, document text and none. Returns {context: summary}.
     Each record's first cfg.top_k documents are read, as Apple's evaluate.py reads docs[:5]."""
     records = [{**r, "docs": r["docs"][: cfg.top_k]} for r in records]
     results = {}
     for context in contexts:
         inputs = [(question_example(tokenizer, cfg, r, context, r["gold"]), None) for r in records]
-        results[context] = score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens)
+        results[context] = score_answers(model, tokenizer, cfg, records, inputs, max_new_tokens, batch_size)
     return results
 
-def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens, contexts=RETRIEVAL_CONTEXTS):
+def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens, contexts=RETRIEVAL_CONTEXTS, batch_size=None):
     """Stage 3: for records whose relevant candidates are marked, recall@1/3/5 of the query reasoner's ranking,
     and answers from the top-k retrieved memories, from the marked documents (oracle) and from none."""
     records = [r for r in records if r["positives"]]
@@ -1053,7 +1123,7 @@ def evaluate_retrieval(model, tokenizer, cfg, records, max_new_tokens, contexts=
               "oracle": [(question_example(tokenizer, cfg, {**r, "docs": [r["docs"][i] for i in r["positives"]]},
                                            "compressed", r["gold"]), None) for r in records],
               "none": [(question_example(tokenizer, cfg, r, "none", r["gold"]), None) for r in records]}
-    results = {context: score_answers(model, tokenizer, cfg, records, inputs[context], max_new_tokens)
+    results = {context: score_answers(model, tokenizer, cfg, records, inputs[context], max_new_tokens, batch_size)
                for context in contexts}
     results["retrieval"] = {f"recall@{k}": sum(v) / len(v) for k, v in recalls.items()}
     return results
@@ -1082,6 +1152,7 @@ class Reader:
         reader.ask("What weight has the alignment loss?", docs=[open("a.txt").read(), open("b.txt").read()])
         memory = reader.compress(["first document", "second"])   # (2, n_mem, H): compress once, ask many times
         reader.ask("Which one?", memory=memory)
+        reader.ask(["Which one?", "Why?"], memory=memory)        # a list of questions: answered in batches, a list
         index = reader.index([{"text": "a chunk", "source": "paper.pdf", "pages": [1]}, ...])
         answer, sources = reader.ask_index(index, "What is it?")   # retrieve the top-k chunks, answer from them
         reader.evaluate(records)  # {context: {"em", "f1", "cover_em", "ce", ..., "answers"}}, as `eval` scores
@@ -1097,22 +1168,33 @@ class Reader:
         texts = documents(texts, "texts")
         return compress_corpus(self.model, self.tokenizer, self.cfg, texts)
 
-    def ask(self, question, docs=(), memory=None, max_new_tokens=64, context="compressed"):
+    def ask(self, question, docs=(), memory=None, max_new_tokens=64, context="compressed", batch_size=None):
         """The generator's greedy answer from documents: their memory (compressed here, or `memory` from
-        compress()), or with context="text" their text in the prompt."""
-        question, docs = question_text(question, "question"), documents(docs, "docs", allow_none=True)
+        compress()), or with context="text" their text in the prompt. A list of questions gets a list of answers,
+        batch_size questions answered at once (default: ANSWER_BATCH)."""
+        questions, docs = question_list(question, "question"), documents(docs, "docs", allow_none=True)
         positive_count(max_new_tokens, "max_new_tokens")
         if context not in ("compressed", "text"):
             raise InputError(f"context must be 'compressed' or 'text', got {context!r}")
         if memory is not None:
             self.check_memory(memory, "memory")
-            example = retrieval_prompt(self.tokenizer, self.cfg, question, memory.shape[0])
+        elif context == "compressed" and docs:
+            memory = self.compress(docs)  # (D, n_mem, H): once for all the questions
+        if memory is not None:
+            inputs = [(retrieval_prompt(self.tokenizer, self.cfg, q, memory.shape[0]), memory) for q in questions]
         else:
-            example = build_example(self.tokenizer, self.cfg, docs, USER_ANSWER, None, context=context,
-                                    question=question)
-            memory = self.compress(docs) if example["doc_ids"] else None
-        warn_cut_prompt(example, self.cfg)
-        return generate_answer(self.model, self.tokenizer, self.cfg, example, max_new_tokens, memory)[0]
+            inputs = [(build_example(self.tokenizer, self.cfg, docs, USER_ANSWER, None, context=context,
+                                     question=q), None) for q in questions]
+        answers = [answer for answer, _, _ in self.answers(inputs, max_new_tokens, batch_size)]
+        return answers[0] if isinstance(question, str) else answers
+
+    def answers(self, inputs, max_new_tokens, batch_size):
+        """answer_in_batches of [(example, memory or None)], after a warning for each prompt cut into its memory."""
+        if batch_size is not None:
+            positive_count(batch_size, "batch_size")
+        for example, _ in inputs:
+            warn_cut_prompt(example, self.cfg)
+        return answer_in_batches(self.model, self.tokenizer, self.cfg, inputs, max_new_tokens, batch_size)
 
     def check_memory(self, memory, where):
         """Memory vectors these adapters can read: (D, n_mem, H) as compress() returns them."""
@@ -1134,10 +1216,11 @@ class Reader:
         mx.eval(keys)
         return {"memory": memory, "keys": keys, "chunks": chunks, "fingerprint": self.fingerprint}
 
-    def ask_index(self, index, question, max_new_tokens=64):
+    def ask_index(self, index, question, max_new_tokens=64, batch_size=None):
         """The query reasoner encodes the question, an exact cosine search picks the index's top-k chunks, the generator
-        reads their memory. -> (answer, [{"source", "pages", "score", "text"}] best first); self.timing in ms"""
-        question = question_text(question, "question")
+        reads their memory. -> (answer, [{"source", "pages", "score", "text"}] best first); self.timing in ms. A list of
+        questions gets a list of such pairs, the answers generated batch_size at a time."""
+        questions = question_list(question, "question")
         positive_count(max_new_tokens, "max_new_tokens")
         if not isinstance(index, dict) or not {"memory", "keys", "chunks", "fingerprint"} <= set(index):
             raise InputError("index: expected what index() or clara.read_index returns")
@@ -1147,26 +1230,28 @@ class Reader:
         self.check_memory(index["memory"], "index")
         check_index(index, "index")
         tic = time.perf_counter()
-        query = encode_question(self.model, self.tokenizer, self.cfg, question).astype(mx.float32)  # (n_mem * H,)
-        mx.eval(query)
+        queries = [encode_question(self.model, self.tokenizer, self.cfg, q).astype(mx.float32) for q in questions]
+        mx.eval(queries)  # [(n_mem * H,)]
         encoded = time.perf_counter()
-        scores = index["keys"] @ unit(query)  # (N,) cosine similarities
-        top = mx.argsort(-scores)[: self.cfg.top_k]  # (k,) best first
-        mx.eval(top)
+        scores = [index["keys"] @ unit(query) for query in queries]  # [(N,)] cosine similarities
+        tops = [mx.argsort(-s)[: self.cfg.top_k] for s in scores]  # [(k,)] best first
+        mx.eval(tops)
         retrieved = time.perf_counter()
-        example = retrieval_prompt(self.tokenizer, self.cfg, question, top.size)
-        warn_cut_prompt(example, self.cfg)
-        answer = generate_answer(self.model, self.tokenizer, self.cfg, example, max_new_tokens, index["memory"][top])[0]
+        inputs = [(retrieval_prompt(self.tokenizer, self.cfg, q, top.size), index["memory"][top])
+                  for q, top in zip(questions, tops)]
+        answers = self.answers(inputs, max_new_tokens, batch_size)
         self.timing = {"encode_ms": 1000 * (encoded - tic), "retrieve_ms": 1000 * (retrieved - encoded),
                        "generate_ms": 1000 * (time.perf_counter() - retrieved)}
         chunks = index["chunks"]
-        return answer, [{"source": chunks[i].get("source", ""), "pages": chunks[i].get("pages", []),
-                         "score": scores[i].item(), "text": chunks[i]["text"]} for i in top.tolist()]
+        found = [(answer, [{"source": chunks[i].get("source", ""), "pages": chunks[i].get("pages", []),
+                            "score": s[i].item(), "text": chunks[i]["text"]} for i in top.tolist()])
+                 for (answer, _, _), s, top in zip(answers, scores, tops)]
+        return found[0] if isinstance(question, str) else found
 
-    def evaluate(self, records, contexts=None, max_new_tokens=64):
+    def evaluate(self, records, contexts=None, max_new_tokens=64, batch_size=None):
         """Scores greedy answers as `eval` does (stage-2 records: compressed, text, none; stage-3 records, with
-        "positives": recall@k, retrieved, marked, none). Records: {"question", "docs", "gold", "positives"
-        (optional)}, or lines of an eval file. -> {context: summary with every answer}"""
+        "positives": recall@k, retrieved, marked, none), batch_size answers at a time. Records: {"question", "docs",
+        "gold", "positives" (optional)}, or lines of an eval file. -> {context: summary with every answer}"""
         if isinstance(records, str | dict) or not isinstance(records, list | tuple) or not records:
             raise InputError("records: expected a non-empty list of records to score")
         records = [eval_record({**r, **({"gold_answer": r["gold"]} if "gold" in r else {}),
@@ -1174,9 +1259,11 @@ class Reader:
                                if isinstance(r, dict) else r, f"records[{i}]", self.cfg.top_k)
                    for i, r in enumerate(records)]
         positive_count(max_new_tokens, "max_new_tokens")
+        if batch_size is not None:
+            positive_count(batch_size, "batch_size")
         retrieval, contexts = eval_contexts(records, contexts, "contexts")
         evaluation = evaluate_retrieval if retrieval else evaluate
-        return evaluation(self.model, self.tokenizer, self.cfg, records, max_new_tokens, contexts)
+        return evaluation(self.model, self.tokenizer, self.cfg, records, max_new_tokens, contexts, batch_size)
 
 def load(adapters, **options):
     """A Reader of trained adapters (a run's --out folder or a checkpoint file) with the config they were trained
@@ -1190,6 +1277,15 @@ def question_text(question, where):
     if not isinstance(question, str) or not question.replace("\x00", "").strip():
         raise InputError(f"{where}: a question must be a non-empty string, got {one_line(repr(question))[:40]}")
     return question.replace("\x00", "").strip()  # NUL is the slot marker's character: never taken from input
+
+def question_list(question, where):
+    """[question] for one question (a string), else the questions of a non-empty list, each a non-empty string."""
+    if isinstance(question, str):
+        return [question_text(question, where)]
+    if not isinstance(question, list | tuple) or not question:
+        raise InputError(f"{where}: expected a question or a non-empty list of them, got "
+                         f"{one_line(repr(question))[:40]}")
+    return [question_text(q, f"{where}[{i}]") for i, q in enumerate(question)]
 
 def documents(docs, where, allow_none=False):
     """A list of documents, each a string with text in it (NUL, the slot marker's character, taken out)."""
@@ -1501,11 +1597,14 @@ def ask_index(cfg, args, trained, answers):
     n_chunks = len(index["chunks"])
     if n_chunks < cfg.top_k:
         warn(f"the index holds {n_chunks} chunk(s); retrieving {n_chunks}, not --top-k {cfg.top_k}")
-    for question in questions:
-        answer, sources = reader.ask_index(index, question, args.max_new_tokens)
-        if args.questions:
-            print(json.dumps({"question": question, "answer": answer, "sources": sources}), file=answers, flush=True)
-            continue
+    if args.questions:
+        for batch in question_batches(questions, args.eval_batch_size):
+            for question, (answer, sources) in zip(batch, reader.ask_index(index, batch, args.max_new_tokens,
+                                                                           args.eval_batch_size)):
+                print(json.dumps({"question": question, "answer": answer, "sources": sources}), file=answers,
+                      flush=True)
+    else:
+        answer, sources = reader.ask_index(index, questions[0], args.max_new_tokens)
         ms = reader.timing
         print(f"{answer}\n\nsources (query encoding {ms['encode_ms']:.0f} ms, retrieval over {n_chunks} chunks "
               f"{ms['retrieve_ms']:.1f} ms, generation {ms['generate_ms']:.0f} ms):", file=answers)
@@ -1518,6 +1617,11 @@ def read_documents(paths):
     """The text of each --docs file, checked as the Python API checks documents (a blank file is refused)."""
     return [document_text(read_input_bytes(path, "document").decode("utf-8", errors="replace"), path)
             for path in paths]
+
+def question_batches(questions, batch_size):
+    """The questions in batches of --eval-batch-size: each batch's answers are printed as soon as they are made."""
+    size = answer_batch_size(batch_size)
+    return [questions[i: i + size] for i in range(0, len(questions), size)]
 
 def read_questions(args):
     """--question, or the non-blank lines of --questions FILE (one question a line), checked before any model loads."""
@@ -1541,10 +1645,11 @@ def cmd_ask(cfg, args, trained, files):
         questions, docs = read_questions(args), read_documents(args.docs)
         reader = Reader(cfg, trained)
         memory = reader.compress(docs) if cfg.context == "compressed" else None  # (D, n_mem, H): once for all
-        for question in questions:
-            answer = reader.ask(question, docs, memory, args.max_new_tokens, cfg.context)
-            print(json.dumps({"question": question, "answer": answer}) if args.questions else answer, file=answers,
-                  flush=True)
+        for batch in question_batches(questions, args.eval_batch_size):
+            for question, answer in zip(batch, reader.ask(batch, docs, memory, args.max_new_tokens, cfg.context,
+                                                          args.eval_batch_size)):
+                print(json.dumps({"question": question, "answer": answer}) if args.questions else answer,
+                      file=answers, flush=True)
 
 def cmd_eval(cfg, args, trained, files):
     where = Path(args.adapters) if Path(args.adapters).is_dir() else Path(args.adapters).parent  # eval.json goes here
@@ -1560,7 +1665,7 @@ def cmd_eval(cfg, args, trained, files):
               "read, as Apple's evaluate.py does")
     reader = Reader(cfg, trained)
     print(f"{args.data}: scoring {len(records)} record(s) ({which}) in {len(contexts)} context(s)", flush=True)
-    results = reader.evaluate(records, contexts, args.max_new_tokens)
+    results = reader.evaluate(records, contexts, args.max_new_tokens, args.eval_batch_size)
     table = eval_table(results, cfg)
     print(table, end="")
     write_report(unused_stem(where / "eval"), {"data": str(args.data), "adapters": str(args.adapters),
@@ -2487,6 +2592,8 @@ def add_reader_options(index, ask, evaluate_):
     for sub in (ask, evaluate_):
         sub.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (Apple: 64)")
         sub.add_argument("--top-k", type=int, help="documents retrieved per question [default: the run's]")
+        sub.add_argument("--eval-batch-size", type=int, help="questions answered at once [default: "
+                         f"{ANSWER_BATCH['cpu']} on a CPU, {ANSWER_BATCH['gpu']} on a GPU]; answers do not change")
 
 SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys",
                  "memory_scale")
@@ -2636,6 +2743,8 @@ def check_options(cfg, args):
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if getattr(args, "max_records", 0) < 0:
         raise InputError(f"--max-records must be 0 (all) or positive, got {args.max_records}")
+    if getattr(args, "eval_batch_size", None) is not None and args.eval_batch_size <= 0:
+        raise InputError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
     if args.command == "ask" and not args.index and not args.docs:
         raise InputError("ask needs --docs FILE ... (documents to compress) or --index DIR (a compressed corpus)")
     if args.command == "ask" and args.index and (args.docs or args.context):

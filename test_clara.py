@@ -392,6 +392,54 @@ def test_each_family_trains_all_three_stages_and_each_stage_moves_only_its_roles
     assert all(last < first for first, last, _ in result.values()), result
 
 
+# float sums over a padded batch may round differently from one row's: last-position logits agree to this
+BATCH_LOGITS_ATOL = 1e-4
+
+
+def last_logits(llm, ids, embeddings, cache):
+    return clara.output_logits(llm, clara.final_hidden(llm, ids, embeddings, cache)[:, -1])  # (B, V)
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_left_padded_prompts_decode_as_each_prompt_alone_in_every_family(family):
+    """Left padding is masked out of attention and each row's positions (RoPE) start at its first real token: a
+    batch's logits match each prompt's own to BATCH_LOGITS_ATOL and its greedy tokens are equal, longer prompts
+    than gemma's sliding window included; the plain cache (padding attended, positions shifted) does not match."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    llm = tiny_family_model(family)
+    mx.random.seed(1)
+    rows = [mx.random.randint(0, 49152, (n,)).tolist() for n in (5, 23, 12)]
+    ids, left_padding = clara.left_padded(rows, 0)
+    def embeddings():  # (3, 23, H), the prompt as embeddings as memory arrives; new each time: gemma scales it in place
+        return clara.token_embeddings(llm, ids)
+
+    batched = last_logits(llm, ids, embeddings(), clara.batch_cache(llm, left_padding))  # (3, V)
+    alone = mx.concatenate([last_logits(llm, mx.array([r]), None, make_prompt_cache(llm)) for r in rows])
+    assert mx.abs(batched - alone).max().item() < BATCH_LOGITS_ATOL
+    unmasked = last_logits(llm, ids, embeddings(), make_prompt_cache(llm))
+    assert mx.abs(unmasked[0] - alone[0]).max().item() > 100 * BATCH_LOGITS_ATOL
+    new = clara.greedy_generate(llm, ids, eos_id=-1, max_new_tokens=6, input_embeddings=embeddings(),
+                                left_padding=left_padding)[0]
+    assert new == [clara.greedy_generate(llm, mx.array([r]), -1, 6)[0][0] for r in rows] and len(new[1]) == 6
+    eos = new[0][0]  # as end-of-sequence, the first row's first token ends it at once, the others on their own
+    stopped = clara.greedy_generate(llm, ids, eos, 6, embeddings(), left_padding)[0]
+    assert stopped[0] == [] and max(map(len, stopped)) == 6
+    assert stopped == [clara.greedy_generate(llm, mx.array([r]), eos, 6)[0][0] for r in rows]
+
+
+def test_a_model_whose_cache_has_no_batch_form_in_mlx_lm_answers_row_by_row_the_same():
+    from mlx_lm.models.cache import ConcatenateKVCache
+
+    llm = tiny_family_model("llama")
+    rows = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    ids, left_padding = clara.left_padded(rows, 0)
+    batched = clara.greedy_generate(llm, ids, -1, 4, clara.token_embeddings(llm, ids), left_padding)[0]
+    llm.make_cache = lambda: [ConcatenateKVCache() for _ in llm.layers]
+    assert clara.batch_cache(llm, left_padding) is None
+    assert clara.greedy_generate(llm, ids, -1, 4, clara.token_embeddings(llm, ids), left_padding)[0] == batched
+
+
 def save_family_folder(folder, family, bits):
     """A tiny model of a family quantized as mlx-lm's convert does, saved as an mlx-lm model folder."""
     llm = tiny_family_model(family)
@@ -511,7 +559,8 @@ def test_ask_questions_answers_each_line_of_a_file_as_json_lines_in_one_run(cli_
     (tmp_path / "blank.txt").write_text("\n \n")
     for extra, message in ((["--questions", tmp_path / "blank.txt"], "blank.txt: no questions in it"),
                            (["--questions", tmp_path / "questions.txt", "--question", "q"], "one of the two"),
-                           ([], "ask needs --question TEXT or --questions FILE")):
+                           ([], "ask needs --question TEXT or --questions FILE"),
+                           (["--question", "q", "--eval-batch-size", "0"], "--eval-batch-size must be positive")):
         assert_clean_failure(run_cli(*ask, *extra), message, tmp_path)
 
 
@@ -526,12 +575,12 @@ def bench():
 BENCH_OPTIONS = {"doc_max_len": 32, "compression_rate": 8, "max_len": 160, "lora_rank": 4, "lora_layers": 2}
 
 
-def test_bench_times_every_step_beside_mlx_lm_on_the_same_tokens_and_names_its_options(tmp_path, tiny_model_folder,
-                                                                                       tokenizer, bench):
+def test_bench_times_every_step_beside_mlx_lm_and_answers_batched_and_one_by_one_and_names_its_options(
+        tmp_path, tiny_model_folder, tokenizer, bench):
     flags = [x for k, v in BENCH_OPTIONS.items() for x in (clara.option_flag(k), v)]
     run = subprocess.run([sys.executable, str(ROOT / "data" / "bench.py"), "--model", tiny_model_folder,
-                          *map(str, flags), "--bench-steps", "1", "--out", tmp_path], capture_output=True, text=True,
-                         timeout=600)
+                          *map(str, flags), "--bench-steps", "1", "--questions", "6", "--eval-batch-size", "4", "--out",
+                          tmp_path], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     cfg = clara.Config(model=str(tiny_model_folder), **BENCH_OPTIONS)
@@ -543,6 +592,10 @@ def test_bench_times_every_step_beside_mlx_lm_on_the_same_tokens_and_names_its_o
     assert report["text_vs_mlx_lm"] == pytest.approx(rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"])
     assert report["options"] == f"--model {tiny_model_folder} " + " ".join(map(str, flags))
     assert report["options"] in (tmp_path / "bench.md").read_text() and report["matmul_gflops"] > 0
+    answering = report["answering"]  # the same 6 questions in batches of 4 (4 + 2) and one by one, the same answers
+    assert answering["questions"] == 6 and answering["eval_batch_size"] == 4 and answering["same_answers"]
+    assert report["answers_batched_vs_single"] == pytest.approx(answering["batched_questions_per_s"]
+                                                                / answering["single_questions_per_s"])
 
 
 def test_bench_dp_times_one_process_against_two_on_the_same_batch_and_reports_their_ratio(tmp_path, tiny_model_folder):
@@ -1183,14 +1236,67 @@ def test_data_parallel_refuses_an_uneven_batch_and_commands_of_one_process_in_on
 # the default model and the command line
 
 
+def test_batched_answers_equal_one_by_one_answers_from_memory_text_retrieval_and_no_documents(tokenizer):
+    """Records of mixed lengths answered 4 at a time (left-padded prompts, their documents compressed together) and
+    one at a time: the same greedy answers in every context, the same CE up to float summation order."""
+    cfg = tiny_config(top_k=2)
+    model = tiny_clara(cfg)
+    for seed, role in enumerate(clara.ROLES):
+        randomize_adapters(model, role, seed)
+    docs = ["The sky is blue on a clear day.", "Grass is green.", "A spider has eight legs and spins silk in the "
+            "corners of old barns, where it waits for flies.", "Cats purr.", "Rivers run to the sea."]
+    records = [{"question": q, "docs": [docs[i] for i in d], "gold": g, "positives": p} for q, d, g, p in [
+        ("What colour is the sky?", [0, 1, 3], "blue", [0]), ("How many legs has a spider, in words?", [2, 3], "eight",
+         [0]), ("Purr?", [3, 4, 1], "cats", [0]), ("Where do rivers run to, as the documents say it?", [4], "sea",
+         [0]), ("Green?", [1, 0], "grass", [1])]]
+    scores = {}
+    for batch_size in (1, 4):
+        scores[batch_size] = {**clara.evaluate(model, tokenizer, cfg, records, 8, batch_size=batch_size),
+                              **clara.evaluate_retrieval(model, tokenizer, cfg, records, 8, ("retrieved", "oracle"),
+                                                         batch_size)}
+    for context in ("compressed", "text", "none", "retrieved", "oracle"):
+        one, batched = (scores[size][context]["answers"] for size in (1, 4))
+        assert [a["prediction"] for a in batched] == [a["prediction"] for a in one], context
+        assert [a["ce"] for a in batched] == pytest.approx([a["ce"] for a in one], rel=1e-5)
+    assert len({a["prediction"] for s in scores[4].values() if "answers" in s for a in s["answers"]}) > 3
+
+
+def test_the_shipped_adapters_answer_a_real_set_the_same_batched_as_one_by_one():
+    """The shipped adapters on SmolLM2, data/sft.jsonl's held-out records: equal tokens, answers that end at their
+    own end-of-sequence token, from memory and from document text."""
+    reader = clara.load(ROOT / "data" / "adapters" / "facts")
+    records = [r for split, r in clara.read_records(ROOT / "data" / "sft.jsonl", clara.parse_e2e_record)
+               if split == "eval"][:6]
+    one, batched = (reader.evaluate(records, ["compressed", "text"], 12, size) for size in (1, 6))
+    for context in ("compressed", "text"):
+        predictions = [a["prediction"] for a in batched[context]["answers"]]
+        assert predictions == [a["prediction"] for a in one[context]["answers"]], context
+        assert len({len(p.split()) for p in predictions}) > 1  # rows of different lengths stopped on their own
+        assert batched[context]["ce"] == pytest.approx(one[context]["ce"], rel=1e-5)
+
+
 def test_default_model_answers_the_paris_prompt(default_model):
     llm, tokenizer = default_model
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            tokenize=False, add_generation_prompt=True)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
-    answer = tokenizer.decode(clara.greedy_generate(llm, mx.array([ids]), tokenizer.eos_token_id, 16)[0])
+    answer = tokenizer.decode(clara.greedy_generate(llm, mx.array([ids]), tokenizer.eos_token_id, 16)[0][0])
     assert answer.strip() == "The capital of France is Paris."
     assert llm.model.embed_tokens.weight.dtype == mx.float32  # dequantized for the CPU
+
+
+def test_default_model_answers_prompts_of_mixed_lengths_the_same_batched_as_one_by_one(default_model):
+    llm, tokenizer = default_model
+    questions = ["What is the capital of France?", "Name a colour.", "In one short sentence, what does a library "
+                 "lend to the people of the town it serves, and for how long?"]
+    rows = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                           add_generation_prompt=True), add_special_tokens=False)
+            for q in questions]
+    ids, left_padding = clara.left_padded(rows, tokenizer.pad_token_id)
+    batched = clara.greedy_generate(llm, ids, tokenizer.eos_token_id, 16, clara.token_embeddings(llm, ids),
+                                    left_padding)[0]
+    assert batched == [clara.greedy_generate(llm, mx.array([r]), tokenizer.eos_token_id, 16)[0][0] for r in rows]
+    assert len({len(tokens) for tokens in batched}) > 1 and min(map(len, batched)) < 16  # each ended on its own
 
 
 def save_tiny_mlx_lm_folder(folder, tokenizer, seed=3):

@@ -1,11 +1,13 @@
-"""Step time of clara's compress and sft steps beside mlx-lm's own LoRA trainer on the same tokens, and the
-machine's matmul rate as the ceiling (README, Performance).
+"""Step time of clara's compress and sft steps beside mlx-lm's own LoRA trainer on the same tokens, the
+machine's matmul rate as the ceiling, and answering: questions per second batched against one by one (README,
+Performance).
 
     python data/bench.py [--model M] [--base bfloat16] [--batch-size 4] [--bench-steps 5] [--out runs/bench]
+    python data/bench.py --rows answers [--eval-batch-size 16] [--questions 32]   # the answering row alone
 
-Each row trains 2 x --bench-steps steps on fixed shapes and is timed over the second window; bench.md and
-bench.json in --out hold the table and the figures. The clara options (model, shapes, LoRA, --compile) are
-clara.py's own.
+Each training row trains 2 x --bench-steps steps on fixed shapes and is timed over the second window; the answering
+row scores the same questions as eval does, in batches and one at a time. bench.md and bench.json in --out hold the
+table and the figures. The clara options (model, shapes, LoRA, --compile) are clara.py's own.
 """
 
 import argparse
@@ -122,12 +124,60 @@ def bench_options(cfg):
                     for flag, v in given) or "(defaults)"
 
 
+ANSWER_TOKENS = 32  # longest answer of the answering row; an untrained generator often runs to it
+
+
+def answer_seconds(model, tokenizer, cfg, inputs, batch_size):
+    """Seconds to answer every input (eval's work: compression, the answer's CE, greedy decoding) -> (seconds,
+    answers)"""
+    tic = time.perf_counter()
+    answers = clara.answer_in_batches(model, tokenizer, cfg, inputs, ANSWER_TOKENS, batch_size)
+    return time.perf_counter() - tic, [answer for answer, _, _ in answers]
+
+
+def answering_row(model, tokenizer, cfg, args):
+    """The first --questions records of data/sft.jsonl (their questions and documents, mixed lengths), answered
+    from compressed documents in batches of --eval-batch-size and one by one: questions per second and their ratio."""
+    records = [r for _, r in clara.read_records(HERE / "sft.jsonl", clara.parse_e2e_record)][: args.questions]
+    inputs = [(clara.question_example(tokenizer, cfg, {**r, "docs": r["docs"][: cfg.top_k]}, "compressed",
+                                      r["gold"]), None) for r in records]
+    size = clara.answer_batch_size(args.eval_batch_size)
+    clara.answer_in_batches(model, tokenizer, cfg, inputs[:1], ANSWER_TOKENS)  # warm-up: the first call's one-off costs
+    (batched, answers), (single, alone) = (answer_seconds(model, tokenizer, cfg, inputs, n) for n in (size, 1))
+    return {"questions": len(inputs), "eval_batch_size": size, "max_new_tokens": ANSWER_TOKENS,
+            "batched_questions_per_s": len(inputs) / batched, "single_questions_per_s": len(inputs) / single,
+            "answers_batched_vs_single": single / batched, "same_answers": answers == alone}
+
+
+def answering_lines(row):
+    return [f"answering {row['questions']} questions (eval's work, answers up to {row['max_new_tokens']} tokens): "
+            f"{row['batched_questions_per_s']:.2f} questions/s in batches of {row['eval_batch_size']}, "
+            f"{row['single_questions_per_s']:.2f} one by one: {row['answers_batched_vs_single']:.2f}x"
+            + ("" if row["same_answers"] else " | THE ANSWERS DIFFER")]
+
+
 def cmd_bench(cfg, args, trained=None, checkpoint=None):
     """Each row trains 2 x --bench-steps steps on fixed shapes and reads back once per --bench-steps: the first
     window warms up (traces, kernel compilations), the second is timed, wall clock, batches built as in training.
-    mlx-lm's trainer gets the same two windows on the same tokens."""
-    if args.bench_steps <= 0:
-        raise clara.InputError(f"--bench-steps must be positive, got {args.bench_steps}")
+    mlx-lm's trainer gets the same two windows on the same tokens. Then the answering row (answering_row)."""
+    if min(args.bench_steps, args.questions, 1 if args.eval_batch_size is None else args.eval_batch_size) <= 0:
+        raise clara.InputError("--bench-steps, --questions and --eval-batch-size must be positive")
+    report, lines = {"device": str(mx.default_device()), "blas": clara.BLAS, "options": bench_options(cfg),
+                     "config": asdict(cfg)}, []
+    if "training" in args.rows:
+        training_rows(cfg, args, report, lines)
+    if "answers" in args.rows:
+        model, tokenizer = clara.load_clara(cfg)  # new: the adapters as they start, not as the training rows left them
+        report["answering"] = answering_row(model, tokenizer, cfg, args)
+        report["answers_batched_vs_single"] = report["answering"]["answers_batched_vs_single"]
+        lines += answering_lines(report["answering"])
+    print("\n".join(lines))
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    clara.write_report(Path(cfg.out) / "bench", report, "\n".join(lines) + "\n")
+
+
+def training_rows(cfg, args, report, lines):
+    """The training rows and mlx-lm's trainer on the same tokens, into report and lines."""
     model, tokenizer = clara.load_clara(cfg)
     dtype = mx.bfloat16 if clara.on_gpu() else mx.float32
     peak_rate, window, rows = matmul_rate(dtype, (8192, 16384) if clara.on_gpu() else (2048,)), args.bench_steps, []
@@ -146,21 +196,16 @@ def cmd_bench(cfg, args, trained=None, checkpoint=None):
     mx.reset_peak_memory()
     rows.append(bench_row("mlx-lm", mlx_lm_step_seconds(cfg, examples[0], window), text_batch, flops, peak_rate))
     ratio = rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"]
-    options = bench_options(cfg)
-    lines = [f"{mx.default_device()} | BLAS: {clara.BLAS} | {dtype} matmul {peak_rate / 1e9:.0f} GFLOP/s | "
-             f"options: {options} | {window} steps timed after {window}",
-             "| step | s/step | tokens | tok/s | GFLOP | GFLOP/s | of matmul | peak GB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"{mx.default_device()} | BLAS: {clara.BLAS} | {dtype} matmul {peak_rate / 1e9:.0f} GFLOP/s | "
+              f"options: {report['options']} | {window} steps timed after {window}",
+              "| step | s/step | tokens | tok/s | GFLOP | GFLOP/s | of matmul | peak GB |",
+              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['seconds']:.3f} | {r['tokens']} | {r['tokens_per_s']:.0f} | {r['gflop']:.1f} | "
               f"{r['achieved_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | {r['peak_gb']:.2f} |" for r in rows]
     lines.append(f"sft (text context) / mlx-lm trainer on the same tokens: {ratio:.2f}x")
     if any(r["traces"] for r in rows):
         lines.append(f"--compile: traces per row {', '.join(str(r['traces']) for r in rows[:3])}")
-    print("\n".join(lines))
-    report = {"device": str(mx.default_device()), "blas": clara.BLAS, "matmul_gflops": peak_rate / 1e9, "rows": rows,
-              "text_vs_mlx_lm": ratio, "options": options, "config": asdict(cfg)}
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    clara.write_report(Path(cfg.out) / "bench", report, "\n".join(lines) + "\n")
+    report.update(matmul_gflops=peak_rate / 1e9, rows=rows, text_vs_mlx_lm=ratio)
 
 
 def main(argv=None):
@@ -168,6 +213,11 @@ def main(argv=None):
     groups = {title: parser.add_argument_group(title) for title in clara.OPTION_GROUPS}
     clara.add_config_options(groups, HIDDEN)
     parser.add_argument("--bench-steps", type=int, default=5, help="timed steps per row, after as many warm-up steps")
+    parser.add_argument("--rows", nargs="+", choices=("training", "answers"), default=("training", "answers"),
+                        help="the rows to measure [default: both]")
+    parser.add_argument("--eval-batch-size", type=int, help="questions answered at once in the answering row [default: "
+                        f"clara.py's, {clara.ANSWER_BATCH['cpu']} on a CPU, {clara.ANSWER_BATCH['gpu']} on a GPU]")
+    parser.add_argument("--questions", type=int, default=32, help="questions of the answering row (data/sft.jsonl's)")
     args = parser.parse_args(argv)
     args.command = "bench"  # clara.py runs it as one of its commands: the same config, errors and exit codes
     clara.COMMANDS["bench"] = cmd_bench

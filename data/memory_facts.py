@@ -38,7 +38,7 @@ def paraphrase(reader, document, max_new_tokens):
     """The generator's paraphrase of `document` from its memory, with stage 1's first paraphrase request."""
     example = clara.build_example(reader.tokenizer, reader.cfg, [document], clara.PARAPHRASE_INSTRUCTIONS[0], None,
                                   clara.SYSTEM_PARAPHRASE)
-    return clara.generate_answer(reader.model, reader.tokenizer, reader.cfg, example, max_new_tokens)[0]
+    return clara.generate_answers(reader.model, reader.tokenizer, reader.cfg, [example], max_new_tokens)[0][0]
 
 
 def target_ce(reader, documents):
