@@ -1279,13 +1279,10 @@ def question_text(question, where):
     return question.replace("\x00", "").strip()  # NUL is the slot marker's character: never taken from input
 
 def question_list(question, where):
-    """[question] for one question (a string), else the questions of a non-empty list, each a non-empty string."""
-    if isinstance(question, str):
-        return [question_text(question, where)]
-    if not isinstance(question, list | tuple) or not question:
-        raise InputError(f"{where}: expected a question or a non-empty list of them, got "
-                         f"{one_line(repr(question))[:40]}")
-    return [question_text(q, f"{where}[{i}]") for i, q in enumerate(question)]
+    """The questions of a non-empty list, else [question]: each a non-empty string."""
+    if isinstance(question, list | tuple) and question:
+        return [question_text(q, f"{where}[{i}]") for i, q in enumerate(question)]
+    return [question_text(question, where)]
 
 def documents(docs, where, allow_none=False):
     """A list of documents, each a string with text in it (NUL, the slot marker's character, taken out)."""
