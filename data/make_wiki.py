@@ -179,6 +179,8 @@ def write_all(out, squad=str(SHARED / "squad" / "train-v1.1.json.gz"),
              sample(rng, question_records(rng, parts["val"], CANDIDATES - 1, val, True), VAL_QUESTIONS)}
     for source in ("squad", "nq"):
         test = [p for p in parts["test"] if p["source"] == source]
+        if not test:  # --nq "": no NQ files
+            continue
         order = list(range(sum(len(p["qa"]) for p in test)))
         random.Random(f"wiki-test-{source}").shuffle(order)  # the same questions in both shapes
         for suffix, count, marked in (("", DISTRACTORS, False), ("-stage3", CANDIDATES - 1, True)):
