@@ -37,6 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+import make_facts  # noqa: E402
 from make_facts import run_main, write_jsonl  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
@@ -150,11 +151,9 @@ def question_records(rng, paragraphs, count, split, marked=False):
 
 
 def stage1_records(paragraphs, split):
-    """Apple's stage-1 records of each paragraph: one "qa" (its questions) and one "paraphrase" (itself)."""
-    return [record for p in paragraphs
-            for record in ({"data_type": "qa", "question": [q for q, _ in p["qa"]], "answers": [a for _, a in p["qa"]],
-                            "docs": [p["text"]], **split},
-                           {"data_type": "paraphrase", "docs": [p["text"]], "answers": [p["text"]], **split})]
+    """Apple's stage-1 records of each paragraph (make_facts.stage1_records): a "qa" one and a "paraphrase" one,
+    whose target is the paragraph itself."""
+    return make_facts.stage1_records([{**p, "paraphrase": p["text"]} for p in paragraphs], split)
 
 
 def sample(rng, records, n):
