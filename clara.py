@@ -1268,7 +1268,7 @@ class Reader:
 def load(adapters, **options):
     """A Reader of trained adapters (a run's --out folder or a checkpoint file) with the config they were trained
     with; `options` override it, e.g. load("runs/e2e", top_k=3). Bad input raises clara.InputError, one line."""
-    saved, trained = read_trained(adapters)
+    saved, trained = reading_config(*read_trained(adapters))
     return Reader(validate_config(config_from(saved, checked_config(options, "load()", unknown_ok=False))), trained)
 
 # ---- the checks the commands and the Python API share: one message for one mistake, wherever it comes from ----
@@ -2620,7 +2620,7 @@ def resolve_config(args):
     if args.command in ("ask", "eval", "index"):
         if not args.adapters:
             raise InputError("ask needs --adapters RUN (the output folder of a training run) or --index DIR")
-        saved, trained = read_trained(args.adapters)
+        saved, trained = reading_config(*read_trained(args.adapters))
     elif "resume" in given:
         checkpoint = read_checkpoint(Path(given["resume"]) / CHECKPOINT)
         saved = checkpoint_config(checkpoint, Path(given["resume"]) / CHECKPOINT)
@@ -2638,6 +2638,11 @@ def resolve_config(args):
     return cfg, trained, checkpoint
 
 INVOCATION = ("overwrite", "resume")  # what one command line asks for: never taken back from a saved config
+
+def reading_config(saved, trained):
+    """A saved config as ask / eval / index / load() take it: the base's number format is this machine's choice
+    (auto), not the training machine's: a GPU run's "bfloat16" would make a CPU read about 50x slower."""
+    return {k: v for k, v in saved.items() if k != "base"}, trained
 
 def config_from(saved, given):
     """Config = defaults, then the fields of a saved config (checked_config), then the options given."""
