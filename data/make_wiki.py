@@ -24,6 +24,7 @@ Files written into --out (JSON Lines; "split": "eval" marks validation records, 
   test-squad.jsonl    the SQuAD test articles' questions in stage 2's shape, shuffled ("split": "eval"), so
   test-nq.jsonl       `eval --max-records 400` takes a spread of articles; and the same for Natural Questions
   test-squad-stage3.jsonl, test-nq-stage3.jsonl   the test questions in stage 3's shape
+  test-squad-own.jsonl, test-nq-own.jsonl   the test questions with their own paragraph alone (the gold passage)
 The output depends only on the inputs and the options: every draw comes from a random.Random seeded with a string.
 """
 
@@ -185,6 +186,8 @@ def write_all(out, squad=str(SHARED / "squad" / "train-v1.1.json.gz"),
         for suffix, count, marked in (("", DISTRACTORS, False), ("-stage3", CANDIDATES - 1, True)):
             records = question_records(rng, test, count, val, marked)
             files[f"test-{source}{suffix}"] = [records[i] for i in order[:TEST_QUESTIONS]]
+        own = question_records(random.Random(0), test, 0, val)  # no others: nothing is drawn
+        files[f"test-{source}-own"] = [own[i] for i in order[:TEST_QUESTIONS]]
     lines = [f"{Path(out) / name}.jsonl: {write_jsonl(Path(out) / f'{name}.jsonl', records)} records"
              for name, records in files.items()]
     return lines + ["; ".join(f"{name}: {len({p['title'] for p in part})} articles, {len(part)} paragraphs, "

@@ -13,8 +13,17 @@ shipped fictional recipe):
           recipe's stage 2 does
   s1s2    S1 steps of stage 1 on the real paragraphs first (qa + paraphrase, from the same adapters), then stage 2
   x4      the same at x4 (64 vectors per document), its stage 1 from the base (no x4 adapters are shipped)
-  text / none   the baselines: the paragraphs as text in the prompt, or no documents, with the same LoRA and steps
-Each is scored on N (default 400) questions of the held-out SQuAD articles and of the held-out NQ articles.
+  x4s2    stage 2 alone at x4, from the base
+  long    stage 2 continued for LONG more steps from the stage-2 run PREV (lease 1's s2), then its query reasoner
+          (contrastive, stage 3's question -> own paragraph among 20): data/adapters/wiki and wiki-reasoner
+  text / none   the baselines: the paragraphs as text in the prompt, or no documents, with the same LoRA and
+          BASE_STEPS (default S2) steps
+Each is scored on N (default 300; the README's tables: 400) questions of the held-out SQuAD articles and of the held-out
+NQ articles, among two others of their article and with their own paragraph alone. B overrides the batch's split
+(default "--batch-size 16 --grad-accum 2"); RESERVE (seconds) stops `long` that long before END, for its reasoner.
+Lease 2 (README) ran:
+    END=$(($(date +%s) + 720)) RESERVE=210 RUNS="long x4s2 text none" PREV=LEASE1_S2 LONG=600 S2=700 \
+      BASE_STEPS=900 S3=150 N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
 """
 
 import argparse
@@ -29,9 +38,19 @@ STEPS = {"S1": 250, "S2": 1000, "S3": 300}  # S3: stage 3, a later lease's
 LEVERS = "# the real-text levers (data/wiki.py script): chains side by side, RUNS picks them\n" + \
     'CADENCE="--eval-every 250 --save-every 500"\n' + PRELUDE + \
     r"""A="--lora-keys all"; F=${{FACTS:-{facts}}}
-B="--batch-size 16 --grad-accum 2"  # batch 32 in two halves: at batch 32 one x16 stage 2 peaked at 36 GB
+B=${{B:-"--batch-size 16 --grad-accum 2"}}  # batch 32 in parts: at batch 32 one x16 stage 2 peaked at 36 GB
 on() {{ [[ " ${{RUNS:-s2 s1s2 x4 mix text none}} " == *" $1 "* ]]; }}  # on CHAIN: RUNS names it
-tests() {{ score $1 $R/test-squad.jsonl $2 squad & score $1 $R/test-nq.jsonl $2 nq & wait; }}  # tests RUN CONTEXT
+tests() {{  # tests RUN CONTEXT: the test questions among 2 others of their article, and with their own paragraph alone
+  for set in squad nq; do score $1 $R/test-$set.jsonl $2 $set & score $1 $R/test-$set-own.jsonl $2 $set-own & done
+  wait; }}
+reasoner() {{  # reasoner RUN: the query reasoner learns question -> own paragraph among 20 (contrastive), on the first
+  # 32 x S3 stage-3 records (one epoch) and a 24th as many validation ones (a candidate bank of them all is compressed
+  # first); scored on the test questions
+  [ -f $R/stage3-head.jsonl ] || {{ head -n $((32 * S3)) $R/stage3.jsonl; tail -n $(((4 * S3 + 2) / 3)) $R/stage3.jsonl; \
+    }} > $R/stage3-head.jsonl
+  train $1-reasoner e2e --data $R/stage3-head.jsonl --init $R/$1 --retrieval-loss contrastive --steps $S3 &&
+  {{ score $1-reasoner $R/test-squad-stage3.jsonl "retrieved oracle" squad3 &
+    score $1-reasoner $R/test-nq-stage3.jsonl "retrieved oracle" nq3 & wait; }}; }}
 stages() {{  # stages NAME INIT OPTIONS...: S1 steps of stage 1 on the real paragraphs, then stage 2 for the rest
   run=$1; init=$2; shift 2  # not "name": train sets that one
   train $run-s1 compress --data $R/stage1.jsonl $init $B "$@" --steps $S1 &&
@@ -43,9 +62,15 @@ stage2() {{  # stage2 NAME OPTIONS...: stage 2 from the fictional stage 1, its g
 on s2 && stage2 s2 &
 on mix && stage2 mix --stage1-data $R/mix.jsonl &  # the qa records of real paragraphs mixed in
 on s1s2 && stages s1s2 "--init $F" &
+on long && (  # stage 2 continued for LONG more steps from PREV (a stage-2 run: lease 1's s2), then its query reasoner;
+  # it stops RESERVE seconds before END, to leave the reasoner its time
+  END=${{END:+$((END - ${{RESERVE:-0}}))}} train long sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} --init-generator $B \
+    --compile on --steps ${{LONG:-$S2}}; tests long compressed & reasoner long; wait ) &
 on x4 && stages x4 "$A" --compression-rate 4 &
+on x4s2 && ( train x4s2 sft --data $R/stage2.jsonl $A --compression-rate 4 $B --compile on --steps $S2 &&  # no stage 1
+             tests x4s2 compressed ) &
 for base in none text; do
-  on $base && ( train $base sft --data $R/stage2.jsonl --context $base $A $B --compile on --steps $S2 &&
+  on $base && ( train $base sft --data $R/stage2.jsonl --context $base $A $B --compile on --steps ${{BASE_STEPS:-$S2}} &&
                 tests $base $base ) &
 done
 wait; echo ALL DONE >> $R/done.txt
