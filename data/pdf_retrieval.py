@@ -8,6 +8,13 @@ or more, two consecutive sentences from inside it (never its first) are the ques
 reasoner encodes it, and the check ranks its own chunk among all the PDF's chunks by cosine, as `ask --index`
 does. It prints, per adapters, how often that chunk comes first and in the top 3. The passages are drawn with a
 random.Random seeded with a string, so every adapters get the same ones.
+
+    python data/pdf_retrieval.py data/ask/libtasn1.pdf --adapters data/adapters/wiki-reasoner \
+        --questions data/ask/libtasn1-questions.jsonl
+
+With --questions (JSON Lines of {"question", "answer", "evidence"}, the evidence copied from the PDF), the questions
+are a user's instead: each one's own chunk is the one that holds its evidence, and `ask --index`'s answer from the
+top-k chunks' memory is scored against "answer" (EM, F1, cover-EM).
 """
 
 import argparse
@@ -44,23 +51,56 @@ def ranks(reader, index, questions):
     return found
 
 
+def own_chunks(chunks, path):
+    """[(chunk index, question, answer)] of a --questions file: the one chunk holding each question's evidence."""
+    flat = [" ".join(c["text"].split()) for c in chunks]
+    found = []
+    for n, obj in clara.read_jsonl(path):
+        evidence = " ".join(str(obj.get("evidence", "")).split())
+        holders = [i for i, text in enumerate(flat) if evidence and evidence in text]
+        if len(holders) != 1:
+            raise clara.InputError(f"{path}:{n}: its evidence is in {len(holders)} chunks, not one")
+        found.append((holders[0], obj["question"], obj["answer"]))
+    return found
+
+
+def answer_scores(reader, index, questions):
+    """EM / F1 / cover-EM (%) of ask --index's answers to [(chunk index, question, answer)]."""
+    answers = [a for a, _ in reader.ask_index(index, [q for _, q, _ in questions], max_new_tokens=32)]
+    golds = [gold for _, _, gold in questions]
+    return {name: 100 * sum(metric(a, g) for a, g in zip(answers, golds)) / len(golds) for name, metric in
+            (("EM", clara.exact_match), ("F1", clara.token_f1), ("cover-EM", clara.cover_exact_match))}, answers
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pdf", type=Path)
     parser.add_argument("--adapters", nargs="+", required=True, help="run folders (or checkpoints) to compare")
+    parser.add_argument("--questions", type=Path, help="a user's questions about the PDF (JSON Lines of question, "
+                        "answer, evidence) instead of copied passages; their answers are scored too")
     args = parser.parse_args()
     try:
         pages = clara.extract_pdf_pages(args.pdf)
         for adapters in args.adapters:
             reader = clara.load(adapters)
             chunks = clara.pdf_chunks(pages, reader.tokenizer, reader.cfg)
-            questions = passages(chunks)
+            asked = own_chunks(chunks, args.questions) if args.questions else None
+            questions = [(i, q) for i, q, _ in asked] if asked else passages(chunks)
             if not questions:
                 raise clara.InputError(f"{args.pdf}: no chunk has three sentences of {MIN_WORDS} words or more")
-            found = ranks(reader, reader.index(chunks), questions)
-            first, top3, n = sum(r == 0 for r in found), sum(r < 3 for r in found), len(found)
-            print(f"{adapters}: {len(chunks)} chunks, {n} passages: first {first}/{n} ({100 * first / n:.0f}%), "
-                  f"top 3 {top3}/{n} ({100 * top3 / n:.0f}%)", flush=True)
+            index = reader.index(chunks)
+            found = ranks(reader, index, questions)
+            n, k = len(found), reader.cfg.top_k
+            counts = {"first": sum(r == 0 for r in found), "top 3": sum(r < 3 for r in found),
+                      f"top {k}": sum(r < k for r in found)}
+            line = ", ".join(f"{name} {c}/{n} ({100 * c / n:.0f}%)" for name, c in counts.items())
+            print(f"{adapters}: {len(chunks)} chunks, {n} {'questions' if asked else 'passages'}: {line}", flush=True)
+            if asked:
+                scores, answers = answer_scores(reader, index, asked)
+                for (i, question, gold), answer, rank in zip(asked, answers, found):
+                    print(f"  chunk {i} at rank {rank + 1} | {question} | gold: {gold} | answer: {answer}")
+                print(f"{adapters}: answers from the top {k} chunks' memory: " +
+                      ", ".join(f"{name} {value:.1f}" for name, value in scores.items()), flush=True)
     except clara.InputError as error:
         sys.exit(f"error: {error}")
 
