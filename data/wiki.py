@@ -14,8 +14,9 @@ shipped fictional recipe):
   s1s2    S1 steps of stage 1 on the real paragraphs first (qa + paraphrase, from the same adapters), then stage 2
   x4      the same at x4 (64 vectors per document), its stage 1 from the base (no x4 adapters are shipped)
   x4s2    stage 2 alone at x4, from the base
-  long    stage 2 continued for LONG more steps from the stage-2 run PREV (lease 1's s2), then its query reasoner
-          (contrastive, stage 3's question -> own paragraph among 20): data/adapters/wiki and wiki-reasoner
+  long    stage 2 continued for LONG more steps (at LONG_LR, default 1e-3) from the stage-2 run PREV (lease 1's
+          s2), then its query reasoner (contrastive, stage 3's question -> own paragraph among 20): data/adapters/wiki
+  reasoner  that query reasoner alone, for PREV (next: data/adapters/wiki -> wiki-reasoner)
   text / none   the baselines: the paragraphs as text in the prompt, or no documents, with the same LoRA and
           BASE_STEPS (default S2) steps
 Each is scored on N (default 300; the README's tables: 400) questions of the held-out SQuAD articles and of the held-out
@@ -65,7 +66,9 @@ on s1s2 && stages s1s2 "--init $F" &
 on long && (  # stage 2 continued for LONG more steps from PREV (a stage-2 run: lease 1's s2), then its query reasoner;
   # it stops RESERVE seconds before END, to leave the reasoner its time
   END=${{END:+$((END - ${{RESERVE:-0}}))}} train long sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} --init-generator $B \
-    --compile on --steps ${{LONG:-$S2}}; tests long compressed & reasoner long; wait ) &
+    --compile on --steps ${{LONG:-$S2}} ${{LONG_LR:+--lr $LONG_LR}}; tests long compressed & reasoner long; wait ) &
+on reasoner && ( mkdir -p $R/given && cp ${{PREV:-$R/s2}}/clara.safetensors ${{PREV:-$R/s2}}/config.json $R/given/ &&
+  reasoner given ) &  # the query reasoner alone, for the stage-2 adapters PREV (data/adapters/wiki)
 on x4 && stages x4 "$A" --compression-rate 4 &
 on x4s2 && ( train x4s2 sft --data $R/stage2.jsonl $A --compression-rate 4 $B --compile on --steps $S2 &&  # no stage 1
              tests x4s2 compressed ) &
