@@ -1268,7 +1268,7 @@ class Reader:
 def load(adapters, **options):
     """A Reader of trained adapters (a run's --out folder or a checkpoint file) with the config they were trained
     with; `options` override it, e.g. load("runs/e2e", top_k=3). Bad input raises clara.InputError, one line."""
-    saved, trained = reading_config(*read_trained(adapters))
+    saved, trained = read_trained(adapters)
     return Reader(validate_config(config_from(saved, checked_config(options, "load()", unknown_ok=False))), trained)
 
 # ---- the checks the commands and the Python API share: one message for one mistake, wherever it comes from ----
@@ -2416,7 +2416,9 @@ def save_outputs(model, cfg, out, extra):
         save_atomically(out / name, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 def read_trained(path):
-    """(config dict, adapter arrays) of an output folder (its clara.safetensors) or of a checkpoint file."""
+    """(config dict, adapter arrays) of an output folder (its clara.safetensors) or of a checkpoint file. The config
+    leaves out the base's number format: the machine that reads the adapters picks its own (auto), since a GPU run's
+    "bfloat16" made a CPU read about 50x slower (--resume reads its checkpoint's config whole: read_checkpoint)."""
     path = Path(path)
     if path.is_dir() and (path / "clara.safetensors").is_file() and (path / "config.json").is_file():
         try:
@@ -2426,11 +2428,13 @@ def read_trained(path):
                              f"({one_line(e)[:120]})") from None
         if not isinstance(arrays, dict):
             raise InputError(f"{path / 'clara.safetensors'}: not a safetensors file of named arrays")
-        return checked_config(config, path / "config.json"), arrays
-    if path.is_file():
+        config = checked_config(config, path / "config.json")
+    elif path.is_file():
         checkpoint = read_checkpoint(path)
-        return checkpoint_config(checkpoint, path), checkpoint_part(checkpoint[0], "model.")
-    raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
+        config, arrays = checkpoint_config(checkpoint, path), checkpoint_part(checkpoint[0], "model.")
+    else:
+        raise InputError(f"{path}: neither the output folder of a clara.py run nor a checkpoint file")
+    return {name: value for name, value in config.items() if name != "base"}, arrays
 
 def adapter_role(name):
     """'llm.model.layers.3.self_attn.q_proj.adapters.query.lora_a' -> 'query'; None for the memory."""
@@ -2620,7 +2624,7 @@ def resolve_config(args):
     if args.command in ("ask", "eval", "index"):
         if not args.adapters:
             raise InputError("ask needs --adapters RUN (the output folder of a training run) or --index DIR")
-        saved, trained = reading_config(*read_trained(args.adapters))
+        saved, trained = read_trained(args.adapters)
     elif "resume" in given:
         checkpoint = read_checkpoint(Path(given["resume"]) / CHECKPOINT)
         saved = checkpoint_config(checkpoint, Path(given["resume"]) / CHECKPOINT)
@@ -2638,11 +2642,6 @@ def resolve_config(args):
     return cfg, trained, checkpoint
 
 INVOCATION = ("overwrite", "resume")  # what one command line asks for: never taken back from a saved config
-
-def reading_config(saved, trained):
-    """A saved config as ask / eval / index / load() take it: the base's number format is this machine's choice
-    (auto), not the training machine's: a GPU run's "bfloat16" would make a CPU read about 50x slower."""
-    return {k: v for k, v in saved.items() if k != "base"}, trained
 
 def config_from(saved, given):
     """Config = defaults, then the fields of a saved config (checked_config), then the options given."""

@@ -9,7 +9,7 @@ reasoner encodes it, and the check ranks its own chunk among all the PDF's chunk
 does. It prints, per adapters, how often that chunk comes first and in the top 3. The passages are drawn with a
 random.Random seeded with a string, so every adapters get the same ones.
 
-    python data/pdf_retrieval.py data/ask/libtasn1.pdf --adapters data/adapters/wiki-reasoner \
+    python data/pdf_retrieval.py data/ask/libtasn1.pdf --adapters data/adapters/wiki \
         --questions data/ask/libtasn1-questions.jsonl
 
 With --questions (JSON Lines of {"question", "answer", "evidence"}, the evidence copied from the PDF), the questions

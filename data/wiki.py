@@ -44,12 +44,13 @@ on() {{ [[ " ${{RUNS:-s2 s1s2 x4 mix text none}} " == *" $1 "* ]]; }}  # on CHAI
 tests() {{  # tests RUN CONTEXT: the test questions among 2 others of their article, and with their own paragraph alone
   for set in squad nq; do score $1 $R/test-$set.jsonl $2 $set & score $1 $R/test-$set-own.jsonl $2 $set-own & done
   wait; }}
-reasoner() {{  # reasoner RUN: the query reasoner learns question -> own paragraph among 20 (contrastive), on the first
+reasoner() {{  # reasoner RUN [ADAPTERS]: the query reasoner of RUN's adapters (or of ADAPTERS, any stage-2
+  # folder) learns question -> own paragraph among 20 (contrastive) as RUN-reasoner, on the first
   # 32 x S3 stage-3 records (one epoch) and a 24th as many validation ones (a candidate bank of them all is compressed
   # first); scored on the test questions
-  [ -f $R/stage3-head.jsonl ] || {{ head -n $((32 * S3)) $R/stage3.jsonl; tail -n $(((4 * S3 + 2) / 3)) $R/stage3.jsonl; \
-    }} > $R/stage3-head.jsonl
-  train $1-reasoner e2e --data $R/stage3-head.jsonl --init $R/$1 --retrieval-loss contrastive --steps $S3 &&
+  [ -f $R/stage3-head.jsonl ] ||
+    {{ head -n $((32 * S3)) $R/stage3.jsonl; tail -n $(((4 * S3 + 2) / 3)) $R/stage3.jsonl; }} > $R/stage3-head.jsonl
+  train $1-reasoner e2e --data $R/stage3-head.jsonl --init ${{2:-$R/$1}} --retrieval-loss contrastive --steps $S3 &&
   {{ score $1-reasoner $R/test-squad-stage3.jsonl "retrieved oracle" squad3 &
     score $1-reasoner $R/test-nq-stage3.jsonl "retrieved oracle" nq3 & wait; }}; }}
 stages() {{  # stages NAME INIT OPTIONS...: S1 steps of stage 1 on the real paragraphs, then stage 2 for the rest
@@ -65,15 +66,16 @@ on mix && stage2 mix --stage1-data $R/mix.jsonl &  # the qa records of real para
 on s1s2 && stages s1s2 "--init $F" &
 on long && (  # stage 2 continued for LONG more steps from PREV (a stage-2 run: lease 1's s2), then its query reasoner;
   # it stops RESERVE seconds before END, to leave the reasoner its time
-  END=${{END:+$((END - ${{RESERVE:-0}}))}} train long sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} --init-generator $B \
-    --compile on --steps ${{LONG:-$S2}} ${{LONG_LR:+--lr $LONG_LR}}; tests long compressed & reasoner long; wait ) &
-on reasoner && ( mkdir -p $R/given && cp ${{PREV:-$R/s2}}/clara.safetensors ${{PREV:-$R/s2}}/config.json $R/given/ &&
-  reasoner given ) &  # the query reasoner alone, for the stage-2 adapters PREV (data/adapters/wiki)
+  END=${{END:+$((END - ${{RESERVE:-0}}))}} train long sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} \
+    --init-generator $B --compile on --steps ${{LONG:-$S2}} ${{LONG_LR:+--lr $LONG_LR}}
+  tests long compressed & reasoner long; wait ) &
+on reasoner && reasoner given ${{PREV:-$R/s2}} &  # the query reasoner alone, for PREV (data/adapters/wiki)
 on x4 && stages x4 "$A" --compression-rate 4 &
 on x4s2 && ( train x4s2 sft --data $R/stage2.jsonl $A --compression-rate 4 $B --compile on --steps $S2 &&  # no stage 1
              tests x4s2 compressed ) &
 for base in none text; do
-  on $base && ( train $base sft --data $R/stage2.jsonl --context $base $A $B --compile on --steps ${{BASE_STEPS:-$S2}} &&
+  on $base && ( train $base sft --data $R/stage2.jsonl --context $base $A $B --compile on \
+                  --steps ${{BASE_STEPS:-$S2}} &&
                 tests $base $base ) &
 done
 wait; echo ALL DONE >> $R/done.txt
