@@ -31,15 +31,17 @@ SLOW := test_clara.py::test_the_evidence_experiment_runs_end_to_end_in_parts_and
 	test_clara.py::test_the_shipped_query_reasoner_finds_copied_passages_of_text_it_never_saw_better_than_the_compressor \
 	test_clara.py::test_the_shipped_adapters_answer_a_real_set_the_same_batched_as_one_by_one \
 	test_clara.py::test_the_shipped_wiki_adapters_answer_real_questions_about_articles_no_run_saw_far_better_from_memory \
-	test_clara.py::test_the_shipped_wiki_adapters_find_the_chunk_of_a_real_pdf_that_answers_a_users_question
+	test_clara.py::test_the_shipped_wiki_reasoner_finds_the_chunk_of_a_real_pdf_that_answers_a_users_question \
+	test_clara.py::test_the_shipped_wiki_reasoner_ranks_a_held_out_paragraph_first_more_often_than_its_compressor_alone
 
 test: blas
 	$(PY) -m pytest -q test_clara.py $(addprefix --deselect ,$(SLOW))
 
 # the minutes-long tests CI runs after make test: the evidence experiment end to end on the tiny model, and the
 # shipped adapters answering from the memory of documents no run saw (the facts, and the name only memory holds),
-# the shipped query reasoner finding passages of text it never saw, and the shipped adapters answering
-# data/sft.jsonl's held-out records the same in batches as one by one
+# the shipped query reasoner finding passages of text it never saw, the shipped adapters answering
+# data/sft.jsonl's held-out records the same in batches as one by one, and the real-text adapters (wiki,
+# wiki-reasoner) answering held-out Wikipedia questions from memory and finding the paragraph or PDF chunk that answers
 test-slow: blas
 	$(PY) -m pytest -q $(SLOW)
 
@@ -50,7 +52,7 @@ experiment: blas
 
 # first the shipped real-text adapters (data/adapters/wiki), untrained here, asked about a Wikipedia paragraph of an
 # article held out of their training (the control reads another paragraph's memory), then indexing a real PDF no run
-# saw (the GNU Libtasn1 manual) and asking it; then the shipped fictional stage-2 adapters (data/adapters/facts),
+# saw (the GNU Libtasn1 manual) with them and their query reasoner (data/adapters/wiki-reasoner) and asking it; then the shipped fictional stage-2 adapters (data/adapters/facts),
 # asked about a fictional town that no run saw (data/ask/town1.txt; the control reads another town's memory); then,
 # from the shipped stage-1 adapters (data/adapters/facts-stage1): stage 1 on the sample PDF, stage 2 on the sample QA
 # set, stage 3 on its retrieval version, then questions answered from compressed documents and from an index of the
@@ -68,7 +70,7 @@ demo: blas
 	@echo "the control: the same question from data/ask/wiki2.txt, a paragraph about Roman aqueducts | the answer:"
 	@$(PY) clara.py ask --adapters data/adapters/wiki --docs data/ask/wiki2.txt --question "$(WIKI_QUESTION)"
 	rm -rf runs/demo-libtasn1
-	$(PY) clara.py index --pdf data/ask/libtasn1.pdf --adapters data/adapters/wiki --out runs/demo-libtasn1
+	$(PY) clara.py index --pdf data/ask/libtasn1.pdf --adapters data/adapters/wiki-reasoner --out runs/demo-libtasn1
 	@echo "question: $(PDF_QUESTION) | expected: yes, seconds with any precision (data/ask/libtasn1.pdf, page 15) | the answer and its sources:"
 	@$(PY) clara.py ask --index runs/demo-libtasn1 --question "$(PDF_QUESTION)"
 	@echo "question: $(TOWN_QUESTION) | expected: $(TOWN_ANSWER) (data/ask/town1.txt) | the shipped adapters' answer:"

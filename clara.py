@@ -38,6 +38,7 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
+import io
 import inspect
 import itertools
 import json
@@ -1056,19 +1057,20 @@ def candidate_bank(model, tokenizer, cfg, records):
     texts = sorted({d for r in records for d in r["docs"]})
     return compress_corpus(model, tokenizer, cfg, texts), {t: i for i, t in enumerate(texts)}
 
-def encode_question(model, tokenizer, cfg, question):
-    """The query reasoner's vector of a question: its memory states, flattened. -> (n_mem * H,)"""
+def encode_question(model, tokenizer, cfg, question, role="query"):
+    """The query reasoner's vector of a question: its memory states, flattened. role="compressor" encodes it as a
+    document instead (what the query reasoner starts from). -> (n_mem * H,)"""
     question_ids = tokenizer.encode(question, add_special_tokens=False)[: cfg.doc_max_len]
     query_ids, query_lens = with_memory_room([question_ids], cfg.n_mem, tokenizer.pad_token_id)
-    return encode_into_memory(model, query_ids, query_lens, role="query")[0].reshape(-1)
+    return encode_into_memory(model, query_ids, query_lens, role=role)[0].reshape(-1)
 
 EVAL_CONTEXTS = ("compressed", "text", "none")  # memory slots / document text in the prompt / no documents
 RETRIEVAL_CONTEXTS = ("retrieved", "oracle", "none")  # stage 3: top-k retrieved / the marked documents / none
 RECALL_AT = (1, 3, 5)
 
-# questions answered at once (--eval-batch-size): the CPU's the fastest of 4, 8, 16 and 32 in data/bench.py (README,
-# Performance); the GPU's a placeholder until a GPU measurement
-ANSWER_BATCH = {"cpu": 32, "gpu": 32}
+# questions answered at once (--eval-batch-size), each the fastest measured by data/bench.py (README, Performance):
+# the CPU's of 4, 8, 16 and 32, the GPU's (H200, real model, bf16) of 32 and 64
+ANSWER_BATCH = {"cpu": 32, "gpu": 64}
 
 def answer_batch_size(batch_size=None):
     return batch_size or ANSWER_BATCH["gpu" if on_gpu() else "cpu"]
@@ -1633,20 +1635,27 @@ def read_questions(args):
     return questions
 
 def cmd_ask(cfg, args, trained, files):
-    """Answers --question, or each line of --questions (as JSON Lines), with the model loaded once. Answers go to
-    stdout; with --questions everything else (the model's line, notes) goes to stderr, so stdout is pure JSON Lines."""
-    answers = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr if args.questions else answers):
-        if args.index:
-            return ask_index(cfg, args, trained, answers)
-        questions, docs = read_questions(args), read_documents(args.docs)
-        reader = Reader(cfg, trained)
-        memory = reader.compress(docs) if cfg.context == "compressed" else None  # (D, n_mem, H): once for all
-        for batch in question_batches(questions, args.eval_batch_size):
-            for question, answer in zip(batch, reader.ask(batch, docs, memory, args.max_new_tokens, cfg.context,
-                                                          args.eval_batch_size)):
-                print(json.dumps({"question": question, "answer": answer}) if args.questions else answer,
-                      file=answers, flush=True)
+    """Answers --question, or each line of --questions (as JSON Lines), with the model loaded once. Answers (and
+    their sources) go to stdout, everything else (the model's line, notes) to stderr, held back until the first
+    answer: a question that fails after the model loads (an index of other adapters) prints its one line alone."""
+    held = HeldMessages()
+    answers = AnswersAfter(sys.stdout, held)  # the real stdout, before the messages' redirection
+    with contextlib.redirect_stdout(held):
+        answer_questions(cfg, args, trained, answers)
+    held.release()
+
+def answer_questions(cfg, args, trained, answers):
+    """ask's work: each answer written to `answers`, from --docs (compressed once) or from --index."""
+    if args.index:
+        return ask_index(cfg, args, trained, answers)
+    questions, docs = read_questions(args), read_documents(args.docs)
+    reader = Reader(cfg, trained)
+    memory = reader.compress(docs) if cfg.context == "compressed" else None  # (D, n_mem, H): once for all
+    for batch in question_batches(questions, args.eval_batch_size):
+        for question, answer in zip(batch, reader.ask(batch, docs, memory, args.max_new_tokens, cfg.context,
+                                                      args.eval_batch_size)):
+            print(json.dumps({"question": question, "answer": answer}) if args.questions else answer,
+                  file=answers, flush=True)
 
 def cmd_eval(cfg, args, trained, files):
     where = Path(args.adapters) if Path(args.adapters).is_dir() else Path(args.adapters).parent  # eval.json goes here
@@ -2594,7 +2603,8 @@ def add_reader_options(index, ask, evaluate_):
         sub.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (Apple: 64)")
         sub.add_argument("--top-k", type=int, help="documents retrieved per question [default: the run's]")
         sub.add_argument("--eval-batch-size", type=int, help="questions answered at once [default: "
-                         f"{ANSWER_BATCH['cpu']} on a CPU, {ANSWER_BATCH['gpu']} on a GPU]; answers do not change")
+                         f"{ANSWER_BATCH['cpu']} on a CPU, {ANSWER_BATCH['gpu']} on a GPU]; answers do not change "
+                         "with a float32 base (with bf16 a near tie may flip)")
 
 SHAPE_OPTIONS = ("model", "doc_max_len", "compression_rate", "lora_rank", "lora_scale", "lora_layers", "lora_keys",
                  "memory_scale")
@@ -2754,6 +2764,28 @@ def check_options(cfg, args):
 
 
 # ---- run safety: a closed stdout, signals outside training ----
+
+class HeldMessages(io.StringIO):
+    """A command's messages, held until its first result is written (AnswersAfter), then sent on to stderr."""
+
+    def release(self):
+        sys.stderr.write(self.getvalue())
+        sys.stderr.flush()
+        self.seek(0)
+        self.truncate()
+
+class AnswersAfter:
+    """The stream for a command's results: the messages held so far go to stderr before each write."""
+
+    def __init__(self, stream, held):
+        self.stream, self.held = stream, held
+
+    def write(self, text):
+        self.held.release()
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
 
 class ClosedPipeSafe:
     """Standard output that, once its reader has gone, quietly sends what follows nowhere."""

@@ -539,12 +539,13 @@ def test_cli_eval_scores_compressed_text_and_none_with_apples_metrics(cli_runs, 
     assert (adapters / "eval.md").read_text().count("\n") == 5
 
 
-def test_cli_ask_answers_from_the_documents_it_is_given(cli_runs, tmp_path):
+def test_cli_ask_prints_the_answer_alone_on_stdout_and_its_messages_on_stderr(cli_runs, tmp_path):
     (tmp_path / "doc.txt").write_text("The alignment loss has a weight of 0.1 in the total loss.")
     run = run_cli("ask", "--adapters", cli_runs["root"] / "s", "--docs", tmp_path / "doc.txt", "--question",
                   "What weight?")
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip().splitlines()[-1].strip()  # an answer line
+    expected = clara.load(cli_runs["root"] / "s").ask("What weight?", docs=[(tmp_path / "doc.txt").read_text()])
+    assert run.stdout == expected + "\n" and run.stderr.count(" on Device(") == 1, (run.stdout, run.stderr)
 
 
 def test_ask_questions_answers_each_line_of_a_file_as_json_lines_in_one_run(cli_runs, tmp_path):
@@ -2807,7 +2808,7 @@ def test_the_shipped_query_reasoner_finds_copied_passages_of_text_it_never_saw_b
 def test_the_shipped_wiki_adapters_answer_real_questions_about_articles_no_run_saw_far_better_from_memory():
     """data/adapters/wiki (README, Real documents) on data/wiki-heldout.jsonl: 60 SQuAD and 40 Natural Questions
     questions of articles held out of every run (data/make_wiki.py's test split), each with its own paragraph
-    compressed to 16 vectors. From memory the answers score far above no documents (measured: F1 21.1 against 5.1),
+    compressed to 16 vectors. From memory the answers score far above no documents (measured: F1 24.7 against 5.3),
     and the memory of another question's paragraph does not do it (the first 40 questions)."""
     records = [json.loads(line) for line in (ROOT / "data" / "wiki-heldout.jsonl").read_text().splitlines()]
     own = [{"question": r["question"], "docs": r["docs"], "gold": r["answer"]} for r in records]
@@ -2822,21 +2823,41 @@ def test_the_shipped_wiki_adapters_answer_real_questions_about_articles_no_run_s
     assert memory["ce"] < none["ce"] and own_f1 >= shifted["f1"] + 0.05, (own_f1, shifted["f1"])
 
 
-def test_the_shipped_wiki_adapters_find_the_chunk_of_a_real_pdf_that_answers_a_users_question():
-    """`index` + `ask --index` with data/adapters/wiki (its compressor encodes the question too) on the GNU Libtasn1
-    manual (data/ask/libtasn1.pdf, 83 chunks; no run trained on it) and 48 questions a user would ask about it
-    (data/ask/libtasn1-questions.jsonl, each with the sentence that answers it): the chunk holding that sentence
-    comes back in the top 5 for most of them (measured 38 of 48; by chance 3)."""
+def test_the_shipped_wiki_reasoner_finds_the_chunk_of_a_real_pdf_that_answers_a_users_question():
+    """`index` + `ask --index` with data/adapters/wiki-reasoner on the GNU Libtasn1 manual (data/ask/libtasn1.pdf, 83
+    chunks; no run trained on it) and 48 questions a user would ask about it (data/ask/libtasn1-questions.jsonl, each
+    with the sentence that answers it): the chunk holding that sentence comes back in the top 5 for most of them
+    (measured 36 of 48, first for 17; by chance 3)."""
     sys.path.insert(0, str(ROOT / "data"))
     import pdf_retrieval
 
-    reader = clara.load(ROOT / "data" / "adapters" / "wiki")
+    reader = clara.load(ROOT / "data" / "adapters" / "wiki-reasoner")
     chunks = clara.pdf_chunks(clara.extract_pdf_pages(ROOT / "data" / "ask" / "libtasn1.pdf"), reader.tokenizer,
                               reader.cfg)
     asked = pdf_retrieval.own_chunks(chunks, ROOT / "data" / "ask" / "libtasn1-questions.jsonl")
     ranks = pdf_retrieval.ranks(reader, reader.index(chunks), [(i, question) for i, question, _ in asked])
     assert len(chunks) == 83 and len(asked) == 48 and len(set(i for i, _, _ in asked)) == 48
-    assert sum(rank < 5 for rank in ranks) >= 34 and sum(rank == 0 for rank in ranks) >= 16, ranks
+    assert sum(rank < 5 for rank in ranks) >= 32 and sum(rank == 0 for rank in ranks) >= 12, ranks
+
+
+def test_the_shipped_wiki_reasoner_ranks_a_held_out_paragraph_first_more_often_than_its_compressor_alone():
+    """Stage 3's point on real text: data/adapters/wiki-reasoner's query reasoner (contrastive, training questions
+    against 20 paragraphs) against the compressor it started from, encoding the same questions of
+    data/wiki-heldout.jsonl (articles held out of every run), each question's own paragraph ranked among all 99 of
+    the file's paragraphs in one index (measured: first for 89 of 100 against 75, in the top 5 for 100 against 96)."""
+    sys.path.insert(0, str(ROOT / "data"))
+    import pdf_retrieval
+
+    records = [json.loads(line) for line in (ROOT / "data" / "wiki-heldout.jsonl").read_text().splitlines()]
+    paragraphs = sorted({r["docs"][0] for r in records})
+    row = {paragraph: i for i, paragraph in enumerate(paragraphs)}
+    questions = [(row[r["docs"][0]], r["question"]) for r in records]
+    reader = clara.load(ROOT / "data" / "adapters" / "wiki-reasoner")
+    index = reader.index([{"text": p, "source": "wiki-heldout.jsonl", "pages": [1]} for p in paragraphs])
+    first = {role: sum(rank == 0 for rank in pdf_retrieval.ranks(reader, index, questions, role))
+             for role in ("query", "compressor")}
+    assert len(questions) == 100 and len(paragraphs) == 99
+    assert first["query"] >= first["compressor"] + 5 and first["query"] >= 80, first
 
 
 def test_memory_alone_gives_the_invented_name_of_a_document_no_run_saw():

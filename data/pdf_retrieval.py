@@ -9,7 +9,7 @@ reasoner encodes it, and the check ranks its own chunk among all the PDF's chunk
 does. It prints, per adapters, how often that chunk comes first and in the top 3. The passages are drawn with a
 random.Random seeded with a string, so every adapters get the same ones.
 
-    python data/pdf_retrieval.py data/ask/libtasn1.pdf --adapters data/adapters/wiki \
+    python data/pdf_retrieval.py data/ask/libtasn1.pdf --adapters data/adapters/wiki-reasoner \
         --questions data/ask/libtasn1-questions.jsonl
 
 With --questions (JSON Lines of {"question", "answer", "evidence"}, the evidence copied from the PDF), the questions
@@ -41,11 +41,12 @@ def passages(chunks, seed="pdfcheck"):
     return picked
 
 
-def ranks(reader, index, questions):
-    """The rank (0 = first) of each (chunk index, question)'s own chunk among the index's, by the query reasoner."""
+def ranks(reader, index, questions, role="query"):
+    """The rank (0 = first) of each (chunk index, question)'s own chunk among the index's, by the query reasoner (or
+    by the compressor, role="compressor", as a reasoner's starting point)."""
     found = []
     for i, question in questions:
-        query = clara.encode_question(reader.model, reader.tokenizer, reader.cfg, question).astype(mx.float32)
+        query = clara.encode_question(reader.model, reader.tokenizer, reader.cfg, question, role).astype(mx.float32)
         scores = index["keys"] @ clara.unit(query)  # (N,) cosine, as ask --index
         found.append((scores > scores[i]).sum().item())
     return found

@@ -14,9 +14,11 @@ shipped fictional recipe):
   s1s2    S1 steps of stage 1 on the real paragraphs first (qa + paraphrase, from the same adapters), then stage 2
   x4      the same at x4 (64 vectors per document), its stage 1 from the base (no x4 adapters are shipped)
   x4s2    stage 2 alone at x4, from the base
-  long    stage 2 continued for LONG more steps (at LONG_LR, default 1e-3) from the stage-2 run PREV (lease 1's
-          s2), then its query reasoner (contrastive, stage 3's question -> own paragraph among 20): data/adapters/wiki
-  reasoner  that query reasoner alone, for PREV (next: data/adapters/wiki -> wiki-reasoner)
+  x4long  x4 stage 2 continued for LONG more steps (at LONG_LR) from the x4 stage-2 run PREV4 (lease 2's x4s2)
+  long    stage 2 continued for LONG more steps (at LONG_LR, default 1e-3; seed SEED, default 1) from the stage-2
+          run PREV (data/adapters/wiki), then its query reasoner (contrastive, stage 3's question -> own paragraph
+          among 20): data/adapters/wiki and wiki-reasoner
+  reasoner  that query reasoner alone, for PREV (lease 3: given-reasoner, for the wiki before that lease)
   text / none   the baselines: the paragraphs as text in the prompt, or no documents, with the same LoRA and
           BASE_STEPS (default S2) steps
 Each is scored on N (default 300; the README's tables: 400) questions of the held-out SQuAD articles and of the held-out
@@ -25,6 +27,10 @@ NQ articles, among two others of their article and with their own paragraph alon
 Lease 2 (README) ran:
     END=$(($(date +%s) + 720)) RESERVE=210 RUNS="long x4s2 text none" PREV=LEASE1_S2 LONG=600 S2=700 \
       BASE_STEPS=900 S3=150 N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
+and lease 3 (data/adapters/wiki and wiki-reasoner; the reasoner's 400 steps ran by hand after the lease's END, as
+`reasoner long` with S3=400 would):
+    END=$(($(date +%s) + 760)) RUNS="long x4long" PREV=data/adapters/wiki PREV4=LEASE2_X4S2 LONG=550 LONG_LR=3e-4 \
+      N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
 """
 
 import argparse
@@ -40,6 +46,9 @@ LEVERS = "# the real-text levers (data/wiki.py script): chains side by side, RUN
     'CADENCE="--eval-every 250 --save-every 500"\n' + PRELUDE + \
     r"""A="--lora-keys all"; F=${{FACTS:-{facts}}}
 B=${{B:-"--batch-size 16 --grad-accum 2"}}  # batch 32 in parts: at batch 32 one x16 stage 2 peaked at 36 GB
+# a continuation (long, x4long) draws the records in another order: with its start's seed it first re-reads the
+# records its start trained on (lease 3: training loss 0.9 while the validation loss rose from 2.36 to 2.47)
+AGAIN="--seed ${{SEED:-1}}"
 on() {{ [[ " ${{RUNS:-s2 s1s2 x4 mix text none}} " == *" $1 "* ]]; }}  # on CHAIN: RUNS names it
 tests() {{  # tests RUN CONTEXT: the test questions among 2 others of their article, and with their own paragraph alone
   for set in squad nq; do score $1 $R/test-$set.jsonl $2 $set & score $1 $R/test-$set-own.jsonl $2 $set-own & done
@@ -67,12 +76,14 @@ on s1s2 && stages s1s2 "--init $F" &
 on long && (  # stage 2 continued for LONG more steps from PREV (a stage-2 run: lease 1's s2), then its query reasoner;
   # it stops RESERVE seconds before END, to leave the reasoner its time
   END=${{END:+$((END - ${{RESERVE:-0}}))}} train long sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} \
-    --init-generator $B --compile on --steps ${{LONG:-$S2}} ${{LONG_LR:+--lr $LONG_LR}}
+    --init-generator $B --compile on --steps ${{LONG:-$S2}} ${{LONG_LR:+--lr $LONG_LR}} $AGAIN
   tests long compressed & reasoner long; wait ) &
 on reasoner && reasoner given ${{PREV:-$R/s2}} &  # the query reasoner alone, for PREV (data/adapters/wiki)
 on x4 && stages x4 "$A" --compression-rate 4 &
 on x4s2 && ( train x4s2 sft --data $R/stage2.jsonl $A --compression-rate 4 $B --compile on --steps $S2 &&  # no stage 1
              tests x4s2 compressed ) &
+on x4long && ( train x4long sft --data $R/stage2.jsonl --init ${{PREV4:-$R/x4s2}} --init-generator $B --compile on \
+                --steps ${{LONG:-$S2}} ${{LONG_LR:+--lr $LONG_LR}} $AGAIN; tests x4long compressed ) &
 for base in none text; do
   on $base && ( train $base sft --data $R/stage2.jsonl --context $base $A $B --compile on \
                   --steps ${{BASE_STEPS:-$S2}} &&
