@@ -52,11 +52,12 @@ experiment: blas
 
 # first the shipped real-text adapters (data/adapters/wiki), untrained here, asked about a Wikipedia paragraph of an
 # article held out of their training (the control reads another paragraph's memory), then indexing a real PDF no run
-# saw (the GNU Libtasn1 manual) with them and their query reasoner (data/adapters/wiki-reasoner) and asking it; then the shipped fictional stage-2 adapters (data/adapters/facts),
-# asked about a fictional town that no run saw (data/ask/town1.txt; the control reads another town's memory); then,
-# from the shipped stage-1 adapters (data/adapters/facts-stage1): stage 1 on the sample PDF, stage 2 on the sample QA
-# set, stage 3 on its retrieval version, then questions answered from compressed documents and from an index of the
-# PDF (each run replaces the demo's last outputs)
+# saw (the GNU Libtasn1 manual) with them and their query reasoner (data/adapters/wiki-reasoner) and asking it; then
+# the shipped fictional stage-2 adapters (data/adapters/facts), asked about a fictional town that no run saw
+# (data/ask/town1.txt; the control reads another town's memory); then, from the shipped stage-1 adapters
+# (data/adapters/facts-stage1): stage 1 on the sample PDF, stage 2 on the sample QA set, stage 3 on its retrieval
+# version, then questions answered from compressed documents and from an index of the PDF (each run replaces the
+# demo's last outputs)
 WIKI_QUESTION := Who devised the first test for detection of arsenic in 1775?
 WIKI_ANSWER := Carl Wilhelm Scheele
 PDF_QUESTION := Can a GeneralizedTime value have fractional seconds?

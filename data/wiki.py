@@ -46,9 +46,10 @@ LEVERS = "# the real-text levers (data/wiki.py script): chains side by side, RUN
     'CADENCE="--eval-every 250 --save-every 500"\n' + PRELUDE + \
     r"""A="--lora-keys all"; F=${{FACTS:-{facts}}}
 B=${{B:-"--batch-size 16 --grad-accum 2"}}  # batch 32 in parts: at batch 32 one x16 stage 2 peaked at 36 GB
-# a continuation (long, x4long) draws the records in another order: with its start's seed it first re-reads the
-# records its start trained on (lease 3: training loss 0.9 while the validation loss rose from 2.36 to 2.47)
-AGAIN="--seed ${{SEED:-1}}"
+# a continuation (long, x4long): LONG more steps at LONG_LR, its start's generator carried over, the records drawn in
+# another order (with its start's seed it first re-reads the records its start trained on; lease 3: training loss 0.9
+# while the validation loss rose from 2.36 to 2.47)
+CONTINUE="--init-generator $B --compile on --steps ${{LONG:-$S2}} ${{LONG_LR:+--lr $LONG_LR}} --seed ${{SEED:-1}}"
 on() {{ [[ " ${{RUNS:-s2 s1s2 x4 mix text none}} " == *" $1 "* ]]; }}  # on CHAIN: RUNS names it
 tests() {{  # tests RUN CONTEXT: the test questions among 2 others of their article, and with their own paragraph alone
   for set in squad nq; do score $1 $R/test-$set.jsonl $2 $set & score $1 $R/test-$set-own.jsonl $2 $set-own & done
@@ -75,15 +76,14 @@ on mix && stage2 mix --stage1-data $R/mix.jsonl &  # the qa records of real para
 on s1s2 && stages s1s2 "--init $F" &
 on long && (  # stage 2 continued for LONG more steps from PREV (a stage-2 run: lease 1's s2), then its query reasoner;
   # it stops RESERVE seconds before END, to leave the reasoner its time
-  END=${{END:+$((END - ${{RESERVE:-0}}))}} train long sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} \
-    --init-generator $B --compile on --steps ${{LONG:-$S2}} ${{LONG_LR:+--lr $LONG_LR}} $AGAIN
+  END=${{END:+$((END - ${{RESERVE:-0}}))}} train long sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} $CONTINUE
   tests long compressed & reasoner long; wait ) &
 on reasoner && reasoner given ${{PREV:-$R/s2}} &  # the query reasoner alone, for PREV (data/adapters/wiki)
 on x4 && stages x4 "$A" --compression-rate 4 &
 on x4s2 && ( train x4s2 sft --data $R/stage2.jsonl $A --compression-rate 4 $B --compile on --steps $S2 &&  # no stage 1
              tests x4s2 compressed ) &
-on x4long && ( train x4long sft --data $R/stage2.jsonl --init ${{PREV4:-$R/x4s2}} --init-generator $B --compile on \
-                --steps ${{LONG:-$S2}} ${{LONG_LR:+--lr $LONG_LR}} $AGAIN; tests x4long compressed ) &
+on x4long && ( train x4long sft --data $R/stage2.jsonl --init ${{PREV4:-$R/x4s2}} $CONTINUE
+               tests x4long compressed ) &
 for base in none text; do
   on $base && ( train $base sft --data $R/stage2.jsonl --context $base $A $B --compile on \
                   --steps ${{BASE_STEPS:-$S2}} &&
