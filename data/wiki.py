@@ -19,6 +19,9 @@ shipped fictional recipe):
           run PREV (data/adapters/wiki), then its query reasoner (contrastive, stage 3's question -> own paragraph
           among 20): data/adapters/wiki and wiki-reasoner
   reasoner  that query reasoner alone, for PREV (lease 3: given-reasoner, for the wiki before that lease)
+  preasoner the same with technical prose mixed in: PROSE=FILE (data/local_prose.py's texts) gives a quarter of its
+          records as data/make_passages.py's copied sentence -> own chunk; with PROSE set, `long`'s reasoner mixes
+          them in too
   text / none   the baselines: the paragraphs as text in the prompt, or no documents, with the same LoRA and
           BASE_STEPS (default S2) steps
 Each is scored on N (default 300; the README's tables: 400) questions of the held-out SQuAD articles and of the held-out
@@ -31,6 +34,9 @@ and lease 3 (data/adapters/wiki and wiki-reasoner; the reasoner's 400 steps ran 
 `reasoner long` with S3=400 would):
     END=$(($(date +%s) + 760)) RUNS="long x4long" PREV=data/adapters/wiki PREV4=LEASE2_X4S2 LONG=550 LONG_LR=3e-4 \
       N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
+and lease 4 (the prose-mixed reasoner, s1s2 at this budget):
+    END=$(($(date +%s) + 720)) RUNS="long s1s2 reasoner preasoner" PREV=data/adapters/wiki PROSE=prose.jsonl \
+      LONG=600 LONG_LR=3e-4 SEED=2 RESERVE=200 S1=200 S2=1200 S3=400 N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
 """
 
 import argparse
@@ -54,15 +60,23 @@ on() {{ [[ " ${{RUNS:-s2 s1s2 x4 mix text none}} " == *" $1 "* ]]; }}  # on CHAI
 tests() {{  # tests RUN CONTEXT: the test questions among 2 others of their article, and with their own paragraph alone
   for set in squad nq; do score $1 $R/test-$set.jsonl $2 $set & score $1 $R/test-$set-own.jsonl $2 $set-own & done
   wait; }}
-reasoner() {{  # reasoner RUN [ADAPTERS]: the query reasoner of RUN's adapters (or of ADAPTERS, any stage-2
-  # folder) learns question -> own paragraph among 20 (contrastive) as RUN-reasoner, on the first
-  # 32 x S3 stage-3 records (one epoch) and a 24th as many validation ones (a candidate bank of them all is compressed
-  # first); scored on the test questions
-  [ -f $R/stage3-head.jsonl ] ||
-    {{ head -n $((32 * S3)) $R/stage3.jsonl; tail -n $(((4 * S3 + 2) / 3)) $R/stage3.jsonl; }} > $R/stage3-head.jsonl
-  train $1-reasoner e2e --data $R/stage3-head.jsonl --init ${{2:-$R/$1}} --retrieval-loss contrastive --steps $S3 &&
+reasoner() {{  # reasoner RUN [ADAPTERS] [PROSE]: the query reasoner of RUN's adapters (or of ADAPTERS, any
+  # stage-2 folder) learns question -> own paragraph among 20 (contrastive) as RUN-reasoner, on 32 x S3 stage-3
+  # records (one epoch) and a 24th as many validation ones (a candidate bank of them all is compressed first); scored
+  # on the test questions. With PROSE (data/make_passages.py --texts records of technical prose: a copied sentence ->
+  # its chunk among 20) a quarter of both are those, drawn at random, in place of the last Wikipedia ones
+  data=$R/stage3-head.jsonl; V=$(((4 * S3 + 2) / 3)); [ -f $data ] ||
+    {{ head -n $((32 * S3)) $R/stage3.jsonl; tail -n $V $R/stage3.jsonl; }} > $data
+  if [ -n "$3" ]; then data=$R/stage3-prose.jsonl; [ -f $data ] || {{
+    head -n $((24 * S3)) $R/stage3.jsonl; grep -v '"split": "eval"' $3 | shuf -n $((8 * S3)) --random-source=<(yes)
+    tail -n $((V - V / 4)) $R/stage3.jsonl; grep '"split": "eval"' $3 | shuf -n $((V / 4)) --random-source=<(yes)
+    }} > $data; fi
+  train $1-reasoner e2e --data $data --init ${{2:-$R/$1}} --retrieval-loss contrastive --steps $S3 &&
   {{ score $1-reasoner $R/test-squad-stage3.jsonl "retrieved oracle" squad3 &
     score $1-reasoner $R/test-nq-stage3.jsonl "retrieved oracle" nq3 & wait; }}; }}
+prose() {{  # prose: PROSE's passage records (data/local_prose.py's texts -> data/make_passages.py), made once
+  [ -f $R/prose-passages.jsonl ] || python3 {make_passages} --texts $PROSE --same-source 7 \
+    --out $R/prose-passages.jsonl > $R/prose.log 2>&1; echo $R/prose-passages.jsonl; }}
 stages() {{  # stages NAME INIT OPTIONS...: S1 steps of stage 1 on the real paragraphs, then stage 2 for the rest
   run=$1; init=$2; shift 2  # not "name": train sets that one
   train $run-s1 compress --data $R/stage1.jsonl $init $B "$@" --steps $S1 &&
@@ -77,8 +91,9 @@ on s1s2 && stages s1s2 "--init $F" &
 on long && (  # stage 2 continued for LONG more steps from PREV (a stage-2 run: lease 1's s2), then its query reasoner;
   # it stops RESERVE seconds before END, to leave the reasoner its time
   END=${{END:+$((END - ${{RESERVE:-0}}))}} train long sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} $CONTINUE
-  tests long compressed & reasoner long; wait ) &
+  tests long compressed & reasoner long "" ${{PROSE:+$(prose)}}; wait ) &
 on reasoner && reasoner given ${{PREV:-$R/s2}} &  # the query reasoner alone, for PREV (data/adapters/wiki)
+on preasoner && reasoner prose ${{PREV:-$R/s2}} $(prose) &  # the same with PROSE's passages mixed in
 on x4 && stages x4 "$A" --compression-rate 4 &
 on x4s2 && ( train x4s2 sft --data $R/stage2.jsonl $A --compression-rate 4 $B --compile on --steps $S2 &&  # no stage 1
              tests x4s2 compressed ) &
@@ -100,6 +115,6 @@ if __name__ == "__main__":
                         "after the recipe's, they win: --batch-size 2 for a CPU)")
     args = parser.parse_args()
     print(LEVERS.format(out=args.out, clara=args.clara, clara_py=HERE.parent / "clara.py",
-                        facts=HERE / "adapters" / "facts-stage1",
+                        facts=HERE / "adapters" / "facts-stage1", make_passages=HERE / "make_passages.py",
                         make_data=f"python3 {HERE / 'make_wiki.py'} --out $R ${{SQUAD:+--squad $SQUAD}} "
                         "${NQ:+--nq $NQ}", **STEPS), end="")
