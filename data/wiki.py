@@ -34,9 +34,11 @@ and lease 3 (data/adapters/wiki and wiki-reasoner; the reasoner's 400 steps ran 
 `reasoner long` with S3=400 would):
     END=$(($(date +%s) + 760)) RUNS="long x4long" PREV=data/adapters/wiki PREV4=LEASE2_X4S2 LONG=550 LONG_LR=3e-4 \
       N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
-and lease 4 (the prose-mixed reasoner, s1s2 at this budget):
+and lease 4 (the shipped reasoner's recipe again and with prose; s1s2; the card ran out of memory once the four
+scorers of the two reasoners started beside two training runs, and all six died: scoring now goes one at a time):
     END=$(($(date +%s) + 720)) RUNS="long s1s2 reasoner preasoner" PREV=data/adapters/wiki PROSE=prose.jsonl \
-      LONG=600 LONG_LR=3e-4 SEED=2 RESERVE=200 S1=200 S2=1200 S3=400 N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
+      LONG=600 LONG_LR=3e-4 SEED=2 RESERVE=200 S1=200 S2=1200 S3=400 N=400 \
+      B="--batch-size 8 --grad-accum 4" bash wiki.sh
 """
 
 import argparse
