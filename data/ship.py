@@ -73,8 +73,8 @@ score() {{  # score RUN DATA "CONTEXTS" TAG: eval writes beside the adapters, so
   # one at a time where flock exists (not on macOS): lease 4's four scorers beside two training runs ran one card out
   # of memory and all six died
   mkdir -p $R/$1-$4 && cp $R/$1/clara.safetensors $R/$1/config.json $R/$1-$4/ &&
-  $(command -v flock > /dev/null && echo flock $R/.score.lock) python3 {clara_py} eval --adapters $R/$1-$4 --data $2 --contexts $3 --max-records ${{N:-300}} \
-    > $R/$1-$4.log 2>&1
+  $(command -v flock > /dev/null && echo flock $R/.score.lock) python3 {clara_py} eval --adapters $R/$1-$4 --data $2 \
+    --contexts $3 --max-records ${{N:-300}} > $R/$1-$4.log 2>&1
   echo "eval $1-$4 rc=$?" >> $R/done.txt; }}
 """
 RECIPE = "# the shipped-adapter recipe and its evidence table (data/ship.py script): four chains side by side\n" + \

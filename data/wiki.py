@@ -67,18 +67,16 @@ reasoner() {{  # reasoner RUN [ADAPTERS] [PROSE]: the query reasoner of RUN's ad
   # records (one epoch) and a 24th as many validation ones (a candidate bank of them all is compressed first); scored
   # on the test questions. With PROSE (data/make_passages.py --texts records of technical prose: a copied sentence ->
   # its chunk among 20) a quarter of both are those, drawn at random, in place of the last Wikipedia ones
-  data=$R/stage3-head.jsonl; V=$(((4 * S3 + 2) / 3)); [ -f $data ] ||
-    {{ head -n $((32 * S3)) $R/stage3.jsonl; tail -n $V $R/stage3.jsonl; }} > $data
-  if [ -n "$3" ]; then data=$R/stage3-prose.jsonl; [ -f $data ] || {{
-    head -n $((24 * S3)) $R/stage3.jsonl; grep -v '"split": "eval"' $3 | shuf -n $((8 * S3)) --random-source=<(yes)
-    tail -n $((V - V / 4)) $R/stage3.jsonl; grep '"split": "eval"' $3 | shuf -n $((V / 4)) --random-source=<(yes)
-    }} > $data; fi
+  V=$(((4 * S3 + 2) / 3)); n=0; v=0; data=$R/stage3-head.jsonl  # n, v: the prose training and validation records
+  [ -z "$3" ] || {{ n=$((8 * S3)); v=$((V / 4)); data=$R/stage3-prose.jsonl; }}
+  [ -f $data ] || {{
+    head -n $((32 * S3 - n)) $R/stage3.jsonl
+    [ $n = 0 ] || grep -v '"split": "eval"' $3 | shuf -n $n --random-source=<(yes)
+    tail -n $((V - v)) $R/stage3.jsonl; [ $v = 0 ] || grep '"split": "eval"' $3 | shuf -n $v --random-source=<(yes)
+    }} > $data
   train $1-reasoner e2e --data $data --init ${{2:-$R/$1}} --retrieval-loss contrastive --steps $S3 &&
   {{ score $1-reasoner $R/test-squad-stage3.jsonl "retrieved oracle" squad3 &
     score $1-reasoner $R/test-nq-stage3.jsonl "retrieved oracle" nq3 & wait; }}; }}
-prose() {{  # prose: PROSE's passage records (data/local_prose.py's texts -> data/make_passages.py), made once
-  [ -f $R/prose-passages.jsonl ] || python3 {make_passages} --texts $PROSE --same-source 7 \
-    --out $R/prose-passages.jsonl > $R/prose.log 2>&1; echo $R/prose-passages.jsonl; }}
 stages() {{  # stages NAME INIT OPTIONS...: S1 steps of stage 1 on the real paragraphs, then stage 2 for the rest
   run=$1; init=$2; shift 2  # not "name": train sets that one
   train $run-s1 compress --data $R/stage1.jsonl $init $B "$@" --steps $S1 &&
@@ -87,15 +85,18 @@ stages() {{  # stages NAME INIT OPTIONS...: S1 steps of stage 1 on the real para
 stage2() {{  # stage2 NAME OPTIONS...: stage 2 from the fictional stage 1, its generator carried over
   train $1 sft --data $R/stage2.jsonl --init $F --init-generator $B --compile on --steps $S2 "${{@:2}}" &&
   tests $1 compressed; }}
+PASSAGES=${{PROSE:+$R/prose-passages.jsonl}}  # PROSE's passage records (data/make_passages.py), made once
+[ -z "$PASSAGES" ] || [ -f $PASSAGES ] ||
+  python3 {make_passages} --texts $PROSE --same-source 7 --out $PASSAGES > $R/prose.log 2>&1 || exit 1
 on s2 && stage2 s2 &
 on mix && stage2 mix --stage1-data $R/mix.jsonl &  # the qa records of real paragraphs mixed in
 on s1s2 && stages s1s2 "--init $F" &
 on long && (  # stage 2 continued for LONG more steps from PREV (a stage-2 run: lease 1's s2), then its query reasoner;
   # it stops RESERVE seconds before END, to leave the reasoner its time
   END=${{END:+$((END - ${{RESERVE:-0}}))}} train long sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} $CONTINUE
-  tests long compressed & reasoner long "" ${{PROSE:+$(prose)}}; wait ) &
+  tests long compressed & reasoner long "" $PASSAGES; wait ) &
 on reasoner && reasoner given ${{PREV:-$R/s2}} &  # the query reasoner alone, for PREV (data/adapters/wiki)
-on preasoner && reasoner prose ${{PREV:-$R/s2}} $(prose) &  # the same with PROSE's passages mixed in
+on preasoner && reasoner prose ${{PREV:-$R/s2}} ${{PASSAGES:?preasoner needs PROSE=FILE}} &  # PROSE's mixed in
 on x4 && stages x4 "$A" --compression-rate 4 &
 on x4s2 && ( train x4s2 sft --data $R/stage2.jsonl $A --compression-rate 4 $B --compile on --steps $S2 &&  # no stage 1
              tests x4s2 compressed ) &
