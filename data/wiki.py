@@ -17,11 +17,11 @@ shipped fictional recipe):
   x4long  x4 stage 2 continued for LONG more steps (at LONG_LR) from the x4 stage-2 run PREV4 (lease 2's x4s2)
   long    stage 2 continued for LONG more steps (at LONG_LR, default 1e-3; seed SEED, default 1) from the stage-2
           run PREV (data/adapters/wiki), then its query reasoner (contrastive, stage 3's question -> own paragraph
-          among 20): data/adapters/wiki and wiki-reasoner
+          among 20): data/adapters/wiki (lease 3)
   reasoner  that query reasoner alone, for PREV (lease 3: given-reasoner, for the wiki before that lease)
   preasoner the same with technical prose mixed in: PROSE=FILE (data/local_prose.py's texts) gives a quarter of its
-          records as data/make_passages.py's copied sentence -> own chunk; with PROSE set, `long`'s reasoner mixes
-          them in too
+          records as data/make_passages.py's copied sentence -> own chunk (data/adapters/wiki-reasoner); with PROSE
+          set, `long`'s reasoner mixes them in too
   text / none   the baselines: the paragraphs as text in the prompt, or no documents, with the same LoRA and
           BASE_STEPS (default S2) steps
 Each is scored on N (default 300; the README's tables: 400) questions of the held-out SQuAD articles and of the held-out
@@ -30,8 +30,8 @@ NQ articles, among two others of their article and with their own paragraph alon
 Lease 2 (README) ran:
     END=$(($(date +%s) + 720)) RESERVE=210 RUNS="long x4s2 text none" PREV=LEASE1_S2 LONG=600 S2=700 \
       BASE_STEPS=900 S3=150 N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
-and lease 3 (data/adapters/wiki and wiki-reasoner; the reasoner's 400 steps ran by hand after the lease's END, as
-`reasoner long` with S3=400 would):
+and lease 3 (data/adapters/wiki, and the wiki-reasoner shipped until lease 5; the reasoner's 400 steps ran by hand
+after the lease's END, as `reasoner long` with S3=400 would):
     END=$(($(date +%s) + 760)) RUNS="long x4long" PREV=data/adapters/wiki PREV4=LEASE2_X4S2 LONG=550 LONG_LR=3e-4 \
       N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
 and lease 4 (the shipped reasoner's recipe again and with prose; s1s2; the card ran out of memory once the four
@@ -39,6 +39,9 @@ scorers of the two reasoners started beside two training runs, and all six died:
     END=$(($(date +%s) + 720)) RUNS="long s1s2 reasoner preasoner" PREV=data/adapters/wiki PROSE=prose.jsonl \
       LONG=600 LONG_LR=3e-4 SEED=2 RESERVE=200 S1=200 S2=1200 S3=400 N=400 \
       B="--batch-size 8 --grad-accum 4" bash wiki.sh
+and lease 5 (data/adapters/wiki-reasoner as shipped: the prose-mixed reasoner of data/adapters/wiki; PROSE from
+`data/local_prose.py --out prose.jsonl --exclude-packages shared-mime-info libtasn1-doc libtasn1-6`):
+    END=$(($(date +%s) + 470)) RUNS=preasoner PREV=data/adapters/wiki PROSE=prose.jsonl S3=400 N=400 bash wiki.sh
 """
 
 import argparse
