@@ -14,7 +14,8 @@ random.Random seeded with a string, so every adapters get the same ones.
 
 With --questions (JSON Lines of {"question", "answer", "evidence"}, the evidence copied from the PDF), the questions
 are a user's instead: each one's own chunk is the one that holds its evidence, and `ask --index`'s answer from the
-top-k chunks' memory is scored against "answer" (EM, F1, cover-EM).
+top-k chunks' memory is scored against "answer" (EM, F1, cover-EM). Two such files ship: the Libtasn1 manual's is
+the test of the shipped reasoner; data/ask/shared-mime-info-spec.pdf's, the development set that choices are made on.
 """
 
 import argparse
