@@ -22,6 +22,8 @@ shipped fictional recipe):
   preasoner the same with technical prose mixed in: PROSE=FILE (data/local_prose.py's texts) gives a quarter of its
           records as data/make_passages.py's copied sentence -> own chunk (data/adapters/wiki-reasoner); with PROSE
           set, `long`'s reasoner mixes them in too
+  phalf   the same with half of its records prose (SHARE=2 where the others have 4), to be chosen on the
+          development PDF (data/ask/shared-mime-info-spec.pdf) before the test PDF sees it
   text / none   the baselines: the paragraphs as text in the prompt, or no documents, with the same LoRA and
           BASE_STEPS (default S2) steps
 Each is scored on N (default 300; the README's tables: 400) questions of the held-out SQuAD articles and of the held-out
@@ -69,9 +71,10 @@ reasoner() {{  # reasoner RUN [ADAPTERS] [PROSE]: the query reasoner of RUN's ad
   # stage-2 folder) learns question -> own paragraph among 20 (contrastive) as RUN-reasoner, on 32 x S3 stage-3
   # records (one epoch) and a 24th as many validation ones (a candidate bank of them all is compressed first); scored
   # on the test questions. With PROSE (data/make_passages.py --texts records of technical prose: a copied sentence ->
-  # its chunk among 20) a quarter of both are those, drawn at random, in place of the last Wikipedia ones
+  # its chunk among 20) one in SHARE (default 4) of both are those, drawn at random, in place of the last Wikipedia
+  # ones
   V=$(((4 * S3 + 2) / 3)); n=0; v=0; data=$R/stage3-head.jsonl  # n, v: the prose training and validation records
-  [ -z "$3" ] || {{ n=$((8 * S3)); v=$((V / 4)); data=$R/stage3-prose.jsonl; }}
+  k=${{SHARE:-4}}; [ -z "$3" ] || {{ n=$((32 * S3 / k)); v=$((V / k)); data=$R/stage3-prose$k.jsonl; }}
   [ -f $data ] || {{
     head -n $((32 * S3 - n)) $R/stage3.jsonl
     [ $n = 0 ] || grep -v '"split": "eval"' $3 | shuf -n $n --random-source=<(yes)
@@ -100,6 +103,7 @@ on long && (  # stage 2 continued for LONG more steps from PREV (a stage-2 run: 
   tests long compressed & reasoner long "" $PASSAGES; wait ) &
 on reasoner && reasoner given ${{PREV:-$R/s2}} &  # the query reasoner alone, for PREV (data/adapters/wiki)
 on preasoner && reasoner prose ${{PREV:-$R/s2}} ${{PASSAGES:?preasoner needs PROSE=FILE}} &  # PROSE's mixed in
+on phalf && SHARE=2 reasoner phalf ${{PREV:-$R/s2}} ${{PASSAGES:?phalf needs PROSE=FILE}} &  # half of it PROSE's
 on x4 && stages x4 "$A" --compression-rate 4 &
 on x4s2 && ( train x4s2 sft --data $R/stage2.jsonl $A --compression-rate 4 $B --compile on --steps $S2 &&  # no stage 1
              tests x4s2 compressed ) &
