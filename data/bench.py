@@ -4,6 +4,7 @@ Performance).
 
     python data/bench.py [--model M] [--base bfloat16] [--batch-size 4] [--bench-steps 5] [--out runs/bench]
     python data/bench.py --rows answers [--eval-batch-size 16] [--questions 32]   # the answering row alone
+    python data/bench.py --rows bm25   # ask --index's hybrid ranking: BM25 over 1k and 10k chunks (seconds)
 
 Each training row trains 2 x --bench-steps steps on fixed shapes and is timed over the second window; the answering
 row scores the same questions as eval does, in batches and one at a time. bench.md and bench.json in --out hold the
@@ -14,6 +15,7 @@ import argparse
 import contextlib
 import io
 import itertools
+import random
 import sys
 import tempfile
 import time
@@ -162,10 +164,27 @@ def answering_lines(row):
             + ("" if row["same_answers"] else f" | {row['answers_differing']} ANSWERS DIFFER")]
 
 
+def bm25_row(sizes=(1_000, 10_000), words=200, questions=10):
+    """clara.bm25_scorer (the lexical half of ask --index's hybrid ranking) on random chunks of `words` words drawn
+    from 30,000 rare words and four common ones: the one-off build per index, then ms per 10-word question."""
+    draw, row = random.Random(0), {}
+    vocabulary = [f"w{i}" for i in range(30_000)] + ["the", "a", "of", "is"] * 2_000
+    for n in sizes:
+        texts = [" ".join(draw.choices(vocabulary, k=words)) for _ in range(n)]
+        tic = time.perf_counter()
+        score = clara.bm25_scorer(texts)
+        built = time.perf_counter()
+        for q in range(questions):
+            score(f"what is the w{q} of w{q + 77} in w{q + 300} a test")
+        row[n] = {"build_ms": 1000 * (built - tic), "question_ms": 1000 * (time.perf_counter() - built) / questions}
+    return row
+
+
 def cmd_bench(cfg, args, trained=None, checkpoint=None):
     """Each row trains 2 x --bench-steps steps on fixed shapes and reads back once per --bench-steps: the first
     window warms up (traces, kernel compilations), the second is timed, wall clock, batches built as in training.
-    mlx-lm's trainer gets the same two windows on the same tokens. Then the answering row (answering_row)."""
+    mlx-lm's trainer gets the same two windows on the same tokens. Then the answering row (answering_row) and the BM25
+    row (bm25_row)."""
     if min(args.bench_steps, args.questions, 1 if args.eval_batch_size is None else args.eval_batch_size) <= 0:
         raise clara.InputError("--bench-steps, --questions and --eval-batch-size must be positive")
     report, lines = {"device": str(mx.default_device()), "blas": clara.BLAS, "options": bench_options(cfg),
@@ -177,6 +196,10 @@ def cmd_bench(cfg, args, trained=None, checkpoint=None):
         report["answering"] = answering_row(model, tokenizer, cfg, args)
         report["answers_batched_vs_single"] = report["answering"]["answers_batched_vs_single"]
         lines += answering_lines(report["answering"])
+    if "bm25" in args.rows:
+        report["bm25"] = bm25_row()
+        lines += [f"BM25 over {n:,} chunks of 200 words: built in {r['build_ms']:.0f} ms, {r['question_ms']:.1f} ms a "
+                  "question" for n, r in report["bm25"].items()]
     print("\n".join(lines))
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     clara.write_report(Path(cfg.out) / "bench", report, "\n".join(lines) + "\n")
@@ -219,8 +242,8 @@ def main(argv=None):
     groups = {title: parser.add_argument_group(title) for title in clara.OPTION_GROUPS}
     clara.add_config_options(groups, HIDDEN)
     parser.add_argument("--bench-steps", type=int, default=5, help="timed steps per row, after as many warm-up steps")
-    parser.add_argument("--rows", nargs="+", choices=("training", "answers"), default=("training", "answers"),
-                        help="the rows to measure [default: both]")
+    parser.add_argument("--rows", nargs="+", choices=("training", "answers", "bm25"),
+                        default=("training", "answers", "bm25"), help="the rows to measure [default: all three]")
     parser.add_argument("--eval-batch-size", type=int, help="questions answered at once in the answering row [default: "
                         f"clara.py's, {clara.ANSWER_BATCH['cpu']} on a CPU, {clara.ANSWER_BATCH['gpu']} on a GPU]")
     parser.add_argument("--questions", type=int, default=32,

@@ -6,7 +6,8 @@ Evaluation), for any PDF and any trained adapters.
 The PDF is cut into chunks as `index --pdf` cuts it. From every chunk with at least three sentences of eight words
 or more, two consecutive sentences from inside it (never its first) are the question; each adapters' query
 reasoner encodes it, and the check ranks its own chunk among all the PDF's chunks by cosine, as `ask --index`
-does. It prints, per adapters, how often that chunk comes first and in the top 3. The passages are drawn with a
+does, and as its default hybrid retrieval does (that ranking fused with BM25's). It prints, per adapters and
+ranking, how often that chunk comes first and in the top 3 and 5. The passages are drawn with a
 random.Random seeded with a string, so every adapters get the same ones.
 
     python data/pdf_retrieval.py data/ask/libtasn1.pdf --adapters data/adapters/wiki-reasoner \
@@ -29,6 +30,7 @@ import clara  # noqa: E402  (before mlx: OpenBLAS)
 import mlx.core as mx  # noqa: E402
 
 MIN_WORDS = 8  # a sentence of fewer words (a heading, a table cell) is not a passage
+RETRIEVALS = ("dense", "hybrid")  # ask --index's rankings: the query reasoner's cosine (CLaRa's), and that with BM25
 
 
 def passages(chunks, seed="pdfcheck"):
@@ -42,15 +44,16 @@ def passages(chunks, seed="pdfcheck"):
     return picked
 
 
-def ranks(reader, index, questions, role="query"):
-    """The rank (0 = first) of each (chunk index, question)'s own chunk among the index's, by the query reasoner (or
-    by the compressor, role="compressor", as a reasoner's starting point)."""
-    found = []
-    for i, question in questions:
-        query = clara.encode_question(reader.model, reader.tokenizer, reader.cfg, question, role).astype(mx.float32)
-        scores = index["keys"] @ clara.unit(query)  # (N,) cosine, as ask --index
-        found.append((scores > scores[i]).sum().item())
-    return found
+def ranks(reader, index, questions, role="query", retrieval="dense"):
+    """The rank (0 = first) of each (chunk index, question)'s own chunk among the index's, as ask --index ranks them:
+    by the query reasoner's cosine (or the compressor's, role="compressor", as a reasoner's starting point), with
+    retrieval="hybrid" fused with BM25's ranking."""
+    texts = [question for _, question in questions]
+    queries = [clara.encode_question(reader.model, reader.tokenizer, reader.cfg, q, role).astype(mx.float32)
+               for q in texts]
+    bm25 = clara.bm25_scorer([chunk["text"] for chunk in index["chunks"]]) if retrieval == "hybrid" else None
+    ranked = clara.rank_chunks(index, texts, queries, bm25)
+    return [order.index(i) for (i, _), (order, _, _) in zip(questions, ranked)]
 
 
 def own_chunks(chunks, path):
@@ -91,15 +94,17 @@ def main():
             if not questions:
                 raise clara.InputError(f"{args.pdf}: no chunk has three sentences of {MIN_WORDS} words or more")
             index = reader.index(chunks)
-            found = ranks(reader, index, questions)
-            n, k = len(found), reader.cfg.top_k
-            counts = {"first": sum(r == 0 for r in found), "top 3": sum(r < 3 for r in found),
-                      f"top {k}": sum(r < k for r in found)}
-            line = ", ".join(f"{name} {c}/{n} ({100 * c / n:.0f}%)" for name, c in counts.items())
-            print(f"{adapters}: {len(chunks)} chunks, {n} {'questions' if asked else 'passages'}: {line}", flush=True)
-            if asked:
+            by_retrieval = {retrieval: ranks(reader, index, questions, retrieval=retrieval) for retrieval in RETRIEVALS}
+            for retrieval, found in by_retrieval.items():
+                n, k = len(found), reader.cfg.top_k
+                counts = {"first": sum(r == 0 for r in found), "top 3": sum(r < 3 for r in found),
+                          f"top {k}": sum(r < k for r in found)}
+                line = ", ".join(f"{name} {c}/{n} ({100 * c / n:.0f}%)" for name, c in counts.items())
+                print(f"{adapters}: {len(chunks)} chunks, {n} {'questions' if asked else 'passages'}, {retrieval}: "
+                      f"{line}", flush=True)
+            if asked:  # answered as ask --index answers (the adapters' retrieval: hybrid unless set)
                 scores, answers = answer_scores(reader, index, asked)
-                for (i, question, gold), answer, rank in zip(asked, answers, found):
+                for (i, question, gold), answer, rank in zip(asked, answers, by_retrieval[reader.cfg.retrieval]):
                     print(f"  chunk {i} at rank {rank + 1} | {question} | gold: {gold} | answer: {answer}")
                 print(f"{adapters}: answers from the top {k} chunks' memory: " +
                       ", ".join(f"{name} {value:.1f}" for name, value in scores.items()), flush=True)
