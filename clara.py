@@ -1292,7 +1292,7 @@ def rank_chunks(index, questions, queries, bm25=None):
     ranked = []
     for question, order, cosine in zip(questions, by_cosine, cosines):
         lexical, place = bm25(question), {i: rank for rank, i in enumerate(order)}
-        votes = [i for i in sorted(range(len(order)), key=lambda i: (-lexical[i], place[i])) if lexical[i] > 0]
+        votes = sorted((i for i in order if lexical[i] > 0), key=lambda i: (-lexical[i], place[i]))
         fused = {i: 1 / (RRF_K + 1 + rank) for i, rank in place.items()}
         for rank, i in enumerate(votes):
             fused[i] += 1 / (RRF_K + 1 + rank)

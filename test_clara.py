@@ -2861,11 +2861,10 @@ def test_the_shipped_wiki_reasoner_finds_the_chunk_of_a_real_pdf_that_answers_a_
     chunks = clara.pdf_chunks(clara.extract_pdf_pages(ROOT / "data" / "ask" / "libtasn1.pdf"), reader.tokenizer,
                               reader.cfg)
     asked = pdf_retrieval.own_chunks(chunks, ROOT / "data" / "ask" / "libtasn1-questions.jsonl")
-    index, questions = reader.index(chunks), [(i, question) for i, question, _ in asked]
-    ranks = pdf_retrieval.ranks(reader, index, questions)
+    found = pdf_retrieval.rankings(reader, reader.index(chunks), [(i, question) for i, question, _ in asked])
+    ranks, hybrid = found["dense"], found["hybrid"]
     assert len(chunks) == 83 and len(asked) == 48 and len(set(i for i, _, _ in asked)) == 48
     assert sum(rank < 5 for rank in ranks) >= 32 and sum(rank == 0 for rank in ranks) >= 12, ranks
-    hybrid = pdf_retrieval.ranks(reader, index, questions, retrieval="hybrid")
     assert sum(rank < 5 for rank in hybrid) >= max(36, sum(rank < 5 for rank in ranks)), hybrid
 
 

@@ -30,7 +30,6 @@ import clara  # noqa: E402  (before mlx: OpenBLAS)
 import mlx.core as mx  # noqa: E402
 
 MIN_WORDS = 8  # a sentence of fewer words (a heading, a table cell) is not a passage
-RETRIEVALS = ("dense", "hybrid")  # ask --index's rankings: the query reasoner's cosine (CLaRa's), and that with BM25
 
 
 def passages(chunks, seed="pdfcheck"):
@@ -44,16 +43,23 @@ def passages(chunks, seed="pdfcheck"):
     return picked
 
 
-def ranks(reader, index, questions, role="query", retrieval="dense"):
-    """The rank (0 = first) of each (chunk index, question)'s own chunk among the index's, as ask --index ranks them:
-    by the query reasoner's cosine (or the compressor's, role="compressor", as a reasoner's starting point), with
-    retrieval="hybrid" fused with BM25's ranking."""
+def rankings(reader, index, questions, role="query", retrievals=("dense", "hybrid")):
+    """The rank (0 = first) of each (chunk index, question)'s own chunk among the index's, in each of ask --index's
+    rankings, the questions encoded once: {"dense": by the query reasoner's cosine (or the compressor's,
+    role="compressor", as a reasoner's starting point), "hybrid": that fused with BM25's}."""
     texts = [question for _, question in questions]
     queries = [clara.encode_question(reader.model, reader.tokenizer, reader.cfg, q, role).astype(mx.float32)
                for q in texts]
-    bm25 = clara.bm25_scorer([chunk["text"] for chunk in index["chunks"]]) if retrieval == "hybrid" else None
-    ranked = clara.rank_chunks(index, texts, queries, bm25)
-    return [order.index(i) for (i, _), (order, _, _) in zip(questions, ranked)]
+    found = {}
+    for retrieval in retrievals:
+        ranked = clara.rank_chunks(index, texts, queries, reader.bm25(index) if retrieval == "hybrid" else None)
+        found[retrieval] = [order.index(i) for (i, _), (order, _, _) in zip(questions, ranked)]
+    return found
+
+
+def ranks(reader, index, questions, role="query"):
+    """The dense ranks alone (rankings): the query reasoner's cosine, CLaRa's retrieval."""
+    return rankings(reader, index, questions, role, ("dense",))["dense"]
 
 
 def own_chunks(chunks, path):
@@ -94,7 +100,7 @@ def main():
             if not questions:
                 raise clara.InputError(f"{args.pdf}: no chunk has three sentences of {MIN_WORDS} words or more")
             index = reader.index(chunks)
-            by_retrieval = {retrieval: ranks(reader, index, questions, retrieval=retrieval) for retrieval in RETRIEVALS}
+            by_retrieval = rankings(reader, index, questions)
             for retrieval, found in by_retrieval.items():
                 n, k = len(found), reader.cfg.top_k
                 counts = {"first": sum(r == 0 for r in found), "top 3": sum(r < 3 for r in found),
