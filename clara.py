@@ -1178,8 +1178,7 @@ class Reader:
         batch_size questions answered at once (default: ANSWER_BATCH)."""
         questions, docs = question_list(question, "question"), documents(docs, "docs", allow_none=True)
         positive_count(max_new_tokens, "max_new_tokens")
-        if context not in ("compressed", "text"):
-            raise InputError(f"context must be 'compressed' or 'text', got {context!r}")
+        answer_context(context)
         if memory is not None:
             self.check_memory(memory, "memory")
         elif context == "compressed" and docs:
@@ -1187,10 +1186,13 @@ class Reader:
         if memory is not None:
             inputs = [(retrieval_prompt(self.tokenizer, self.cfg, q, memory.shape[0]), memory) for q in questions]
         else:
-            inputs = [(build_example(self.tokenizer, self.cfg, docs, USER_ANSWER, None, context=context,
-                                     question=q), None) for q in questions]
+            inputs = [(self.text_prompt(q, docs, context), None) for q in questions]
         answers = [answer for answer, _, _ in self.answers(inputs, max_new_tokens, batch_size)]
         return answers[0] if isinstance(question, str) else answers
+
+    def text_prompt(self, question, docs, context="text"):
+        """The prompt that reads `docs` as text (or, with none, no documents): no memory slots."""
+        return build_example(self.tokenizer, self.cfg, docs, USER_ANSWER, None, context=context, question=question)
 
     def answers(self, inputs, max_new_tokens, batch_size):
         """answer_in_batches of [(example, memory or None)], after a warning for each prompt cut into its memory."""
@@ -1220,13 +1222,15 @@ class Reader:
         mx.eval(keys)
         return {"memory": memory, "keys": keys, "chunks": chunks, "fingerprint": self.fingerprint}
 
-    def ask_index(self, index, question, max_new_tokens=64, batch_size=None):
+    def ask_index(self, index, question, max_new_tokens=64, batch_size=None, context="compressed"):
         """The query reasoner encodes the question, an exact cosine search (fused with BM25's ranking unless
-        cfg.retrieval is "dense": rank_chunks) picks the index's top-k chunks, the generator reads their memory. ->
-        (answer, [{"source", "pages", "score" (cosine), "bm25" (hybrid only), "text"}] best first); self.timing in ms.
-        A list of questions gets a list of such pairs, the answers generated batch_size at a time."""
+        cfg.retrieval is "dense": rank_chunks) picks the index's top-k chunks, the generator reads their memory (or,
+        context="text", their text: not CLaRa, the text baseline on CLaRa's retrieval). -> (answer, [{"source",
+        "pages", "score" (cosine), "bm25" (hybrid only), "text"}] best first); self.timing in ms. A list of questions
+        gets a list of such pairs, the answers generated batch_size at a time."""
         questions = question_list(question, "question")
         positive_count(max_new_tokens, "max_new_tokens")
+        answer_context(context)
         if not isinstance(index, dict) or not {"memory", "keys", "chunks", "fingerprint"} <= set(index):
             raise InputError("index: expected what index() or clara.read_index returns")
         if index["fingerprint"] != self.fingerprint:
@@ -1241,12 +1245,15 @@ class Reader:
         ranked = rank_chunks(index, questions, queries, self.bm25(index) if self.cfg.retrieval == "hybrid" else None)
         tops = [order[: self.cfg.top_k] for order, _, _ in ranked]  # best first
         retrieved = time.perf_counter()
-        inputs = [(retrieval_prompt(self.tokenizer, self.cfg, q, len(top)), index["memory"][mx.array(top)])
-                  for q, top in zip(questions, tops)]
+        chunks = index["chunks"]
+        if context == "text":
+            inputs = [(self.text_prompt(q, [chunks[i]["text"] for i in top]), None) for q, top in zip(questions, tops)]
+        else:
+            inputs = [(retrieval_prompt(self.tokenizer, self.cfg, q, len(top)), index["memory"][mx.array(top)])
+                      for q, top in zip(questions, tops)]
         answers = self.answers(inputs, max_new_tokens, batch_size)
         self.timing = {"encode_ms": 1000 * (encoded - tic), "retrieve_ms": 1000 * (retrieved - encoded),
                        "generate_ms": 1000 * (time.perf_counter() - retrieved)}
-        chunks = index["chunks"]
         found = [(answer, [{"source": chunks[i].get("source", ""), "pages": chunks[i].get("pages", []),
                             "score": cosine[i], **({"bm25": lexical[i]} if lexical else {}),
                             "text": chunks[i]["text"]} for i in top])
@@ -1357,6 +1364,12 @@ def positive_count(value, where):
     if type(value) is not int or value <= 0:
         raise InputError(f"{where} must be a positive integer, got {one_line(repr(value))[:40]}")
     return value
+
+def answer_context(context):
+    """How the generator reads the documents it answers from: their memory, or their text in the prompt."""
+    if context not in ("compressed", "text"):
+        raise InputError(f"context must be 'compressed' or 'text', got {one_line(repr(context))[:40]}")
+    return context
 
 def eval_record(obj, where, top_k):
     """An eval record: a stage-2 record, or a stage-3 one (marked candidates) with at least --top-k candidates, since
@@ -1646,17 +1659,18 @@ def ask_index(cfg, args, trained, answers):
     if index["fingerprint"] != reader.fingerprint:
         raise InputError(f"{args.index}: built with other adapters (compressor {info['fingerprint']}) than "
                          f"{args.adapters} ({reader.fingerprint}); rebuild it with clara.py index")
+    context = args.context or "compressed"  # the index is memory: its chunks' text only when asked for
     n_chunks = len(index["chunks"])
     if n_chunks < cfg.top_k:
         warn(f"the index holds {n_chunks} chunk(s); retrieving {n_chunks}, not --top-k {cfg.top_k}")
     if args.questions:
         for batch in question_batches(questions, args.eval_batch_size):
             for question, (answer, sources) in zip(batch, reader.ask_index(index, batch, args.max_new_tokens,
-                                                                           args.eval_batch_size)):
+                                                                           args.eval_batch_size, context)):
                 print(json.dumps({"question": question, "answer": answer, "sources": sources}), file=answers,
                       flush=True)
     else:
-        answer, sources = reader.ask_index(index, questions[0], args.max_new_tokens)
+        answer, sources = reader.ask_index(index, questions[0], args.max_new_tokens, context=context)
         ms = reader.timing
         print(f"{answer}\n\nsources (query encoding {ms['encode_ms']:.0f} ms, retrieval over {n_chunks} chunks "
               f"{ms['retrieve_ms']:.1f} ms, generation {ms['generate_ms']:.0f} ms):", file=answers)
@@ -2646,7 +2660,8 @@ def add_reader_options(index, ask, evaluate_):
     ask.add_argument("--questions", help="a text file, one question a line: answers go to stdout as JSON Lines "
                                          "({\"question\", \"answer\"}, and \"sources\" with --index)")
     ask.add_argument("--context", choices=("compressed", "text"),
-                     help="compressed memory (default) or the document text in the prompt")
+                     help="compressed memory (default) or the document text in the prompt (with --index: the text of "
+                     "the chunks it retrieves)")
     evaluate_.add_argument("--adapters", required=True, help="output folder of a run, or a checkpoint file")
     evaluate_.add_argument("--data", required=True,
                            help="sft- or e2e-style JSONL; its \"split\": \"eval\" records if it has any")
@@ -2814,9 +2829,9 @@ def check_options(cfg, args):
         raise InputError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
     if args.command == "ask" and not args.index and not args.docs:
         raise InputError("ask needs --docs FILE ... (documents to compress) or --index DIR (a compressed corpus)")
-    if args.command == "ask" and args.index and (args.docs or args.context):
-        raise InputError(f"ask --index answers from the index's memory: {'--docs' if args.docs else '--context'} "
-                         "does not go with it (ask with --docs, or with --index, not both)")
+    if args.command == "ask" and args.index and args.docs:
+        raise InputError("ask --index answers from the index's chunks: --docs does not go with it (ask with --docs, "
+                         "or with --index, not both)")
     if args.command == "ask" and args.retrieval and not args.index:
         raise InputError("--retrieval goes with --index: it picks how the index's chunks are ranked")
 

@@ -1913,6 +1913,9 @@ def test_the_python_api_loads_once_and_answers_as_the_commands_do(tmp_path, tiny
     _, dense = clara.load(tiny_sft_run, retrieval="dense").ask_index(index, docs[1], max_new_tokens=4)
     assert [s["score"] for s in dense] == sorted((s["score"] for s in dense), reverse=True) and "bm25" not in dense[0]
     assert [s["text"] for s in dense[:3]] == [docs[1]] * 3  # the three copies of its text
+    read, same_sources = reader.ask_index(index, docs[1], max_new_tokens=4, context="text")  # the chunks' text
+    assert same_sources == sources and read == reader.ask(docs[1], [s["text"] for s in sources], max_new_tokens=4,
+                                                          context="text") != answer
     records = [{"question": q, "docs": docs, "gold": a} for q, a in zip(questions, ["0.1", "Sixteen"])]
     results = reader.evaluate(records, ["compressed", "none"], max_new_tokens=4)
     assert set(results) == {"compressed", "none"} and [a["prediction"] for a in results["compressed"]["answers"]] \
@@ -2035,6 +2038,11 @@ def test_ask_index_finds_a_chunk_by_its_text_then_by_a_passage_and_refuses_other
     middle = len(chunks) // 2  # before stage 3 the query reasoner is the compressor: a chunk's text finds it
     hit = first_hit(tiny_sft_run, chunks[middle]["text"])
     assert "score 1.000" in hit and opening(chunks[middle]) in hit
+    read = run_cli("ask", "--index", tmp_path / "index", "--adapters", tiny_sft_run, "--question",
+                   chunks[middle]["text"], "--context", "text", "--max-new-tokens", 2)  # the retrieved chunks' text
+    index = clara.read_index(tmp_path / "index")[1]
+    assert read.returncode == 0 and read.stdout.startswith(clara.load(tiny_sft_run).ask_index(
+        index, chunks[middle]["text"], 2, context="text")[0] + "\n\nsources"), read.stderr
 
     def passage(chunk):  # the middle half of a chunk's words: a sentence-sized piece copied from it
         words = chunk["text"].split()
@@ -2271,7 +2279,6 @@ BAD_SINCE_ISSUE_41 = [
     (["ask", "--docs", "{tmp}/blank.txt", "--question", "q"], "blank.txt: the document is empty"),
     (["ask", "--docs", "{tmp}/doc.txt", "--question", " "], "--question: a question must be a non-empty string"),
     (["ask", "--index", "{tmp}/index", "--docs", "{tmp}/doc.txt", "--question", "q"], "--docs does not go with it"),
-    (["ask", "--index", "{tmp}/index", "--context", "text", "--question", "q"], "--context does not go with it"),
     (["ask", "--docs", "{tmp}/doc.txt", "--retrieval", "dense", "--question", "q"], "--retrieval goes with --index"),
     (["sft", "--data", "{tmp}/split.jsonl", "--out", "{tmp}/out"], "split.jsonl:2: field 'split' must be \"train\""),
     (["sft", "--data", "data/sft.jsonl", "--pad-to", "-5", "--out", "{tmp}/out"], "--pad-to must be 0"),
@@ -2381,6 +2388,8 @@ API_MISTAKES = [
     (lambda r: r.evaluate([{"question": "q", "docs": ["d"], "gold": "a"}], ["retrieved"]),
      "contexts retrieved: not for stage 2 records"),
     (lambda r: r.ask_index({"memory": 1}, "q"), "index: expected what index() or clara.read_index returns"),
+    (lambda r: r.ask_index({"memory": 1}, "q", context="memory"), "context must be 'compressed' or 'text', got"),
+    (lambda r: r.ask("q", docs=["d"], context="none"), "context must be 'compressed' or 'text', got 'none'"),
     (lambda r: clara.load(r.adapters, top_k="3"), "load(): field 'top_k' must be an integer, got \"3\""),
     (lambda r: clara.load(r.adapters, topk=3), "load(): no option 'topk'"),
     (lambda r: clara.load(r.adapters, overwrite=True), "load(): no option 'overwrite' (it belongs to a training"),

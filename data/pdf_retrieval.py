@@ -15,8 +15,9 @@ random.Random seeded with a string, so every adapters get the same ones.
 
 With --questions (JSON Lines of {"question", "answer", "evidence"}, the evidence copied from the PDF), the questions
 are a user's instead: each one's own chunk is the one that holds its evidence, and `ask --index`'s answer from the
-top-k chunks' memory is scored against "answer" (EM, F1, cover-EM). Two such files ship: the Libtasn1 manual's is
-the test of the shipped reasoner; data/ask/shared-mime-info-spec.pdf's, the development set that choices are made on.
+top-k chunks' memory (--context text: their text; --top-k: how many) is scored against "answer" (EM, F1, cover-EM).
+Two such files ship: the Libtasn1 manual's is the test of the shipped reasoner; data/ask/shared-mime-info-spec.pdf's,
+the development set that choices are made on.
 """
 
 import argparse
@@ -75,9 +76,11 @@ def own_chunks(chunks, path):
     return found
 
 
-def answer_scores(reader, index, questions):
-    """EM / F1 / cover-EM (%) of ask --index's answers to [(chunk index, question, answer)]."""
-    answers = [a for a, _ in reader.ask_index(index, [q for _, q, _ in questions], max_new_tokens=32)]
+def answer_scores(reader, index, questions, context="compressed"):
+    """EM / F1 / cover-EM (%) of ask --index's answers to [(chunk index, question, answer)], read from the top-k
+    chunks' memory (or their text: ask --index --context text)."""
+    answers = [a for a, _ in reader.ask_index(index, [q for _, q, _ in questions], max_new_tokens=32,
+                                              context=context)]
     golds = [gold for _, _, gold in questions]
     return {name: 100 * sum(metric(a, g) for a, g in zip(answers, golds)) / len(golds) for name, metric in
             (("EM", clara.exact_match), ("F1", clara.token_f1), ("cover-EM", clara.cover_exact_match))}, answers
@@ -89,11 +92,14 @@ def main():
     parser.add_argument("--adapters", nargs="+", required=True, help="run folders (or checkpoints) to compare")
     parser.add_argument("--questions", type=Path, help="a user's questions about the PDF (JSON Lines of question, "
                         "answer, evidence) instead of copied passages; their answers are scored too")
+    parser.add_argument("--context", choices=("compressed", "text"), default="compressed",
+                        help="with --questions: answer from the retrieved chunks' memory or their text")
+    parser.add_argument("--top-k", type=int, help="chunks the answers read [default: the adapters']")
     args = parser.parse_args()
     try:
         pages = clara.extract_pdf_pages(args.pdf)
         for adapters in args.adapters:
-            reader = clara.load(adapters)
+            reader = clara.load(adapters, **({"top_k": args.top_k} if args.top_k else {}))
             chunks = clara.pdf_chunks(pages, reader.tokenizer, reader.cfg)
             asked = own_chunks(chunks, args.questions) if args.questions else None
             questions = [(i, q) for i, q, _ in asked] if asked else passages(chunks)
@@ -109,10 +115,11 @@ def main():
                 print(f"{adapters}: {len(chunks)} chunks, {n} {'questions' if asked else 'passages'}, {retrieval}: "
                       f"{line}", flush=True)
             if asked:  # answered as ask --index answers (the adapters' retrieval: hybrid unless set)
-                scores, answers = answer_scores(reader, index, asked)
+                scores, answers = answer_scores(reader, index, asked, args.context)
                 for (i, question, gold), answer, rank in zip(asked, answers, by_retrieval[reader.cfg.retrieval]):
                     print(f"  chunk {i} at rank {rank + 1} | {question} | gold: {gold} | answer: {answer}")
-                print(f"{adapters}: answers from the top {k} chunks' memory: " +
+                read = "text" if args.context == "text" else "memory"
+                print(f"{adapters}: answers from the top {k} chunks' {read}: " +
                       ", ".join(f"{name} {value:.1f}" for name, value in scores.items()), flush=True)
     except clara.InputError as error:
         sys.exit(f"error: {error}")

@@ -28,7 +28,9 @@ shipped fictional recipe):
           BASE_STEPS (default S2) steps
 Each is scored on N (default 300; the README's tables: 400) questions of the held-out SQuAD articles and of the held-out
 NQ articles, among two others of their article and with their own paragraph alone. B overrides the batch's split
-(default "--batch-size 16 --grad-accum 2"); RESERVE (seconds) stops `long` that long before END, for its reasoner.
+(default "--batch-size 16 --grad-accum 2"); RESERVE (seconds) stops `long` that long before END, for its reasoner;
+CADENCE (default "--eval-every 250 --save-every 500") sets how often runs validate and save: a lease sets saves every
+100 steps and brings back the latest before its first call ends (lease 7 lost everything when its machine went back).
 Lease 2 (README) ran:
     END=$(($(date +%s) + 720)) RESERVE=210 RUNS="long x4s2 text none" PREV=LEASE1_S2 LONG=600 S2=700 \
       BASE_STEPS=900 S3=150 N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
@@ -47,6 +49,9 @@ and lease 5 (data/adapters/wiki-reasoner as shipped: the prose-mixed reasoner of
 and lease 6 (a real stage 1 before stage 2, at x16 and at x4; the half-prose reasoner, checked on the development PDF):
     END=$(($(date +%s) + 1250)) RUNS="phalf s1s2 x4" PREV=data/adapters/wiki PROSE=prose.jsonl S1=200 S2=1200 \
       S3=400 N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
+and lease 7 (lease 6's s1s2 and x4 continued; lost with its machine before anything came back):
+    END=$(($(date +%s) + 760)) RUNS="long x4long" PREV=S1S2_STEP403 PREV4=X4_STEP405 LONG=600 LONG_LR=5e-4 \
+      N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
 """
 
 import argparse
@@ -59,7 +64,7 @@ from ship import PRELUDE  # noqa: E402
 
 STEPS = {"S1": 250, "S2": 1000, "S3": 300}  # S3: stage 3, a later lease's
 LEVERS = "# the real-text levers (data/wiki.py script): chains side by side, RUNS picks them\n" + \
-    'CADENCE="--eval-every 250 --save-every 500"\n' + PRELUDE + \
+    'CADENCE=${{CADENCE:-"--eval-every 250 --save-every 500"}}  # a lease brings back a save mid-run\n' + PRELUDE + \
     r"""A="--lora-keys all"; F=${{FACTS:-{facts}}}
 B=${{B:-"--batch-size 16 --grad-accum 2"}}  # batch 32 in parts: at batch 32 one x16 stage 2 peaked at 36 GB
 # a continuation (long, x4long): LONG more steps at LONG_LR, its start's generator carried over, the records drawn in
