@@ -1067,6 +1067,7 @@ def encode_question(model, tokenizer, cfg, question, role="query"):
 
 EVAL_CONTEXTS = ("compressed", "text", "none")  # memory slots / document text in the prompt / no documents
 RETRIEVAL_CONTEXTS = ("retrieved", "oracle", "none")  # stage 3: top-k retrieved / the marked documents / none
+ANSWER_CONTEXTS = EVAL_CONTEXTS[:2]  # how ask (and ask --index) reads the documents: their memory or their text
 RECALL_AT = (1, 3, 5)
 
 # questions answered at once (--eval-batch-size), each the fastest measured by data/bench.py (README, Performance):
@@ -1367,7 +1368,7 @@ def positive_count(value, where):
 
 def answer_context(context):
     """How the generator reads the documents it answers from: their memory, or their text in the prompt."""
-    if context not in ("compressed", "text"):
+    if context not in ANSWER_CONTEXTS:
         raise InputError(f"context must be 'compressed' or 'text', got {one_line(repr(context))[:40]}")
     return context
 
@@ -2659,7 +2660,7 @@ def add_reader_options(index, ask, evaluate_):
     ask.add_argument("--question", help="the question to answer")
     ask.add_argument("--questions", help="a text file, one question a line: answers go to stdout as JSON Lines "
                                          "({\"question\", \"answer\"}, and \"sources\" with --index)")
-    ask.add_argument("--context", choices=("compressed", "text"),
+    ask.add_argument("--context", choices=ANSWER_CONTEXTS,
                      help="compressed memory (default) or the document text in the prompt (with --index: the text of "
                      "the chunks it retrieves)")
     evaluate_.add_argument("--adapters", required=True, help="output folder of a run, or a checkpoint file")

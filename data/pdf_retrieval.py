@@ -92,14 +92,14 @@ def main():
     parser.add_argument("--adapters", nargs="+", required=True, help="run folders (or checkpoints) to compare")
     parser.add_argument("--questions", type=Path, help="a user's questions about the PDF (JSON Lines of question, "
                         "answer, evidence) instead of copied passages; their answers are scored too")
-    parser.add_argument("--context", choices=("compressed", "text"), default="compressed",
+    parser.add_argument("--context", choices=clara.ANSWER_CONTEXTS, default="compressed",
                         help="with --questions: answer from the retrieved chunks' memory or their text")
     parser.add_argument("--top-k", type=int, help="chunks the answers read [default: the adapters']")
     args = parser.parse_args()
     try:
         pages = clara.extract_pdf_pages(args.pdf)
         for adapters in args.adapters:
-            reader = clara.load(adapters, **({"top_k": args.top_k} if args.top_k else {}))
+            reader = clara.load(adapters, **({} if args.top_k is None else {"top_k": args.top_k}))
             chunks = clara.pdf_chunks(pages, reader.tokenizer, reader.cfg)
             asked = own_chunks(chunks, args.questions) if args.questions else None
             questions = [(i, q) for i, q, _ in asked] if asked else passages(chunks)
