@@ -24,6 +24,8 @@ shipped fictional recipe):
           set, `long`'s reasoner mixes them in too
   phalf   the same with half of its records prose (SHARE=2 where the others have 4), to be chosen on the
           development PDF (data/ask/shared-mime-info-spec.pdf) before the test PDF sees it
+  longmix long's continuation with the real stage-1 records (qa + paraphrase of every training paragraph) mixed in
+          (sft --stage1-data), as the fictional recipe's stage 2 mixes its own; no reasoner after it
   text / none   the baselines: the paragraphs as text in the prompt, or no documents, with the same LoRA and
           BASE_STEPS (default S2) steps
 Each is scored on N (default 300; the README's tables: 400) questions of the held-out SQuAD articles and of the held-out
@@ -52,6 +54,10 @@ and lease 6 (a real stage 1 before stage 2, at x16 and at x4; the half-prose rea
 and lease 7 (lease 6's s1s2 and x4 continued; lost with its machine before anything came back):
     END=$(($(date +%s) + 760)) RUNS="long x4long" PREV=S1S2_STEP403 PREV4=X4_STEP405 LONG=600 LONG_LR=5e-4 \
       N=400 B="--batch-size 8 --grad-accum 4" bash wiki.sh
+and lease 8 (data/adapters/wiki continued again, with and without the real stage-1 records mixed in; both stopped by
+END before their scoring, and before long's reasoner, which did not fit):
+    END=$(($(date +%s) + 950)) RUNS="long longmix" PREV=data/adapters/wiki LONG=700 LONG_LR=3e-4 SEED=2 N=400 MEM=30 \
+      B="--batch-size 16 --grad-accum 2" CADENCE="--eval-every 250 --save-every 100" bash wiki.sh
 """
 
 import argparse
@@ -110,6 +116,8 @@ on long && (  # stage 2 continued for LONG more steps from PREV (a stage-2 run: 
   # it stops RESERVE seconds before END, to leave the reasoner its time
   END=${{END:+$((END - ${{RESERVE:-0}}))}} train long sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} $CONTINUE
   tests long compressed & reasoner long "" $PASSAGES; wait ) &
+on longmix && ( train longmix sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} $CONTINUE --stage1-data $R/stage1.jsonl
+                tests longmix compressed ) &  # long's continuation with the real stage-1 records mixed in
 on reasoner && reasoner given ${{PREV:-$R/s2}} &  # the query reasoner alone, for PREV (data/adapters/wiki)
 on preasoner && reasoner prose ${{PREV:-$R/s2}} ${{PASSAGES:?preasoner needs PROSE=FILE}} &  # PROSE's mixed in
 on phalf && SHARE=2 reasoner phalf ${{PREV:-$R/s2}} ${{PASSAGES:?phalf needs PROSE=FILE}} &  # half of it PROSE's
