@@ -1369,7 +1369,8 @@ def positive_count(value, where):
 def answer_context(context):
     """How the generator reads the documents it answers from: their memory, or their text in the prompt."""
     if context not in ANSWER_CONTEXTS:
-        raise InputError(f"context must be 'compressed' or 'text', got {one_line(repr(context))[:40]}")
+        allowed = " or ".join(map(repr, ANSWER_CONTEXTS))
+        raise InputError(f"context must be {allowed}, got {one_line(repr(context))[:40]}")
     return context
 
 def eval_record(obj, where, top_k):

@@ -2786,12 +2786,41 @@ def test_real_qa_records_hold_out_whole_articles_and_every_answer_is_in_what_the
                             capture_output=True, text=True, check=True).stdout
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # a script bash can run
     assert "make_wiki.py --out $R" in script and "--stage1-data $R/mix.jsonl" in script and "--max-records ${N:-" \
-        in script and "stages x4" in script and "--compression-rate 4" in script and "for base in none text" in script
+        in script and "stages x4" in script and "--compression-rate 4" in script and "for base in none text" in script \
+        and 'stages s1wiki "--init ${PREV:-$R/s2}"' in script
     (tmp_path / "bad.json").write_text('{"data": [{"title": "x"}]}')
     run = subprocess.run([sys.executable, str(ROOT / "data" / "make_wiki.py"), "--out", tmp_path / "b", "--squad",
                           tmp_path / "bad.json", "--nq", ""], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "bad.json: not a SQuAD file" in run.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_a_lease_brings_back_each_runs_latest_save_as_bf16_adapters_that_eval_reads(tmp_path, tiny_sft_run):
+    """data/lease.sh back (what every lease call ends with): a run's checkpoint, less its optimizer state, comes back
+    in parts under 16 MiB as bf16 adapters + config.json at the checkpoint's step, with the runs' logs."""
+    runs = tmp_path / "root" / "runs" / "wiki"
+    shutil.copytree(tiny_sft_run, runs / "x")
+    (runs / "x.log").write_text("step 2/2 | loss 1\n")
+    (tmp_path / "out").mkdir()
+    env = {**os.environ, "R": str(runs), "OUT": str(tmp_path / "out"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    back = subprocess.run(["bash", str(ROOT / "data" / "lease.sh"), "back"], env=env, capture_output=True, text=True)
+    assert back.returncode == 0, back.stderr
+    parts = sorted((tmp_path / "out").iterdir())
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    subprocess.run(f"cat {' '.join(map(str, parts))} | tar x", shell=True, cwd=tmp_path, check=True)
+    arrays, metadata = clara.read_checkpoint(tiny_sft_run / clara.CHECKPOINT)
+    model = clara.checkpoint_part(arrays, "model.")
+    came_back = mx.load(str(tmp_path / "runs" / "wiki" / "x" / "clara.safetensors"))
+    assert set(came_back) == set(model) and all(v.dtype == mx.bfloat16 for v in came_back.values())
+    assert all(mx.array_equal(came_back[k], v.astype(mx.bfloat16)).item() for k, v in model.items())
+    config = json.loads((tmp_path / "runs" / "wiki" / "x" / "config.json").read_text())
+    assert config["step"] == int(metadata["step"]) == 2 and config["n_mem"] == 4
+    subprocess.run(["tar", "xf", "logs.tar"], cwd=tmp_path, check=True)
+    assert (tmp_path / "runs" / "wiki" / "x.log").read_text() == "step 2/2 | loss 1\n"
+    run = run_cli("eval", "--adapters", tmp_path / "runs" / "wiki" / "x", "--data", "data/sft.jsonl",
+                  "--max-records", 2, "--contexts", "compressed", "--max-new-tokens", 2)
+    assert run.returncode == 0 and "| compressed" in run.stdout, run.stderr
 
 
 def test_the_shipped_adapters_answer_from_the_memory_of_documents_no_run_saw():

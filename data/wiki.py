@@ -12,6 +12,9 @@ shipped fictional recipe):
   mix     the same with the qa records of 5,000 real paragraphs mixed in (sft --stage1-data), as the fictional
           recipe's stage 2 does
   s1s2    S1 steps of stage 1 on the real paragraphs first (qa + paraphrase, from the same adapters), then stage 2
+  s1wiki  the same from PREV (data/adapters/wiki: its stage-2 steps kept), at LONG_LR when set: a stage-2 run's memory
+          trained to keep the words (the paraphrase target is the paragraph) and all the questions of a paragraph
+          at once (one compressor pass for several questions), then stage 2 again
   x4      the same at x4 (64 vectors per document), its stage 1 from the base (no x4 adapters are shipped)
   x4s2    stage 2 alone at x4, from the base
   x4long  x4 stage 2 continued for LONG more steps (at LONG_LR) from the x4 stage-2 run PREV4 (lease 2's x4s2)
@@ -112,6 +115,7 @@ PASSAGES=${{PROSE:+$R/prose-passages.jsonl}}  # PROSE's passage records (data/ma
 on s2 && stage2 s2 &
 on mix && stage2 mix --stage1-data $R/mix.jsonl &  # the qa records of real paragraphs mixed in
 on s1s2 && stages s1s2 "--init $F" &
+on s1wiki && stages s1wiki "--init ${{PREV:-$R/s2}}" ${{LONG_LR:+--lr $LONG_LR}} &
 on long && (  # stage 2 continued for LONG more steps from PREV (a stage-2 run: lease 1's s2), then its query reasoner;
   # it stops RESERVE seconds before END, to leave the reasoner its time
   END=${{END:+$((END - ${{RESERVE:-0}}))}} train long sft --data $R/stage2.jsonl --init ${{PREV:-$R/s2}} $CONTINUE
