@@ -12,7 +12,7 @@
 #   mv data/adapters ../adapters.away       the shipped adapters (113 MB) travel with every call otherwise; back after
 # Then the device tool's calls, each straight after the one before:
 #   carry [".gpu/qK"]:  cp .gpu/qK/* /root/                                      one per part
-#   carry [".gpu/go"]:  END_IN=1500 RUNS="..." ... bash data/lease.sh go       unpack, start the chains (data/wiki.py's
+#   carry [".gpu/go"]:  END_IN=1500 RUNS="..." ... bash data/lease.sh go     unpack, start the chains (data/wiki.py's
 #                                           variables: RUNS, PREV, S1, S2, LONG, ...), END_IN seconds from now each
 #                                           run is stopped and saves; then as `wait`
 #   (no carry):         bash data/lease.sh wait                                  watch for up to WAIT (540) s, then
@@ -22,6 +22,7 @@
 # clara.safetensors (bf16, the latest save: usable as --adapters and --init) + config.json, and every log and score.
 set -euo pipefail
 R=${R:-/root/runs/wiki}; PACK=/root/gpupack  # R: where the runs live (elsewhere for a dry run)
+CALL_BEGAN=$(date +%s)
 
 environment() {  # MLX's CUDA build, the model where the shipped adapters' "smollm2" looks for it
   export PYTHONPATH=$PACK/site; }
@@ -58,11 +59,15 @@ go() {
   mkdir -p $R && setsid nohup bash /root/wiki.sh > /root/wiki.out 2>&1 < /dev/null &
   wait_and_bring_back; }
 
-wait_and_bring_back() {  # until ALL DONE or WAIT seconds, a line a minute; then the newest saves into $OUT
-  stop=$(($(date +%s) + ${WAIT:-540}))
+wait_and_bring_back() {  # until ALL DONE or WAIT seconds after the call began, a line a minute; then the newest
+  # saves into $OUT (a call may run 600 s)
+  stop=$((CALL_BEGAN + ${WAIT:-540}))
   while [ "$(date +%s)" -lt $stop ] && ! grep -qs "ALL DONE" $R/done.txt; do
-    sleep 60; echo "$(date +%T) $(tr '\n' ' ' < $R/done.txt 2> /dev/null)"
-    for log in $R/*.log; do [ -f "$log" ] && echo "  $(basename $log): $(tail -c 300 "$log" | tr '\r' '\n' | tail -n 1)"; done
+    left=$((stop - $(date +%s))); sleep $((left < 60 ? left : 60))
+    echo "$(date +%T) $(tr '\n' ' ' < $R/done.txt 2> /dev/null)"
+    for log in $R/*.log; do
+      [ -f "$log" ] && echo "  $(basename $log): $(tail -c 300 "$log" | tr '\r' '\n' | tail -n 1)"
+    done
   done
   bring_back; grep -s "ALL DONE" $R/done.txt || true; }
 
@@ -93,5 +98,5 @@ case "${1:-}" in
   go) go ;;
   wait) wait_and_bring_back ;;
   back) bring_back ;;
-  *) echo "usage: bash data/lease.sh pack [ADAPTERS...] | go | wait | back (see the comments at its top)" >&2; exit 2 ;;
+  *) echo "usage: bash data/lease.sh pack [PATHS...] | go | wait | back (see the comments at its top)" >&2; exit 2 ;;
 esac
