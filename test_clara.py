@@ -1984,6 +1984,25 @@ def test_the_pdf_retrieval_check_draws_verbatim_passages_and_ranks_a_chunk_by_it
     assert run.returncode != 0 and run.stderr.count("\n") == 1 and "blank.pdf" in run.stderr, run.stderr
 
 
+def test_the_pdf_check_answers_each_question_from_its_own_chunks_memory_text_and_nothing(tiny_sft_run):
+    """pdf_retrieval.py --own-chunk: the memory against the text on a PDF's chunks, no retrieval in between."""
+    sys.path.insert(0, str(ROOT / "data"))
+    import pdf_retrieval
+
+    reader = clara.load(tiny_sft_run)
+    chunks = clara.pdf_chunks(clara.extract_pdf_pages(ROOT / "data" / "sample.pdf"), reader.tokenizer, reader.cfg)
+    asked = [(len(chunks) - 1, "What is CLaRa?", "a method"), (0, "Who wrote it?", "Apple")]
+    scores = pdf_retrieval.own_chunk_scores(reader, chunks, asked)
+    assert set(scores) == set(clara.EVAL_CONTEXTS) and all(s["records"] == 2 for s in scores.values())
+    doc_tokens = sum(len(clara.token_ids(reader.tokenizer, chunks[i]["text"])) for i, _, _ in asked) / len(asked)
+    none, memory, text = (scores[c]["prompt_tokens"] for c in ("none", "compressed", "text"))
+    # the text context reads each question's own chunk where the memory context has its n_mem slots
+    assert none < memory and abs((text - memory) - (doc_tokens - reader.cfg.n_mem)) <= 1, (none, memory, text)
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "pdf_retrieval.py"), ROOT / "data" / "sample.pdf",
+                          "--adapters", tiny_sft_run, "--own-chunk"], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and run.stderr.count("\n") == 1 and "--own-chunk needs --questions" in run.stderr
+
+
 def test_the_memory_facts_check_counts_the_facts_a_paraphrase_keeps_from_own_and_another_memory(tiny_sft_run):
     sys.path.insert(0, str(ROOT / "data"))
     import make_facts

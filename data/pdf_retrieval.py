@@ -17,7 +17,9 @@ With --questions (JSON Lines of {"question", "answer", "evidence"}, the evidence
 are a user's instead: each one's own chunk is the one that holds its evidence, and `ask --index`'s answer from the
 top-k chunks' memory (--context text: their text; --top-k: how many) is scored against "answer" (EM, F1, cover-EM).
 Two such files ship: the Libtasn1 manual's is the test of the shipped reasoner; data/ask/shared-mime-info-spec.pdf's,
-the development set that choices are made on.
+the development set that choices are made on. With --own-chunk there is no retrieval: each question is answered from
+its own chunk alone, from its memory, from its text and with no document (eval's three contexts), which measures the
+memory against the text on documents no run trained on.
 """
 
 import argparse
@@ -86,6 +88,13 @@ def answer_scores(reader, index, questions, context="compressed"):
             (("EM", clara.exact_match), ("F1", clara.token_f1), ("cover-EM", clara.cover_exact_match))}, answers
 
 
+def own_chunk_scores(reader, chunks, asked):
+    """{context: eval's summary (em, f1, cover_em, ce)} of [(chunk index, question, answer)] answered from each one's
+    own chunk alone: its memory, its text, no document."""
+    records = [{"question": question, "docs": [chunks[i]["text"]], "gold": gold} for i, question, gold in asked]
+    return reader.evaluate(records, list(clara.EVAL_CONTEXTS), max_new_tokens=32)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pdf", type=Path)
@@ -95,13 +104,23 @@ def main():
     parser.add_argument("--context", choices=clara.ANSWER_CONTEXTS, default="compressed",
                         help="with --questions: answer from the retrieved chunks' memory or their text")
     parser.add_argument("--top-k", type=int, help="chunks the answers read [default: the adapters']")
+    parser.add_argument("--own-chunk", action="store_true", help="with --questions: no retrieval; answer each from "
+                        "its own chunk's memory, its text and no document")
     args = parser.parse_args()
     try:
+        if args.own_chunk and not args.questions:
+            raise clara.InputError("--own-chunk needs --questions (whose evidence marks each question's own chunk)")
         pages = clara.extract_pdf_pages(args.pdf)
         for adapters in args.adapters:
             reader = clara.load(adapters, **({} if args.top_k is None else {"top_k": args.top_k}))
             chunks = clara.pdf_chunks(pages, reader.tokenizer, reader.cfg)
             asked = own_chunks(chunks, args.questions) if args.questions else None
+            if args.own_chunk:
+                for context, r in own_chunk_scores(reader, chunks, asked).items():
+                    print(f"{adapters}: {len(asked)} questions, each from its own chunk, {context}: EM "
+                          f"{100 * r['em']:.1f}, F1 {100 * r['f1']:.1f}, cover-EM {100 * r['cover_em']:.1f}, "
+                          f"answer CE {r['ce']:.3f}", flush=True)
+                continue
             questions = [(i, q) for i, q, _ in asked] if asked else passages(chunks)
             if not questions:
                 raise clara.InputError(f"{args.pdf}: no chunk has three sentences of {MIN_WORDS} words or more")
