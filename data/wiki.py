@@ -12,10 +12,10 @@ shipped fictional recipe):
   mix     the same with the qa records of 5,000 real paragraphs mixed in (sft --stage1-data), as the fictional
           recipe's stage 2 does
   s1s2    S1 steps of stage 1 on the real paragraphs first (qa + paraphrase, from the same adapters), then stage 2
-  s1wiki  the same from PREV (data/adapters/wiki: its stage-2 steps kept), at LONG_LR when set: a stage-2 run's memory
+  s1wiki  s1s2 from PREV (data/adapters/wiki: its stage-2 steps kept), at LONG_LR when set: a stage-2 run's memory
           trained to keep the words (the paraphrase target is the paragraph) and all the questions of a paragraph
           at once (one compressor pass for several questions), then stage 2 again
-  x4      the same at x4 (64 vectors per document), its stage 1 from the base (no x4 adapters are shipped)
+  x4      s1s2 at x4 (64 vectors per document), its stage 1 from the base (no x4 adapters are shipped)
   x4s2    stage 2 alone at x4, from the base
   x4long  x4 stage 2 continued for LONG more steps (at LONG_LR) from the x4 stage-2 run PREV4 (lease 2's x4s2)
   long    stage 2 continued for LONG more steps (at LONG_LR, default 1e-3; seed SEED, default 1) from the stage-2
