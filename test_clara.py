@@ -2032,6 +2032,31 @@ def test_the_memory_facts_check_counts_the_facts_a_paraphrase_keeps_from_own_and
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "--docs" in bad.stderr, bad.stderr
 
 
+def test_the_memory_facts_check_reads_real_paragraphs_of_the_validation_articles_only(tmp_path, tiny_sft_run):
+    """memory_facts.py --wiki: a make_wiki.py stage1.jsonl's held-out qa records become the documents, each with
+    its questions and answers as the facts; training records and paraphrase records are not read."""
+    sys.path.insert(0, str(ROOT / "data"))
+    import memory_facts
+
+    def qa(text, split=None):
+        return {"data_type": "qa", "question": [f"q of {text}?"], "answers": [f"{text} 1"], "docs": [f"{text} 1."],
+                **({"split": split} if split else {})}
+    rows = [qa("train"), qa("a", "eval"), {"data_type": "paraphrase", "docs": ["p"], "answers": ["p"], "split": "eval"},
+            qa("b", "eval"), qa("c", "eval")]
+    path = tmp_path / "stage1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    documents = memory_facts.wiki_documents(path, 2)
+    assert [(d["text"], d["qa"]) for d in documents] == [("a 1.", [("q of a?", "a 1")]), ("b 1.", [("q of b?", "b 1")])]
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "memory_facts.py"), "--adapters", str(tiny_sft_run),
+                          "--wiki", path, "--docs", "3", "--max-new-tokens", "2"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and re.search(r"^own memory: numbers \d/3, other facts 0/0$", run.stdout, flags=re.M), \
+        (run.stdout, run.stderr)  # every answer has a digit: three numbers, no other facts
+    bad = subprocess.run([sys.executable, str(ROOT / "data" / "memory_facts.py"), "--adapters", str(tiny_sft_run),
+                          "--wiki", path, "--docs", "4"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "stage1.jsonl: 3 qa record(s)" in bad.stderr
+
+
 def test_ask_index_finds_a_chunk_by_its_text_then_by_a_passage_and_refuses_other_adapters(tmp_path, tiny_sft_run,
                                                                                           tiny_model_folder):
     run = run_cli("index", "--pdf", "data/sample.pdf", "--adapters", tiny_sft_run, "--out", tmp_path / "index")

@@ -10,6 +10,11 @@ with a digit) are counted apart from the rest, because they are what x16 memory 
 runs that keep no number verbatim yet: the cross-entropy of stage 1's qa target (every question and answer of the
 document), teacher-forced, over its digit tokens and over the rest, from each memory. A memory that carries the
 digits makes their CE lower from its own document than from another's.
+
+    python data/memory_facts.py --adapters data/adapters/wiki --wiki runs/wiki/stage1.jsonl
+
+With --wiki (data/make_wiki.py's stage1.jsonl) the documents are real Wikipedia paragraphs instead: the first --docs
+qa records of its validation articles ("split": "eval"), each paragraph's facts its SQuAD / NQ questions and answers.
 """
 
 import argparse
@@ -61,20 +66,35 @@ def target_ce(reader, documents):
     return result
 
 
+def wiki_documents(path, n):
+    """The first n qa records of the validation articles of a data/make_wiki.py stage1.jsonl, as make_facts'
+    documents: {"text", "qa": [(question, answer)], "entity" (where the record is, for messages)}."""
+    documents = []
+    for number, obj in clara.read_jsonl(path):
+        if obj.get("split") == "eval" and obj.get("data_type") == "qa" and len(documents) < n:
+            documents.append({"text": obj["docs"][0], "qa": list(zip(obj["question"], obj["answers"])),
+                              "entity": f"{path}:{number}"})
+    if len(documents) < n:
+        raise clara.InputError(f"{path}: {len(documents)} qa record(s) marked \"split\": \"eval\", not {n}")
+    return documents
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapters", required=True, help="a stage-1 run's folder (or checkpoint)")
     parser.add_argument("--docs", type=int, default=12, help="fictional documents to paraphrase [default: 12]")
     parser.add_argument("--seed", type=int, default=7, help="their make_facts.py seed [default: 7]")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest paraphrase [default: 256]")
+    parser.add_argument("--wiki", type=Path, help="real paragraphs instead: data/make_wiki.py's stage1.jsonl")
     args = parser.parse_args()
     try:
         if args.docs < 2 or args.max_new_tokens < 1:
             raise clara.InputError("--docs must be at least 2 (one is the other's chance level), --max-new-tokens 1")
         reader = clara.load(args.adapters)
+        documents = (wiki_documents(args.wiki, args.docs) if args.wiki
+                     else make_facts.make_documents(args.docs, args.seed))
     except clara.InputError as error:
         sys.exit(f"error: {error}")
-    documents = make_facts.make_documents(args.docs, args.seed)
     paraphrases = [paraphrase(reader, d["text"], args.max_new_tokens) for d in documents]  # each generated once
     for name, shift in (("own memory", 0), ("another document's memory", 1)):
         counts = [kept(d["qa"], paraphrases[i - shift]) for i, d in enumerate(documents)]
