@@ -22,6 +22,7 @@
 # clara.safetensors (bf16, the latest save: usable as --adapters and --init) + config.json, and every log and score.
 set -euo pipefail
 R=${R:-/root/runs/wiki}; PACK=/root/gpupack  # R: where the runs live (elsewhere for a dry run)
+HERE=$(cd "$(dirname "$0")" && pwd)  # data/ of the repository: clara.py reads the checkpoints back
 CALL_BEGAN=$(date +%s)
 
 environment() {  # MLX's CUDA build, the model where the shipped adapters' "smollm2" looks for it
@@ -73,21 +74,22 @@ wait_and_bring_back() {  # until ALL DONE or WAIT seconds after the call began, 
 
 bring_back() {  # every run's latest save as bf16 adapters + config.json, with the logs and scores, in 15 MB parts
   environment; mkdir -p /root/back && cd /root/back && rm -rf runs && mkdir -p runs/wiki
-  python3 - "$R" << 'EOF'
+  python3 - "$R" "$HERE/.." << 'EOF'
 import json, sys
 from pathlib import Path
-import mlx.core as mx
-runs = Path(sys.argv[1])
-for checkpoint in sorted(runs.glob("*/checkpoint.safetensors")):
-    arrays, metadata = mx.load(str(checkpoint), return_metadata=True)
-    model = {k.removeprefix("model."): v.astype(mx.bfloat16) for k, v in arrays.items() if k.startswith("model.")}
-    config = json.loads(metadata["config"])
-    config.update(n_mem=config["doc_max_len"] // config["compression_rate"], step=int(metadata["step"]))
-    out = Path("runs/wiki") / checkpoint.parent.name
+sys.path.insert(0, sys.argv[2])
+import clara  # noqa: E402  (before mlx: OpenBLAS)
+import mlx.core as mx  # noqa: E402
+for path in sorted(Path(sys.argv[1]).glob(f"*/{clara.CHECKPOINT}")):
+    checkpoint = clara.read_checkpoint(path)
+    model = {k: v.astype(mx.bfloat16) for k, v in clara.checkpoint_part(checkpoint[0], "model.").items()}
+    step, n_mem = int(checkpoint[1]["step"]), clara.Config(**clara.checkpoint_config(checkpoint, path)).n_mem
+    out = Path("runs/wiki") / path.parent.name
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "clara.safetensors"), model)
+    config = {**json.loads(checkpoint[1]["config"]), "n_mem": n_mem, "step": step}  # the whole config, as saved
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    print(f"{out}: step {metadata['step']}", file=sys.stderr)
+    print(f"{out}: step {step}", file=sys.stderr)
 EOF
   (cd $R/../.. && find runs/wiki -maxdepth 2 \( -name '*.log' -o -name 'done.txt' -o -name 'eval.*' -o \
     -name 'metrics.jsonl' \) -print0 | tar --null -cf /root/back/logs.tar -T -)

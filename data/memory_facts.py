@@ -71,7 +71,9 @@ def wiki_documents(path, n):
     documents: {"text", "qa": [(question, answer)], "entity" (where the record is, for messages)}."""
     documents = []
     for number, obj in clara.read_jsonl(path):
-        if obj.get("split") == "eval" and obj.get("data_type") == "qa" and len(documents) < n:
+        if len(documents) == n:
+            break
+        if obj.get("split") == "eval" and obj.get("data_type") == "qa":
             documents.append({"text": obj["docs"][0], "qa": list(zip(obj["question"], obj["answers"])),
                               "entity": f"{path}:{number}"})
     if len(documents) < n:
